@@ -1,0 +1,123 @@
+"""Command line: a thin layer over the library. Each subcommand has an ``_add_*`` (arguments) and a ``_cmd_*``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import LayercritError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="layercrit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args) or 0
+    except LayercritError as error:
+        print(f"layercrit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layercrit: interrupted; finished results are on disk", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="timm:NAME[.TAG] | torchvision:NAME[:WEIGHTS] | zoo:ZOO/ID | CKPT")
+    g.add_argument("--arch", help="architecture of a checkpoint: timm:NAME | torchvision:NAME | layercrit:NAME")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init instead of weights")
+    g.add_argument("--num-classes", type=int, help="classes of a checkpoint's head (default: read from the file)")
+    g.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints holding pickled objects")
+    g.add_argument("--model-id", help="name for the model in results (default: the spec)")
+
+
+def add_measure_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement")
+    g.add_argument("--layers", default="conv,linear", help="kinds (conv, linear, bn, ln) and/or name globs")
+    g.add_argument("--reset", default="rerandomize", help="rerandomize | zero")
+    g.add_argument("--trials", type=int, default=3, help="resets per layer (default 3)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the random resets")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", default="fast", choices=["fast", "naive"], help="fast (prefix replay) or naive")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    e.add_argument("--max-cache-mb", type=float, default=4096.0, help="memory for recorded clean activations")
+    e.add_argument("--compile", action="store_true", help="torch.compile the model (full forwards per unit)")
+
+
+def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, help="image folder (ImageNet-val layout) or 'fashion-mnist'")
+    g.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
+    g.add_argument("--images", type=int, default=10_000, help="images to evaluate (default 10000, as the paper)")
+    g.add_argument("--cache-dir", help="where decoded evaluation sets are kept (default ~/.cache/layercrit)")
+    g.add_argument("--no-cache", dest="use_cache", action="store_false", help="decode without the disk cache")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) images that fail to decode")
+
+
+# ---------------------------------------------------------------- run
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="measure one model's layer criticality")
+    add_model_options(p)
+    add_data_options(p)
+    add_measure_options(p)
+    p.add_argument("--out", required=True, help="output folder for results.csv / results.parquet")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args) -> int:
+    from .measure import measure
+    from .models import resolve_model
+    from .results import write_results
+
+    out = Path(args.out)
+    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained,
+                             num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
+    print(f"model: {resolved.spec}; preprocessing: {resolved.preprocessing.describe()}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
+    df = measure(
+        resolved, args.data, layers=args.layers, reset=args.reset, trials=args.trials, seed=args.seed,
+        images=args.images, model_id=args.model_id, data_root=args.data_root, cache_dir=args.cache_dir,
+        use_cache=args.use_cache, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
+        device=args.device, engine_name=args.engine, precision=args.precision, max_cache_mb=args.max_cache_mb,
+        compile=args.compile, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out),
+    )
+    csv_path, _ = write_results(df, out)
+    print_summary(df)
+    print(f"results: {csv_path} and {csv_path.with_suffix('.parquet')}")
+    return 0
+
+
+def print_summary(df) -> None:
+    original = df[df.layer == "original"].iloc[0]
+    print(f"original: top-1 {original.top1_acc:.2f}%  top-5 {original.top5_acc:.2f}%  loss {original.loss:.4f} "
+          f"on {int(original.n_images)} images")
+    layers = df[df.layer != "original"].groupby("layer", sort=False)["criticality"].agg(["mean", "std"])
+    if layers.empty:
+        return
+    print("most critical layers (criticality = 1 - cos sim of softmax, mean ± std over trials):")
+    for name, row in layers.sort_values("mean", ascending=False).head(10).iterrows():
+        print(f"  {name:<40} {row['mean']:.4f} ± {0 if row['std'] != row['std'] else row['std']:.4f}")
+
+
+_SUBCOMMANDS = [_add_run]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

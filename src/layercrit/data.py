@@ -1,0 +1,278 @@
+"""Data specs → a fixed evaluation set, decoded once and kept as a uint8 tensor (cached on disk).
+
+Specs:
+    DIR             an image folder in ImageNet-val layout (one sub-folder per class, classes sorted), read
+                    exactly as torchvision's ``ImageFolder`` with Resize → CenterCrop → ToTensor would
+    fashion-mnist   the Fashion-MNIST test set from its IDX ``.gz`` files (Debian's dataset-fashion-mnist)
+
+The subset of N images is the one the paper's code evaluates: the first N images of a ``DataLoader(shuffle=True)``
+seeded with ``seed`` (see :func:`subset_indices`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LayercritError
+from .models import Preprocessing
+
+FASHION_MNIST_ROOTS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+@dataclass
+class EvalSet:
+    """A fixed set of evaluation images (uint8 N×C×H×W, or float in [0, 1]) and their integer labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    data_id: str
+    description: str
+    classes: Sequence[str] | None = None
+    n_skipped: int = 0
+    decode: Callable[[Sequence[int]], torch.Tensor] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, *, redecode: bool = False) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Yield ``(positions, images, labels)``; ``redecode`` reads the images from their source again (naive path)."""
+        for start in range(0, len(self), batch_size):
+            part = slice(start, min(start + batch_size, len(self)))
+            if redecode and self.decode is not None:
+                images = self.decode(range(part.start, part.stop))
+            else:
+                images = self.images[part]
+            yield part, images, self.labels[part]
+
+    @classmethod
+    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor, description: str = "tensors") -> EvalSet:
+        if images.ndim != 4 or len(images) != len(labels):
+            raise LayercritError(f"images must be N×C×H×W with one label each, got {tuple(images.shape)} and {len(labels)} labels")
+        if images.is_floating_point() and (images.min() < 0 or images.max() > 1):
+            raise LayercritError("float images must be in [0, 1] (the model wrapper normalises them)")
+        digest = hashlib.sha256(images.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
+        return cls(images=images, labels=labels.long(), data_id=f"tensors-{digest}", description=description)
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images → float in [0, 1], exactly as ``torchvision.transforms.ToTensor`` computes it."""
+    return images.float().div(255) if images.dtype == torch.uint8 else images.float()
+
+
+def subset_indices(n_total: int, n: int | None, seed: int) -> list[int]:
+    """The first ``n`` indices a ``DataLoader(dataset, shuffle=True, generator=Generator().manual_seed(seed))`` yields.
+
+    The loader's iterator draws one int64 from the generator (its worker base seed) before the sampler's
+    ``randperm``; we replay both so the subset is the paper's, image for image.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    order = torch.randperm(n_total, generator=generator).tolist()
+    return order if n is None or n >= n_total else order[:n]
+
+
+def load_data(
+    spec: str | EvalSet,
+    *,
+    preprocessing: Preprocessing | None = None,
+    images: int | None = 10_000,
+    seed: int = 0,
+    root: str | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    skip_bad_images: bool = False,
+) -> EvalSet:
+    """Resolve a data spec into an :class:`EvalSet` of ``images`` images (all when fewer)."""
+    if isinstance(spec, EvalSet):
+        return spec
+    if spec in ("fashion-mnist", "fmnist"):
+        return _fashion_mnist(root, images, seed)
+    path = Path(spec)
+    if not path.exists():
+        raise LayercritError(f"data not found: {spec} (give an image folder in ImageNet-val layout, or 'fashion-mnist')")
+    if not path.is_dir():
+        raise LayercritError(f"data {spec} is not a folder: give a folder with one sub-folder of images per class")
+    return _image_folder(path, preprocessing or Preprocessing(), images, seed,
+                         cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise LayercritError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist_files(split: str = "test", root: str | None = None) -> tuple[Path, Path]:
+    """Paths of the images and labels IDX files of a Fashion-MNIST split ('train' or 'test')."""
+    prefix = "t10k" if split == "test" else "train"
+    roots = [root] if root else [os.environ.get("FASHION_MNIST_ROOT"), *FASHION_MNIST_ROOTS]
+    for candidate in filter(None, roots):
+        images = Path(candidate) / f"{prefix}-images-idx3-ubyte.gz"
+        labels = Path(candidate) / f"{prefix}-labels-idx1-ubyte.gz"
+        if images.is_file() and labels.is_file():
+            return images, labels
+    where = root or FASHION_MNIST_ROOTS[0]
+    raise LayercritError(
+        f"Fashion-MNIST not found in {where}: install it with 'apt-get install dataset-fashion-mnist' "
+        "or pass --data-root DIR holding the IDX .gz files"
+    )
+
+
+def load_fashion_mnist(split: str = "test", root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split as (uint8 N×1×28×28, int64 labels)."""
+    image_file, label_file = fashion_mnist_files(split, root)
+    images = torch.from_numpy(read_idx(image_file).copy()).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(label_file).astype(np.int64))
+    return images, labels
+
+
+def _fashion_mnist(root: str | None, n: int | None, seed: int) -> EvalSet:
+    images, labels = load_fashion_mnist("test", root)
+    chosen = torch.tensor(subset_indices(len(labels), n, seed))
+    return EvalSet(
+        images=images[chosen],
+        labels=labels[chosen],
+        data_id=f"fashion-mnist-test-n{len(chosen)}-s{seed}",
+        description=f"Fashion-MNIST test set, {len(chosen)} images (seed {seed})",
+        classes=FASHION_MNIST_CLASSES,
+    )
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _image_folder(
+    folder: Path, pre: Preprocessing, n: int | None, seed: int, *,
+    cache_dir: str | Path | None, use_cache: bool, skip_bad_images: bool,
+) -> EvalSet:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    try:
+        classes, class_to_idx = find_classes(str(folder))
+        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as error:
+        raise LayercritError(
+            f"no images in {folder}: expected one sub-folder per class holding .jpg/.png files ({error})"
+        ) from None
+    chosen = [samples[i] for i in subset_indices(len(samples), n, seed)]
+    transform = _eval_transform(pre)
+    key = _fingerprint(folder, chosen, pre, seed)
+    data_id = f"{folder.name}-n{len(chosen)}-s{seed}-{key[:10]}"
+    description = f"{folder}: {len(chosen)} images (seed {seed}), {pre.describe()}"
+
+    def decode(positions: Sequence[int]) -> torch.Tensor:
+        return torch.stack([_decode_one(chosen[i][0], transform) for i in positions])
+
+    cache = _cache_path(cache_dir, key) if use_cache else None
+    if cache is not None and (cache / "images.npy").is_file():
+        images = torch.from_numpy(np.load(cache / "images.npy", mmap_mode="r"))
+        labels = torch.from_numpy(np.load(cache / "labels.npy"))
+        skipped = json.loads((cache / "meta.json").read_text())["n_skipped"]
+    else:
+        images, labels, skipped = _decode_all(chosen, transform, skip_bad_images)
+        if cache is not None:
+            _write_cache(cache, images, labels, skipped, description)
+    return EvalSet(images=images, labels=labels, data_id=data_id, description=description,
+                   classes=classes, n_skipped=skipped, decode=None if skipped else decode)
+
+
+def _eval_transform(pre: Preprocessing):
+    from torchvision import transforms
+
+    steps = []
+    mode = transforms.InterpolationMode(pre.interpolation)
+    if pre.resize is not None:
+        steps.append(transforms.Resize(pre.resize, interpolation=mode))
+    if pre.crop is not None:
+        steps.append(transforms.CenterCrop(pre.crop))
+    steps.append(transforms.PILToTensor())
+    return transforms.Compose(steps)
+
+
+def _decode_one(path: str, transform) -> torch.Tensor:
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        return transform(image.convert("RGB"))
+
+
+def _decode_all(samples, transform, skip_bad_images: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from PIL import UnidentifiedImageError
+
+    def attempt(sample):
+        try:
+            return _decode_one(sample[0], transform)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            if not skip_bad_images:
+                raise LayercritError(
+                    f"corrupt image {sample[0]} ({error.__class__.__name__}): remove it or pass --skip-bad-images"
+                ) from None
+            return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = list(pool.map(attempt, samples))
+    keep = [i for i, image in enumerate(decoded) if image is not None]
+    if not keep:
+        raise LayercritError("every selected image failed to decode")
+    sizes = {tuple(decoded[i].shape) for i in keep}
+    if len(sizes) > 1:
+        raise LayercritError(f"images decode to different sizes {sorted(sizes)[:3]}: set a crop size (--crop)")
+    images = torch.stack([decoded[i] for i in keep])
+    labels = torch.tensor([samples[i][1] for i in keep], dtype=torch.int64)
+    return images, labels, len(samples) - len(keep)
+
+
+def _fingerprint(folder: Path, chosen, pre: Preprocessing, seed: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([pre.resize, pre.crop, pre.interpolation, seed, "v1"]).encode())
+    for path, label in chosen:
+        stat = os.stat(path)
+        digest.update(f"{os.path.relpath(path, folder)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LAYERCRIT_CACHE", Path.home() / ".cache" / "layercrit"))
+
+
+def _cache_path(cache_dir: str | Path | None, key: str) -> Path:
+    return Path(cache_dir or default_cache_dir()) / "evalsets" / key[:32]
+
+
+def _write_cache(target: Path, images: torch.Tensor, labels: torch.Tensor, skipped: int, description: str) -> None:
+    """Write next to the target, then rename: a killed run never leaves a half-written cache entry."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        np.save(staging / "images.npy", images.numpy())
+        np.save(staging / "labels.npy", labels.numpy())
+        (staging / "meta.json").write_text(json.dumps({"n_skipped": skipped, "description": description}))
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "images.npy").is_file():
+            raise

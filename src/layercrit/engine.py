@@ -1,0 +1,403 @@
+"""The engine: evaluate the model with one layer reset at a time and accumulate metrics per (layer, trial).
+
+Two paths, same numbers:
+
+* ``naive`` — the paper's method and our test oracle: for every (layer, trial), reset the layer, run a full forward
+  over every batch (re-decoding images from their source when it can), restore the layer.
+* ``fast`` (default) — batch-outer. For each batch of the decoded-once evaluation set: one clean forward that
+  records the outputs of the modules that finish before each reset layer starts; then for every (layer, trial)
+  a forward in which those modules return their recorded outputs instead of computing (the *prefix replay*), so
+  only the part of the network from the reset layer on is computed. The kernels that do run are the same as in
+  the naive path, on the same inputs, so results are identical, not just close.
+
+Prefix replay works on the eager model, so it needs no tracing and handles any architecture. A module is
+replayed only when it is safe: called exactly once per forward, finished before the reset layer (or its nearest
+called ancestor) started, and its output does not alias its input (in-place activations, views, Identity).
+Layers whose parameters are shared with another module run full forwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .data import EvalSet, to_model_input
+from .metrics import PredictionMetrics
+from .resets import Reset, State, load_in_place, snapshot
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ENGINES = ("fast", "naive")
+
+
+@dataclass
+class EngineOptions:
+    """How to run the evaluations; none of these change the numbers in fp32 (except ``precision``)."""
+
+    engine: str = "fast"
+    batch_size: int = 100
+    device: str = "cpu"
+    precision: str = "fp32"
+    channels_last: bool | None = None  # None: on for CUDA, off for CPU
+    max_cache_mb: float = 4096.0
+    compile: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from .errors import LayercritError
+
+        if self.engine not in ENGINES:
+            raise LayercritError(f"unknown engine {self.engine!r}: one of {', '.join(ENGINES)}")
+        if self.precision not in PRECISIONS:
+            raise LayercritError(f"unknown precision {self.precision!r}: one of {', '.join(PRECISIONS)}")
+        if self.batch_size < 1:
+            raise LayercritError("--batch-size must be at least 1")
+
+
+@dataclass
+class Unit:
+    """One row to produce: ``layer`` reset with ``trial``'s state (``layer=None``: the unmodified model).
+
+    A reset that gives the same state in several trials is computed once: the later trials' units share the
+    first one's metrics and say so in ``computed_in_trial``.
+    """
+
+    layer: str | None
+    trial: int
+    computed_in_trial: int
+    metrics: PredictionMetrics = field(default_factory=PredictionMetrics)
+
+
+def run(
+    model: nn.Module,
+    evalset: EvalSet,
+    layers: Sequence[str],
+    reset: Reset,
+    trials: int,
+    options: EngineOptions,
+    on_chunk: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Evaluate the unmodified model and every (layer, trial); return one row dict per unit, original first.
+
+    ``on_chunk`` receives the rows finished so far (original row included) after every chunk of layers, so a
+    caller can persist them.
+    """
+    device = torch.device(options.device)
+    model = model.eval().to(device)
+    channels_last = options.channels_last if options.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if options.compile else model
+    evaluator = _Evaluator(model, forward, evalset, options, device, channels_last)
+
+    original = Unit(layer=None, trial=0, computed_in_trial=0)
+    plans = _plan_units(model, layers, reset, trials)
+    n_computed = sum(len(plan.computed) for plan in plans)
+    with _progress(options.progress, n_computed, len(evalset), options.batch_size) as bar:
+        if options.engine == "naive" or options.compile:
+            chunks: Iterator[list[LayerPlan]] = ([plan] for plan in plans)
+            step = evaluator.naive_chunk
+        else:
+            chunks = evaluator.chunk(plans)
+            step = evaluator.replay_chunk
+        rows: list[dict] = []
+        for chunk in chunks:
+            step(chunk, original, bar)
+            rows += [_row(u, original) for plan in chunk for u in plan.units]
+            if on_chunk is not None:
+                on_chunk([_row(original, original), *rows])
+        if not plans:
+            evaluator.clean_only(original, bar)
+    return [_row(original, original), *rows]
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass
+class LayerPlan:
+    """A layer's trained state, the reset state and unit of each trial to compute, and all its units."""
+
+    layer: str
+    module: nn.Module
+    trained: State
+    computed: list[tuple[State, Unit]]
+    units: list[Unit]
+    replayed: list[str] = field(default_factory=list)  # modules replayed from the clean forward (fast engine)
+
+
+def _plan_units(model: nn.Module, layers: Sequence[str], reset: Reset, trials: int) -> list[LayerPlan]:
+    modules = {name: model.get_submodule(name) for name in layers}
+    new_states: dict[tuple[str, int], State] = {}
+    for trial in range(trials):  # trial-outer: rerandomize builds one fresh instance per trial
+        for name in layers:
+            new_states[(name, trial)] = reset.new_state(name, modules[name], trial)
+    plans = []
+    for name in layers:
+        computed: list[tuple[State, Unit]] = []
+        units = []
+        for trial in range(trials):
+            state = new_states.pop((name, trial))
+            earlier = next((unit for s, unit in computed if _same_state(s, state)), None)
+            if earlier is None:
+                unit = Unit(layer=name, trial=trial, computed_in_trial=trial)
+                computed.append((state, unit))
+            else:
+                unit = Unit(layer=name, trial=trial, computed_in_trial=earlier.trial, metrics=earlier.metrics)
+            units.append(unit)
+        plans.append(LayerPlan(name, modules[name], snapshot(modules[name]), computed, units))
+    return plans
+
+
+def _same_state(a: State, b: State) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _row(unit: Unit, original: Unit) -> dict:
+    return {
+        "layer": unit.layer if unit.layer is not None else "original",
+        "trial": unit.trial,
+        "computed_in_trial": unit.computed_in_trial,
+        **unit.metrics.result(original.metrics.result()["top1_acc"]),
+    }
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class _Evaluator:
+    def __init__(self, model, forward, evalset: EvalSet, options: EngineOptions, device, channels_last: bool):
+        self.model = model
+        self.forward = forward
+        self.evalset = evalset
+        self.options = options
+        self.device = device
+        self.channels_last = channels_last
+        self.clean_logits: list[torch.Tensor] | None = None  # per batch, kept after the first pass
+        self.structure: _CallStructure | None = None
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_model_input(images.to(self.device, non_blocking=True))
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = PRECISIONS[self.options.precision]
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.forward(x).float()
+
+    def batches(self, redecode: bool = False):
+        return self.evalset.batches(self.options.batch_size, redecode=redecode)
+
+    # -- naive: one full forward per unit and batch
+    def naive_chunk(self, chunk: list[LayerPlan], original: Unit, bar) -> None:
+        redecode = self.options.engine == "naive"
+        if self.clean_logits is None:
+            self.clean_logits = []
+            for _, images, labels in self.batches(redecode):
+                clean = self.logits(self.inputs(images)).cpu()
+                self.clean_logits.append(clean)
+                original.metrics.update(clean, clean, labels)
+        for plan in chunk:
+            for state, unit in plan.computed:
+                load_in_place(plan.module, state)
+                try:
+                    for b, (_, images, labels) in enumerate(self.batches(redecode)):
+                        unit.metrics.update(self.logits(self.inputs(images)).cpu(), self.clean_logits[b], labels)
+                        bar.update(1)
+                finally:
+                    load_in_place(plan.module, plan.trained)
+
+    def clean_only(self, original: Unit, bar) -> None:
+        for _, images, labels in self.batches():
+            clean = self.logits(self.inputs(images)).cpu()
+            original.metrics.update(clean, clean, labels)
+
+    # -- fast: batch-outer with prefix replay
+    def chunk(self, plans: list[LayerPlan]) -> Iterator[list[LayerPlan]]:
+        """Group consecutive layers so that the recorded outputs of one batch stay under ``max_cache_mb``."""
+        first_images = next(iter(self.batches()))[1][:2]
+        self.structure = _CallStructure.probe(self.model, self.inputs(first_images))
+        budget = self.options.max_cache_mb * 2**20 / self.options.batch_size
+        current: list[LayerPlan] = []
+        recorded: set[str] = set()
+        for plan in plans:
+            plan.replayed = self.structure.replayable_before(plan.layer, plan.module)
+            merged = recorded | set(plan.replayed)
+            if current and self.structure.bytes_per_image(merged) > budget:
+                yield current
+                current, merged = [], set(plan.replayed)
+            current.append(plan)
+            recorded = merged
+        if current:
+            yield current
+
+    def replay_chunk(self, chunk: list[LayerPlan], original: Unit, bar) -> None:
+        recorded = sorted({name for plan in chunk for name in plan.replayed})
+        first_chunk = self.clean_logits is None
+        if first_chunk:
+            self.clean_logits = []
+        for b, (_, images, labels) in enumerate(self.batches()):
+            x = self.inputs(images)
+            with _recording(self.model, recorded) as outputs:
+                clean = self.logits(x).cpu()
+            if first_chunk:
+                self.clean_logits.append(clean)
+                original.metrics.update(clean, clean, labels)
+            for plan in chunk:
+                with _replaying(self.model, plan.replayed, outputs):
+                    try:
+                        for state, unit in plan.computed:
+                            load_in_place(plan.module, state)
+                            unit.metrics.update(self.logits(x).cpu(), clean, labels)
+                            bar.update(1)
+                    finally:
+                        load_in_place(plan.module, plan.trained)
+            del outputs
+
+
+# ---------------------------------------------------------------- prefix replay
+
+
+@dataclass
+class _CallStructure:
+    """When each module starts and finishes in one forward, how often it runs, and its output size per image."""
+
+    start: dict[str, int]
+    end: dict[str, int]
+    calls: dict[str, int]
+    aliasing: set[str]
+    bytes: dict[str, int]
+    children: dict[str, list[str]]
+    shared_params: set[str]
+
+    @classmethod
+    def probe(cls, model: nn.Module, x: torch.Tensor) -> _CallStructure:
+        start: dict[str, int] = {}
+        end: dict[str, int] = {}
+        calls: dict[str, int] = {}
+        aliasing: set[str] = set()
+        sizes: dict[str, int] = {}
+        clock = iter(range(10**9))
+        handles = []
+
+        def pre(name):
+            def hook(module, args):
+                calls[name] = calls.get(name, 0) + 1
+                start.setdefault(name, next(clock))
+            return hook
+
+        def post(name):
+            def hook(module, args, output):
+                end[name] = next(clock)
+                ins = {t.untyped_storage().data_ptr() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
+                outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+                if any(t.untyped_storage().data_ptr() in ins for t in outs):
+                    aliasing.add(name)
+                sizes[name] = sum(t.numel() * t.element_size() for t in outs) // max(len(x), 1)
+            return hook
+
+        named = dict(model.named_modules())
+        for name, module in named.items():
+            if name:
+                handles.append(module.register_forward_pre_hook(pre(name)))
+                handles.append(module.register_forward_hook(post(name)))
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        children = {name: [f"{name}.{c}" if name else c for c, _ in module.named_children()]
+                    for name, module in named.items()}
+        owners: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            for param in module.parameters(recurse=False):
+                owners.setdefault(id(param), []).append(name)
+        shared = {n for names in owners.values() if len(set(names)) > 1 for n in names}
+        return cls(start, end, calls, aliasing, sizes, children, shared)
+
+    def replayable_before(self, layer: str, module: nn.Module) -> list[str]:
+        """Modules whose recorded clean output can stand in for computing them when ``layer`` is reset."""
+        if layer in self.shared_params:
+            log.info("%s shares parameters with another module: full forwards for it", layer)
+            return []
+        anchor = layer
+        while anchor and anchor not in self.start:  # never called itself (e.g. MultiheadAttention.out_proj)
+            anchor = anchor.rpartition(".")[0]
+        if not anchor:
+            return []
+        t0 = self.start[anchor]
+        path = {anchor.rsplit(".", i)[0] for i in range(anchor.count(".") + 1)} | {""}
+        chosen: list[str] = []
+
+        def visit(parent: str) -> None:
+            for child in self.children.get(parent, []):
+                if child in path:
+                    visit(child)
+                elif child not in self.calls:
+                    visit(child)  # a container whose children are called directly by an ancestor
+                elif self.calls[child] == 1 and self.end[child] < t0 and child not in self.aliasing:
+                    chosen.append(child)
+
+        visit("")
+        return chosen
+
+    def bytes_per_image(self, names: set[str]) -> int:
+        return sum(self.bytes.get(n, 0) for n in names)
+
+
+def _clone(output):
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, output)
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module, names: Sequence[str]):
+    outputs: dict[str, object] = {}
+    handles = []
+    for name in names:
+        def hook(module, args, output, name=name):
+            outputs[name] = _clone(output)  # now, before any later in-place op changes it
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _replaying(model: nn.Module, names: Sequence[str], outputs: dict[str, object]):
+    patched = []
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            module.forward = lambda *args, _value=outputs[name], **kwargs: _clone(_value)
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, units: int, n_images: int, batch_size: int):
+    n_batches = -(-n_images // batch_size)
+    if not enabled:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=units * n_batches, desc="layer x trial x batch", unit="fwd", dynamic_ncols=True) as bar:
+        yield bar
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass

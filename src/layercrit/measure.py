@@ -1,0 +1,133 @@
+"""``measure``: the library's front door. Model + data + options → a results DataFrame, one row per unit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from . import engine
+from .data import EvalSet, load_data, to_model_input
+from .errors import LayercritError
+from .layers import DEFAULT_LAYERS, select_layers
+from .metrics import METRIC_COLUMNS
+from .models import Preprocessing, ResolvedModel, resolve_model
+from .resets import Rerandomize, Reset, get_reset
+
+ID_COLUMNS = ("model_id", "layer", "trial", "reset")
+META_COLUMNS = ("computed_in_trial", "seed", "data_id", "model_spec", "engine", "precision", "layercrit_version")
+COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *META_COLUMNS)
+
+
+def measure(
+    model: str | nn.Module | ResolvedModel,
+    data: str | EvalSet | tuple[torch.Tensor, torch.Tensor],
+    *,
+    layers: str | list[str] = DEFAULT_LAYERS,
+    reset: str | Reset = "rerandomize",
+    trials: int = 3,
+    seed: int = 0,
+    images: int | None = 10_000,
+    model_id: str | None = None,
+    fresh_model: Callable[[], nn.Module] | None = None,
+    arch: str | None = None,
+    pretrained: bool = True,
+    data_root: str | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    skip_bad_images: bool = False,
+    batch_size: int = 100,
+    device: str | None = None,
+    engine_name: str = "fast",
+    precision: str = "fp32",
+    max_cache_mb: float = 4096.0,
+    compile: bool = False,
+    progress: bool = False,
+    on_rows: Callable[[pd.DataFrame], None] | None = None,
+) -> pd.DataFrame:
+    """Reset each selected layer in turn, ``trials`` times, and measure the model on the same images.
+
+    Args:
+        model: a spec (``timm:resnet50.a1_in1k``, ``torchvision:resnet50``, ``zoo:fmnist/baseline``, a checkpoint
+            path with ``arch=``), an ``nn.Module`` taking images in [0, 1] (give ``fresh_model`` to rerandomize
+            with the architecture's own init; otherwise each layer's ``reset_parameters()`` is used), or a
+            :class:`~layercrit.models.ResolvedModel`.
+        data: ``fashion-mnist``, an image folder, an :class:`EvalSet`, or ``(images, labels)`` tensors.
+        layers: kinds (``conv``, ``linear``, ``bn``, ``ln``) and/or name globs, comma separated.
+        reset: ``rerandomize`` (fresh init, seeded by (seed, trial)) or ``zero``, or a :class:`Reset`.
+        trials: resets per layer. images: subset size (seeded as the paper's loader). seed: data and reset seed.
+        engine_name: ``fast`` (prefix replay, default) or ``naive`` (full forward per unit; the oracle).
+        on_rows: called with the rows finished so far after each chunk of layers (to persist them).
+
+    Returns:
+        A DataFrame with one row for the unmodified model (``layer == "original"``) and one per (layer, trial),
+        columns :data:`COLUMNS`.
+    """
+    from . import __version__
+
+    resolved = _resolve(model, fresh_model, arch=arch, pretrained=pretrained)
+    if isinstance(data, tuple):
+        data = EvalSet.from_tensors(*data)
+    evalset = load_data(data, preprocessing=resolved.preprocessing, images=images, seed=seed, root=data_root,
+                        cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images)
+    if trials < 1:
+        raise LayercritError("--trials must be at least 1")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_labels(resolved.model, evalset, device)
+    names = select_layers(resolved.model, layers)
+    strategy = get_reset(reset, seed=seed, fresh=resolved.fresh)
+    if isinstance(strategy, Rerandomize):
+        strategy.bind(resolved.model)
+    options = engine.EngineOptions(engine=engine_name, batch_size=batch_size, device=device, precision=precision,
+                                   max_cache_mb=max_cache_mb, compile=compile, progress=progress)
+    meta = {
+        "model_id": model_id or resolved.spec,
+        "reset": strategy.describe(),
+        "seed": seed,
+        "data_id": evalset.data_id,
+        "model_spec": resolved.spec,
+        "engine": engine_name,
+        "precision": _precision_label(precision, device),
+        "layercrit_version": __version__,
+    }
+
+    def frame(rows: list[dict]) -> pd.DataFrame:
+        df = pd.DataFrame([{**meta, **row} for row in rows])
+        return df[list(COLUMNS)]
+
+    callback = (lambda rows: on_rows(frame(rows))) if on_rows else None
+    rows = engine.run(resolved.model, evalset, names, strategy, trials, options, on_chunk=callback)
+    return frame(rows)
+
+
+def _resolve(model, fresh_model, *, arch, pretrained) -> ResolvedModel:
+    if isinstance(model, ResolvedModel):
+        return model
+    if isinstance(model, nn.Module):
+        return ResolvedModel(model=model.eval(), fresh=fresh_model, preprocessing=Preprocessing(source="caller's model"),
+                             spec=f"python:{type(model).__name__}", num_classes=0)
+    if isinstance(model, str):
+        return resolve_model(model, arch=arch, pretrained=pretrained)
+    raise LayercritError(f"model must be a spec string or an nn.Module, not {type(model).__name__}")
+
+
+def _check_labels(model: nn.Module, evalset: EvalSet, device: str) -> None:
+    """Class-count mismatch is a user error worth catching before hours of compute."""
+    probe = to_model_input(evalset.images[:1]).to(device)
+    with torch.no_grad():
+        n_out = model.to(device)(probe).shape[-1]
+    top = int(evalset.labels.max())
+    if top >= n_out:
+        raise LayercritError(
+            f"labels go up to {top} but the model has {n_out} outputs: the data's classes do not match the model's "
+            "(use a model trained on this data, or --num-classes with a checkpoint)"
+        )
+
+
+def _precision_label(precision: str, device: str) -> str:
+    if precision == "fp32" and device.startswith("cuda") and torch.backends.cudnn.allow_tf32:
+        return "fp32(tf32-conv)"  # cuDNN convolutions use TF32 on Ampere and later unless disabled
+    return precision

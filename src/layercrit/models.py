@@ -1,0 +1,356 @@
+"""Model specs → models.
+
+One function, :func:`resolve_model`, turns a spec string into a :class:`ResolvedModel`: the trained model
+(wrapped so that it takes images in [0, 1] and normalises them itself, as the paper's code does), a factory for
+fresh randomly initialised instances of the same architecture, and the preprocessing the model expects.
+
+Specs:
+    timm:NAME[.TAG]                 timm model, pretrained weights through timm (``pretrained=False`` for random init)
+    torchvision:NAME[:WEIGHTS]      torchvision model, weights enum name (default: DEFAULT)
+    layercrit:NAME                  an architecture bundled with layercrit (e.g. the Fashion-MNIST ResNet)
+    zoo:ZOO/ID                      a model from a registered zoo (``zoo:fmnist/baseline``, ``zoo:paper/...``)
+    path/to/ckpt.(pth|pt|safetensors|bin)   a checkpoint, with ``arch=`` one of the architecture specs above
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LayercritError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw images become model input: resize shorter side → center crop → [0, 1] → normalise (in the model).
+
+    ``resize``/``crop`` of None leave the images at their native size (e.g. 28×28 Fashion-MNIST).
+    """
+
+    resize: int | None = 256
+    crop: int | None = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    in_chans: int = 3
+    source: str = "standard ImageNet eval transform"
+
+    def describe(self) -> str:
+        size = "native size" if self.crop is None else f"Resize({self.resize}) -> CenterCrop({self.crop})"
+        return f"{size}, {self.interpolation}, mean={self.mean}, std={self.std} ({self.source})"
+
+
+class Normalized(nn.Module):
+    """Takes images in [0, 1] and normalises them before the wrapped model, so layer names read ``model.*``."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], in_chans: int = 3):
+        super().__init__()
+        self.model = model
+        self.in_chans = in_chans
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1 and self.in_chans == 3:  # greyscale data into an RGB model
+            x = x.expand(-1, 3, -1, -1)
+        return self.model((x - self.mean) / self.std)
+
+
+@dataclass
+class ResolvedModel:
+    """A trained model ready to measure, plus what is needed to reset its layers and feed it."""
+
+    model: nn.Module
+    fresh: Callable[[], nn.Module] | None
+    preprocessing: Preprocessing
+    spec: str
+    num_classes: int
+    metadata: dict = field(default_factory=dict)
+
+
+def resolve_model(
+    spec: str,
+    *,
+    arch: str | None = None,
+    pretrained: bool = True,
+    num_classes: int | None = None,
+    trust_checkpoint: bool = False,
+) -> ResolvedModel:
+    """Resolve a model spec (see the module docstring) into a :class:`ResolvedModel` in eval mode."""
+    if spec.startswith("zoo:"):
+        from . import zoo
+
+        return zoo.resolve(spec, pretrained=pretrained)
+    if _looks_like_checkpoint(spec):
+        if arch is None:
+            raise LayercritError(
+                f"checkpoint {spec} needs an architecture: pass --arch timm:NAME or --arch torchvision:NAME"
+            )
+        return _resolve_checkpoint(spec, arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
+    if arch is not None:
+        raise LayercritError(f"--arch is only for checkpoint files, but the model spec {spec!r} is not a file")
+    module, pre = build_architecture(spec, pretrained=pretrained, num_classes=num_classes)
+    return _finish(module, pre, spec, lambda: build_architecture(spec, pretrained=False, num_classes=num_classes)[0])
+
+
+def build_architecture(
+    arch: str, *, pretrained: bool, num_classes: int | None = None, in_chans: int | None = None
+) -> tuple[nn.Module, Preprocessing]:
+    """Build the bare network named by an architecture spec (``timm:``, ``torchvision:``, ``layercrit:``)."""
+    source, _, name = arch.partition(":")
+    if not name or source not in _ARCHITECTURE_SOURCES:
+        raise LayercritError(
+            f"unknown model spec {arch!r}: use timm:NAME, torchvision:NAME[:WEIGHTS], layercrit:NAME, "
+            "zoo:ZOO/ID or a checkpoint path (.pth/.pt/.safetensors) with --arch"
+        )
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    return _ARCHITECTURE_SOURCES[source](name, pretrained, kwargs)
+
+
+def wrap_module(
+    model: nn.Module,
+    fresh: Callable[[], nn.Module] | None = None,
+    preprocessing: Preprocessing | None = None,
+    spec: str = "python:nn.Module",
+) -> ResolvedModel:
+    """Wrap a user's ``nn.Module`` (and optional factory for fresh instances) for measuring."""
+    pre = preprocessing or Preprocessing(source="given by the caller")
+    return _finish(model, pre, spec, fresh)
+
+
+def _finish(
+    module: nn.Module, pre: Preprocessing, spec: str, fresh_bare: Callable[[], nn.Module] | None
+) -> ResolvedModel:
+    def wrap(m: nn.Module) -> nn.Module:
+        return Normalized(m, pre.mean, pre.std, pre.in_chans).eval()
+
+    fresh = (lambda: wrap(fresh_bare())) if fresh_bare is not None else None
+    return ResolvedModel(
+        model=wrap(module), fresh=fresh, preprocessing=pre, spec=spec, num_classes=_num_classes(module)
+    )
+
+
+def _num_classes(module: nn.Module) -> int:
+    if getattr(module, "num_classes", None):
+        return int(module.num_classes)
+    last = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if last:
+        return last[-1].out_features
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels if convs else 0
+
+
+# ---------------------------------------------------------------- architecture sources
+
+
+def _timm(name: str, pretrained: bool, kwargs: dict) -> tuple[nn.Module, Preprocessing]:
+    import timm
+
+    arch_name = name.split(".")[0]
+    if not timm.is_model(arch_name):
+        close = difflib.get_close_matches(arch_name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise LayercritError(f"unknown timm model {name!r}{hint}; list them with timm.list_models()")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, OSError, ValueError) as error:
+        if not pretrained:
+            raise LayercritError(f"timm could not build {name!r}: {_first_line(error)}") from error
+        raise LayercritError(
+            f"cannot load pretrained weights for timm:{name} ({_first_line(error)}); when offline, put them in "
+            f"the Hugging Face cache ({_hf_cache()}) or pass the file as --model FILE --arch timm:{arch_name}"
+        ) from error
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    crop = int(cfg["input_size"][-1])
+    in_chans = int(cfg["input_size"][0]) if "in_chans" not in kwargs else int(kwargs["in_chans"])
+    if crop == 224:
+        # The paper (and torchvision's reference eval) use Resize(256) -> CenterCrop(224) for every 224 model.
+        pre = Preprocessing(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), in_chans=in_chans,
+                            source=f"standard 256/224 transform, timm pretrained_cfg mean/std for {name}")
+    else:
+        pre = Preprocessing(
+            resize=int(crop / cfg.get("crop_pct", 0.875)),
+            crop=crop,
+            interpolation=cfg.get("interpolation", "bilinear"),
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            in_chans=in_chans,
+            source=f"timm pretrained_cfg of {name} (input {crop}px)",
+        )
+    return model.eval(), _match_mean_to_channels(pre)
+
+
+def _torchvision(name: str, pretrained: bool, kwargs: dict) -> tuple[nn.Module, Preprocessing]:
+    import torchvision
+
+    arch_name, _, weights_name = name.partition(":")
+    available = torchvision.models.list_models()
+    if arch_name not in available:
+        close = difflib.get_close_matches(arch_name, available, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise LayercritError(f"unknown torchvision model {arch_name!r}{hint}")
+    kwargs = dict(kwargs)
+    in_chans = kwargs.pop("in_chans", 3)
+    weights = None
+    if pretrained:
+        enum = torchvision.models.get_model_weights(arch_name)
+        try:
+            weights = enum[weights_name or "DEFAULT"]
+        except KeyError:
+            names = ", ".join(w.name for w in enum)
+            raise LayercritError(f"unknown weights {weights_name!r} for torchvision:{arch_name}; one of {names}") from None
+        if "num_classes" in kwargs and kwargs["num_classes"] != len(weights.meta["categories"]):
+            weights = None  # a checkpoint with another head: architecture only, the file brings the weights
+    try:
+        model = torchvision.models.get_model(arch_name, weights=weights, **kwargs)
+    except (OSError, RuntimeError) as error:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name if weights else "?"
+        raise LayercritError(
+            f"cannot load torchvision weights {weights} ({_first_line(error)}); offline, download {weights.url} "
+            f"to {path}"
+        ) from error
+    pre = Preprocessing(in_chans=in_chans, source="standard 256/224 transform, ImageNet mean/std")
+    return model.eval(), pre
+
+
+def _builtin(name: str, pretrained: bool, kwargs: dict) -> tuple[nn.Module, Preprocessing]:
+    from .architectures import ARCHITECTURES
+
+    if name not in ARCHITECTURES:
+        raise LayercritError(f"unknown layercrit architecture {name!r}; one of {', '.join(sorted(ARCHITECTURES))}")
+    if pretrained:
+        raise LayercritError(
+            f"layercrit:{name} is an architecture without weights: use a zoo model (layercrit zoo list) "
+            f"or --model CKPT --arch layercrit:{name}"
+        )
+    builder, pre = ARCHITECTURES[name]
+    return builder(**kwargs).eval(), pre
+
+
+_ARCHITECTURE_SOURCES: dict[str, Callable[[str, bool, dict], tuple[nn.Module, Preprocessing]]] = {
+    "timm": _timm,
+    "torchvision": _torchvision,
+    "layercrit": _builtin,
+}
+
+
+def _match_mean_to_channels(pre: Preprocessing) -> Preprocessing:
+    if len(pre.mean) != pre.in_chans and pre.in_chans == 1:
+        return replace(pre, mean=(sum(pre.mean) / len(pre.mean),), std=(sum(pre.std) / len(pre.std),))
+    return pre
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _looks_like_checkpoint(spec: str) -> bool:
+    return spec.endswith(CHECKPOINT_SUFFIXES) or os.path.isfile(spec)
+
+
+def load_state_dict(path: str | Path, *, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat state dict: unwraps ``state_dict``/``model``/... and strips ``module.``."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayercritError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is a user error here
+        hint = (
+            " (it holds pickled Python objects: pass --trust-checkpoint if you trust its source)"
+            if "weights_only" in str(error) or "Unpickl" in type(error).__name__
+            else ""
+        )
+        raise LayercritError(f"cannot read checkpoint {path}: {_first_line(error)}{hint}") from error
+    for key in _STATE_DICT_KEYS:
+        while isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping | nn.Module):
+            state = state[key]
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LayercritError(f"checkpoint {path} holds no state dict of tensors")
+    prefix = "module."
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def _resolve_checkpoint(path: str, arch: str, *, num_classes: int | None, trust_checkpoint: bool) -> ResolvedModel:
+    state = load_state_dict(path, trust_checkpoint=trust_checkpoint)
+    probe, _ = build_architecture(arch, pretrained=False, num_classes=num_classes)
+    inferred_classes, inferred_chans = _infer_head_and_stem(probe, state)
+    if num_classes is None:
+        num_classes = inferred_classes
+    module, pre = build_architecture(
+        arch, pretrained=False, num_classes=num_classes, in_chans=inferred_chans if inferred_chans != 3 else None
+    )
+    load_strict(module, state, source=path)
+    pre = _match_mean_to_channels(replace(pre, in_chans=inferred_chans or pre.in_chans))
+    fresh = lambda: build_architecture(  # noqa: E731
+        arch, pretrained=False, num_classes=num_classes, in_chans=inferred_chans if inferred_chans != 3 else None
+    )[0]
+    resolved = _finish(module, pre, path, fresh)
+    resolved.metadata["arch"] = arch
+    return resolved
+
+
+def _infer_head_and_stem(probe: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[int | None, int | None]:
+    """Number of classes and input channels as the checkpoint has them (its last Linear, its first conv)."""
+    linears = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear)]
+    convs = [n for n, m in probe.named_modules() if isinstance(m, nn.Conv2d)]
+    classes = chans = None
+    if linears and f"{linears[-1]}.weight" in state:
+        classes = int(state[f"{linears[-1]}.weight"].shape[0])
+    if convs and f"{convs[0]}.weight" in state:
+        chans = int(state[f"{convs[0]}.weight"].shape[1])
+    return classes, chans
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Load every key or fail with a message listing what is missing, unexpected or of the wrong shape."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                   for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+                parts.append(f"{label}: {', '.join(keys[:4])}{more}")
+        raise LayercritError(
+            f"checkpoint {source} does not match the architecture: {'; '.join(parts)} "
+            "(check --arch, or remap the keys)"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _hf_cache() -> str:
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
