@@ -243,7 +243,7 @@ class _Evaluator:
         first_chunk = self.clean_logits is None
         if first_chunk:
             self.clean_logits = []
-        for b, (_, images, labels) in enumerate(self.batches()):
+        for _, images, labels in self.batches():
             x = self.inputs(images)
             with _recording(self.model, recorded) as outputs:
                 clean = self.logits(x).cpu()
