@@ -1,0 +1,40 @@
+"""Model zoos: registries of trained models, addressed as ``zoo:ZOO/ID`` wherever a model spec is accepted.
+
+Each zoo is a module of this package with two functions:
+    entries() -> list[dict]                       one record per model (id, category, display, accuracy, ...)
+    resolve(model_id, pretrained) -> ResolvedModel
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import LayercritError
+from ..models import ResolvedModel
+
+ZOOS = {
+    "fmnist": "layercrit.zoo.fmnist",  # the bundled Fashion-MNIST zoo (the demo's embedded default)
+    "paper": "layercrit.zoo.paper",  # the ResNet-50 zoo of Gavrikov et al. 2024
+}
+
+
+def _zoo(name: str):
+    if name not in ZOOS:
+        raise LayercritError(f"unknown zoo {name!r}: one of {', '.join(ZOOS)}")
+    return importlib.import_module(ZOOS[name])
+
+
+def entries(name: str) -> list[dict]:
+    """The records of zoo ``name``."""
+    return _zoo(name).entries()
+
+
+def resolve(spec: str, *, pretrained: bool = True) -> ResolvedModel:
+    """Resolve ``zoo:ZOO/ID`` into a model."""
+    body = spec.removeprefix("zoo:")
+    name, _, model_id = body.partition("/")
+    if not model_id:
+        raise LayercritError(f"zoo spec {spec!r} needs an id: zoo:ZOO/ID (see 'layercrit zoo list')")
+    resolved = _zoo(name).resolve(model_id, pretrained=pretrained)
+    resolved.spec = spec
+    return resolved

@@ -1,0 +1,52 @@
+"""Shared fixtures: small models that are cheap to run on a 2-core CPU."""
+
+import pytest
+import torch
+from torch import nn
+
+from layercrit.models import Preprocessing, wrap_module
+
+
+class TinyCNN(nn.Module):
+    """conv → bn → relu → conv → pool → fc, plus an unused branch (its output never reaches the logits)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.unused = nn.Conv2d(8, 4, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        _ = self.unused(x)
+        return self.fc(self.pool(self.relu(self.conv2(x))).flatten(1))
+
+
+def tiny_factory(seed: int = 0):
+    def build():
+        return TinyCNN()
+    return build
+
+
+@pytest.fixture
+def tiny_model():
+    """A TinyCNN with non-trivial BN statistics, wrapped for measuring (input [0, 1], 1×16×16)."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.1, 0.1)
+        model.bn1.running_var.uniform_(0.5, 1.5)
+    pre = Preprocessing(resize=None, crop=None, mean=(0.5,), std=(0.25,), in_chans=1, source="test")
+    return wrap_module(model.eval(), fresh=TinyCNN, preprocessing=pre, spec="test:tiny")
+
+
+@pytest.fixture
+def tiny_data():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (48, 1, 16, 16), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (48,), generator=generator)
+    return images, labels
