@@ -80,7 +80,7 @@ def run(
     evalset: EvalSet,
     layers: Sequence[str],
     reset: Reset,
-    trials: int,
+    trials: Sequence[int],
     options: EngineOptions,
     on_chunk: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
@@ -133,17 +133,17 @@ class LayerPlan:
     replayed: list[str] = field(default_factory=list)  # modules replayed from the clean forward (fast engine)
 
 
-def _plan_units(model: nn.Module, layers: Sequence[str], reset: Reset, trials: int) -> list[LayerPlan]:
+def _plan_units(model: nn.Module, layers: Sequence[str], reset: Reset, trials: Sequence[int]) -> list[LayerPlan]:
     modules = {name: model.get_submodule(name) for name in layers}
     new_states: dict[tuple[str, int], State] = {}
-    for trial in range(trials):  # trial-outer: rerandomize builds one fresh instance per trial
+    for trial in trials:  # trial-outer: rerandomize builds one fresh instance per trial
         for name in layers:
             new_states[(name, trial)] = reset.new_state(name, modules[name], trial)
     plans = []
     for name in layers:
         computed: list[tuple[State, Unit]] = []
         units = []
-        for trial in range(trials):
+        for trial in trials:
             state = new_states.pop((name, trial))
             earlier = next((unit for s, unit in computed if _same_state(s, state)), None)
             if earlier is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -28,7 +28,7 @@ def measure(
     *,
     layers: str | list[str] = DEFAULT_LAYERS,
     reset: str | Reset = "rerandomize",
-    trials: int = 3,
+    trials: int | Sequence[int] = 3,
     seed: int = 0,
     images: int | None = 10_000,
     model_id: str | None = None,
@@ -58,7 +58,7 @@ def measure(
         data: ``fashion-mnist``, an image folder, an :class:`EvalSet`, or ``(images, labels)`` tensors.
         layers: kinds (``conv``, ``linear``, ``bn``, ``ln``) and/or name globs, comma separated.
         reset: ``rerandomize`` (fresh init, seeded by (seed, trial)) or ``zero``, or a :class:`Reset`.
-        trials: resets per layer. images: subset size (seeded as the paper's loader). seed: data and reset seed.
+        trials: resets per layer (or the trial numbers to run, e.g. ``[2]``). images: subset size (seeded as the paper's loader). seed: data and reset seed.
         engine_name: ``fast`` (prefix replay, default) or ``naive`` (full forward per unit; the oracle).
         on_rows: called with the rows finished so far after each chunk of layers (to persist them).
 
@@ -73,7 +73,8 @@ def measure(
         data = EvalSet.from_tensors(*data)
     evalset = load_data(data, preprocessing=resolved.preprocessing, images=images, seed=seed, root=data_root,
                         cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images)
-    if trials < 1:
+    trial_ids = list(range(trials)) if isinstance(trials, int) else list(trials)
+    if not trial_ids or min(trial_ids) < 0:
         raise LayercritError("--trials must be at least 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_labels(resolved.model, evalset, device)
@@ -99,7 +100,7 @@ def measure(
         return df[list(COLUMNS)]
 
     callback = (lambda rows: on_rows(frame(rows))) if on_rows else None
-    rows = engine.run(resolved.model, evalset, names, strategy, trials, options, on_chunk=callback)
+    rows = engine.run(resolved.model, evalset, names, strategy, trial_ids, options, on_chunk=callback)
     return frame(rows)
 
 
