@@ -188,7 +188,7 @@ def _image_folder(
 
     cache = _cache_path(cache_dir, key) if use_cache else None
     if cache is not None and (cache / "images.npy").is_file():
-        images = torch.from_numpy(np.load(cache / "images.npy", mmap_mode="r"))
+        images = torch.from_numpy(np.load(cache / "images.npy", mmap_mode="c"))
         labels = torch.from_numpy(np.load(cache / "labels.npy"))
         skipped = json.loads((cache / "meta.json").read_text())["n_skipped"]
     else:
