@@ -1,0 +1,236 @@
+"""The Fashion-MNIST zoo: one small ResNet trained with different methods, a miniature of the paper's ResNet-50 zoo.
+
+:data:`RECIPES` are the records of how each member is trained (method family of :mod:`layercrit.training`,
+category as in the paper, hyperparameters). :func:`train_zoo` trains them and writes ``ID.safetensors`` plus
+``manifest.yaml`` (the recipe, measured test accuracy, seed, training time) into a folder; the package ships one
+such folder, trained with ``layercrit zoo train --threads 1 --out src/layercrit/zoo/fmnist``. Weights are stored
+in float16 (half the size) and loaded back as float32; the recorded accuracies are those of the stored weights.
+
+Set ``LAYERCRIT_FMNIST_ZOO=DIR`` to use a zoo you trained yourself as ``zoo:fmnist/ID``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from torch import nn
+
+from ..data import load_fashion_mnist, subset_indices
+from ..errors import LayercritError
+from ..models import Normalized, ResolvedModel, build_architecture, load_strict, wrap_module
+from ..training import METHODS, accuracy
+
+ARCH = "layercrit:fmnist_resnet20"
+MANIFEST = "manifest.yaml"
+STORAGE_DTYPE = torch.float16
+DATA_SEED = 0  # every member sees the same training images, so only the method differs
+
+
+def _pgd(norm: str, eps: float, label: str, key: str) -> dict:
+    return {
+        "id": f"pgd_{norm}_{key}", "method": "adversarial", "category": "adversarial_training",
+        "display": f"PGD {'L∞' if norm == 'linf' else 'L2'} ε={label}", "budget": f"{norm} {label}",
+        "train_images": 8000,
+        "hyperparameters": {"epochs": 1, "norm": norm, "eps": eps, "steps": 2, "augment": ["crop", "flip"],
+                            "lr": 0.1, "schedule": "step"},
+    }
+
+
+RECIPES: list[dict] = [
+    {"id": "baseline", "method": "supervised", "category": "baseline", "display": "Baseline (SGD, step decay)",
+     "train_images": 12000,
+     "hyperparameters": {"epochs": 2, "augment": ["crop", "flip"], "lr": 0.1, "schedule": "step"}},
+    {"id": "improved", "method": "supervised", "category": "training_recipes",
+     "display": "Improved (cosine, label smoothing, mixup, longer)", "train_images": 12000,
+     "hyperparameters": {"epochs": 3, "augment": ["crop", "flip"], "lr": 0.1, "schedule": "cosine",
+                         "nesterov": True, "label_smoothing": 0.1, "mixup": 0.2}},
+    {"id": "aug_erase", "method": "supervised", "category": "augmentation", "display": "Random erasing",
+     "train_images": 12000,
+     "hyperparameters": {"epochs": 2, "augment": ["crop", "flip", "erase"], "lr": 0.1, "schedule": "step"}},
+    {"id": "aug_noise", "method": "supervised", "category": "augmentation", "display": "Gaussian noise",
+     "train_images": 12000,
+     "hyperparameters": {"epochs": 2, "augment": ["crop", "flip", "noise"], "lr": 0.1, "schedule": "step"}},
+    _pgd("linf", 2 / 255, "2/255", "2"),
+    _pgd("linf", 8 / 255, "8/255", "8"),
+    _pgd("linf", 24 / 255, "24/255", "24"),
+    _pgd("l2", 0.5, "0.5", "0.5"),
+    _pgd("l2", 1.5, "1.5", "1.5"),
+    {"id": "simclr", "method": "simclr", "category": "contrastive", "display": "SimCLR + linear probe",
+     "train_images": 8000,
+     "hyperparameters": {"epochs": 1, "lr": 0.3, "schedule": "cosine", "weight_decay": 1e-4, "temperature": 0.5,
+                         "probe": {"epochs": 30, "lr": 0.5}}},
+    {"id": "frozen_random", "method": "frozen_random", "category": "freezing",
+     "display": "Frozen random backbone + linear probe", "train_images": 12000,
+     "hyperparameters": {"probe": {"epochs": 30, "lr": 0.5}}},
+]
+"""How each member is trained. ``budget`` is the adversarial budget (pixel scale [0, 1]) for the figures."""
+
+
+def zoo_dir() -> Path:
+    """The folder the zoo is read from: ``$LAYERCRIT_FMNIST_ZOO`` or the one shipped in the package."""
+    return Path(os.environ.get("LAYERCRIT_FMNIST_ZOO") or Path(__file__).with_name("fmnist"))
+
+
+def entries() -> list[dict]:
+    """The manifest records of the trained zoo (recipe fields plus ``accuracy``, ``file``, ``train_time_s``, ...)."""
+    path = zoo_dir() / MANIFEST
+    if not path.is_file():
+        raise LayercritError(
+            f"no Fashion-MNIST zoo in {path.parent}: train one with 'layercrit zoo train --out DIR' and set "
+            "LAYERCRIT_FMNIST_ZOO=DIR"
+        )
+    return yaml.safe_load(path.read_text())["models"]
+
+
+def resolve(model_id: str, pretrained: bool = True) -> ResolvedModel:
+    """Zoo member ``model_id`` as a :class:`ResolvedModel` (trained weights, or random init if not ``pretrained``).
+
+    ``fresh`` builds randomly initialised networks of the same architecture (for the rerandomize reset);
+    ``metadata`` carries the record's category, display name, accuracy, method and hyperparameters.
+    """
+    records = {record["id"]: record for record in entries()}
+    if model_id not in records:
+        close = difflib.get_close_matches(model_id, list(records), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise LayercritError(f"no model {model_id!r} in the Fashion-MNIST zoo{hint}; see 'layercrit zoo list'")
+    record = records[model_id]
+    module, pre = build_architecture(record["arch"], pretrained=False)
+    if pretrained:
+        path = zoo_dir() / record["file"]
+        load_strict(module, _load_weights(path), source=str(path))
+    resolved = wrap_module(module.eval(), lambda: build_architecture(record["arch"], pretrained=False)[0], pre,
+                           spec=f"zoo:fmnist/{model_id}")
+    resolved.metadata.update({key: record.get(key) for key in
+                              ("category", "display", "accuracy", "method", "hyperparameters", "budget")})
+    return resolved
+
+
+def select_recipes(names: Sequence[str] | None, recipes: Sequence[dict] = RECIPES) -> list[dict]:
+    """The recipes whose id, method or category is in ``names`` (all when ``names`` is empty), in zoo order."""
+    if not names:
+        return list(recipes)
+    known = {value for recipe in recipes for value in (recipe["id"], recipe["method"], recipe["category"])}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise LayercritError(
+            f"unknown zoo member {unknown[0]!r}: give ids, methods or categories from {', '.join(sorted(known))}"
+        )
+    return [r for r in recipes if {r["id"], r["method"], r["category"]} & set(names)]
+
+
+def train_zoo(
+    out_dir: str | Path,
+    *,
+    methods: Sequence[str] | None = None,
+    recipes: Sequence[dict] = RECIPES,
+    device: str | None = None,
+    seed: int = 0,
+    test_images: int | None = None,
+    data_root: str | None = None,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Train the zoo members named by ``methods`` (ids, methods or categories; default all) into ``out_dir``.
+
+    Each finished member is written at once (``ID.safetensors``, then its record in ``manifest.yaml``, both
+    atomically), so an interrupted run keeps what finished; records of members not retrained are kept.
+
+    Args:
+        out_dir: the zoo folder to write. recipes: the records to choose from (default :data:`RECIPES`).
+        device: where to train (default: cuda when available). seed: model init, batch order, augmentation.
+        test_images: evaluate on the first N Fashion-MNIST test images instead of all 10000.
+        data_root: folder holding the Fashion-MNIST IDX files. log: receives one line per finished member.
+
+    Returns:
+        The manifest records written in this call, one row per member.
+    """
+    chosen = select_recipes(methods, recipes)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels = load_fashion_mnist("train", data_root)
+    test_x, test_y = load_fashion_mnist("test", data_root)
+    test_x, test_y = test_x[:test_images], test_y[:test_images]
+    written = []
+    for recipe in chosen:
+        arch = recipe.get("arch", ARCH)
+        subset = torch.tensor(subset_indices(len(train_labels), recipe["train_images"], DATA_SEED))
+        start, cpu_start = time.perf_counter(), time.process_time()
+        module, losses = train_member(recipe, train_images[subset], train_labels[subset], device=device, seed=seed)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        state = _storage(module.state_dict())
+        module.load_state_dict(state)  # measure exactly the weights that are stored
+        net = _wrapped(module, arch).to(device)
+        record = {
+            **copy.deepcopy(recipe), "arch": arch, "file": f"{recipe['id']}.safetensors",
+            "accuracy": round(accuracy(net, test_x, test_y, device=device), 2), "test_images": len(test_y),
+            "seed": seed, "data_seed": DATA_SEED, "losses": [round(loss, 4) for loss in losses],
+            "train_time_s": round(seconds, 1), "cpu_time_s": round(cpu_seconds, 1), "device": device,
+            "threads": torch.get_num_threads(), "storage": str(STORAGE_DTYPE).removeprefix("torch."),
+            "torch": str(torch.__version__), "platform": platform.machine(),
+        }
+        _save_weights(state, out / record["file"])
+        _write_manifest(out, record)
+        written.append(record)
+        log(f"{record['id']:<16} {record['accuracy']:6.2f}%  {seconds:7.1f}s  ({record['display']})")
+    return pd.DataFrame(written)
+
+
+def train_member(
+    recipe: dict, images: torch.Tensor, labels: torch.Tensor, *, device: str = "cpu", seed: int = 0
+) -> tuple[nn.Module, list[float]]:
+    """Train one recipe on (uint8 images, labels); returns the bare network in eval mode on the CPU and its losses."""
+    torch.manual_seed(seed)
+    module, _ = build_architecture(recipe.get("arch", ARCH), pretrained=False)
+    net = _wrapped(module, recipe.get("arch", ARCH)).to(device)
+    losses = METHODS[recipe["method"]](net, images, labels, device=device, seed=seed,
+                                       **copy.deepcopy(recipe["hyperparameters"]))
+    return net.model.eval().cpu(), losses
+
+
+def _wrapped(module: nn.Module, arch: str) -> Normalized:
+    _, pre = build_architecture(arch, pretrained=False)
+    return Normalized(module, pre.mean, pre.std, pre.in_chans)
+
+
+def _storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().to(STORAGE_DTYPE) if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in state.items()}
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise LayercritError(f"zoo weights missing: {path} (retrain with 'layercrit zoo train')")
+    return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+
+
+def _write_manifest(out: Path, record: dict) -> None:
+    """Add or replace ``record`` in ``out/manifest.yaml``, keeping the zoo's recipe order."""
+    path = out / MANIFEST
+    models = yaml.safe_load(path.read_text())["models"] if path.is_file() else []
+    models = [m for m in models if m["id"] != record["id"]] + [record]
+    order = {recipe["id"]: i for i, recipe in enumerate(RECIPES)}
+    models.sort(key=lambda m: order.get(m["id"], len(order)))
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump({"zoo": "fmnist", "models": models}, f, sort_keys=False, allow_unicode=True)
+    os.replace(tmp, path)
