@@ -116,7 +116,51 @@ def print_summary(df) -> None:
         print(f"  {name:<40} {row['mean']:.4f} ± {0 if row['std'] != row['std'] else row['std']:.4f}")
 
 
-_SUBCOMMANDS = [_add_run]
+# ---------------------------------------------------------------- zoo
+
+
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="list model zoos; train the Fashion-MNIST zoo")
+    zoo_sub = p.add_subparsers(dest="zoo_command", required=True)
+    listing = zoo_sub.add_parser("list", help="the models of a zoo with categories and accuracies")
+    listing.add_argument("--zoo", default="fmnist", help="which zoo (default fmnist)")
+    listing.set_defaults(func=_cmd_zoo_list)
+    train = zoo_sub.add_parser("train", help="train the Fashion-MNIST zoo (seeded) into a folder")
+    train.add_argument("--methods", nargs="+", help="ids, methods or categories to train (default: all)")
+    train.add_argument("--out", default="runs/zoo-fmnist", help="zoo folder to write (default runs/zoo-fmnist)")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    train.add_argument("--threads", type=int, help="CPU threads for torch (the shipped zoo used 1)")
+    train.add_argument("--seed", type=int, default=0, help="seed of init, batch order and augmentation")
+    train.add_argument("--test-images", type=int, help="evaluate on the first N test images (default all 10000)")
+    train.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
+    train.set_defaults(func=_cmd_zoo_train)
+
+
+def _cmd_zoo_list(args) -> int:
+    import pandas as pd
+
+    from . import zoo
+
+    table = pd.DataFrame(zoo.entries(args.zoo))
+    columns = [c for c in ("id", "category", "accuracy", "display") if c in table]
+    print(table[columns].to_string(index=False))
+    return 0
+
+
+def _cmd_zoo_train(args) -> int:
+    import torch
+
+    from .zoo.fmnist import train_zoo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_zoo(args.out, methods=args.methods, device=args.device, seed=args.seed, test_images=args.test_images,
+              data_root=args.data_root)
+    print(f"zoo written to {args.out}; use it as zoo:fmnist/ID with LAYERCRIT_FMNIST_ZOO={args.out}")
+    return 0
+
+
+_SUBCOMMANDS = [_add_run, _add_zoo]
 
 
 if __name__ == "__main__":
