@@ -160,7 +160,34 @@ def _cmd_zoo_train(args) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_run, _add_zoo]
+# ---------------------------------------------------------------- analyze
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="criticality tables, correlations, figures and an HTML report from results")
+    p.add_argument("results", nargs="+", help="results: CSV, Parquet, SQLite store or run folder (layercrit's or "
+                                               "the paper's CSV format)")
+    p.add_argument("--out", required=True, help="output folder for tables, figures (PNG + PDF) and report.html")
+    p.add_argument("--meta", help="model metadata, YAML/JSON/CSV: model_id -> category, display, accuracy, budget")
+    p.add_argument("--baseline", help="model_id shown first and subtracted in the delta heatmap "
+                                      "(default: the one model of category 'baseline')")
+    p.add_argument("--metric", default="cos", help="cos: 100(1 - cos sim of softmax) (default) | top1: "
+                                                   "100(1 - recovered acc.) | agreement: 100(1 - agreement)")
+    p.add_argument("--reset", help="analyze only the rows of this reset method (needed when results mix several)")
+    p.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_analyze(args) -> int:
+    from .analysis import analyze, summary
+
+    result = analyze(args.results, args.out, meta=args.meta, baseline=args.baseline, metric=args.metric,
+                     reset=args.reset)
+    print(summary(result))
+    print(f"tables, figures and report: {result['paths']['report']}")
+    return 0
+
+
+_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze]
 
 
 if __name__ == "__main__":

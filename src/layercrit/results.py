@@ -38,7 +38,7 @@ def write_results(df: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """A results table from CSV, Parquet, or a layercrit output folder holding results.csv/parquet."""
+    """A results table from CSV, Parquet, a SQLite store (``.sqlite``/``.db``), or a folder with results.csv/parquet."""
     path = Path(path)
     if path.is_dir():
         for name in ("results.parquet", "results.csv"):
@@ -51,4 +51,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
         return pd.read_parquet(path)
     if path.suffix == ".csv":
         return pd.read_csv(path)
+    if path.suffix in (".sqlite", ".db"):
+        from .store import export_frame  # only SQLite users pay for importing the store
+
+        return export_frame(path)
     raise LayercritError(f"cannot read {path}: expected .csv, .parquet, .sqlite or a run folder")
