@@ -187,7 +187,94 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze]
+# ---------------------------------------------------------------- sweep, status, export
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="measure every model of a YAML config, resumably, into a SQLite store")
+    p.add_argument("config", help="sweep config (YAML): data, images, seed, layers, reset, trials, models, ...")
+    p.add_argument("--store", help="SQLite store (default runs/CONFIG_NAME.sqlite); a rerun resumes it")
+    p.add_argument("--workers", type=int, help="worker processes / Ray actors (default: one per GPU, else 1 local "
+                                               "process or one Ray actor per CPU)")
+    p.add_argument("--backend", default="local", choices=["local", "ray"], help="local processes or Ray")
+    p.add_argument("--address", help="Ray cluster to join, e.g. ray://head:10001 (default: start a local Ray)")
+    p.add_argument("--new-store", action="store_true",
+                   help="if the store holds a different sweep, move it aside (NAME.old-TIME.sqlite) and start anew")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve every model (fetching missing weights), count units, report problems; measure nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("overrides of the config")
+    g.add_argument("--data", help="image folder (ImageNet-val layout) or 'fashion-mnist'")
+    g.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
+    g.add_argument("--images", type=int, help="images to evaluate")
+    g.add_argument("--cache-dir", help="where decoded evaluation sets are kept")
+    g.add_argument("--batch-size", type=int, help="images per forward (halved automatically when out of memory)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU per worker when there are GPUs)")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    from .store import status_frame
+    from .sweep import load_config, plan_sweep, run_sweep
+
+    config = load_config(args.config, data=args.data, data_root=args.data_root, images=args.images,
+                         cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device)
+    store = Path(args.store or Path("runs") / f"{Path(args.config).stem}.sqlite")
+    if args.dry_run:
+        plan = plan_sweep(config, store)
+        print(plan.to_string(index=False))
+        grid = f"{len(config.reset)} reset(s) x {config.trials} trial(s) x chunks of {config.layers_per_unit} layers"
+        print(f"{int(plan.to_run.sum())} of {int(plan.units.sum())} units to run ({grid}); store {store}")
+        problems = plan[plan.problem != ""]
+        for model_id, problem in zip(problems.model_id, problems.problem, strict=True):
+            print(f"cannot measure {model_id}: {problem}")
+        return 1 if len(problems) else 0
+    run_sweep(config, store, workers=args.workers, backend=args.backend, address=args.address,
+              new_store=args.new_store, progress=not args.quiet)
+    status = status_frame(store)
+    print_status(status)
+    print(f"store: {store}; export with: layercrit export {store} --out results.csv")
+    return 1 if status.failed.sum() or (status.error != "").any() else 0
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="done / failed / pending units per model of a sweep store")
+    p.add_argument("store", help="the SQLite store of a sweep")
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args) -> int:
+    from .store import status_frame
+
+    print_status(status_frame(args.store))
+    return 0
+
+
+def print_status(status) -> None:
+    table = status.assign(error=status.error.str.slice(0, 100))
+    print(table.to_string(index=False))
+    print(f"units: {status.done.sum()} done, {status.failed.sum()} failed, {status.pending.sum()} pending "
+          f"of {status.units.sum()}; {(status.units == 0).sum()} model(s) could not be planned")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a sweep store's results table as CSV or Parquet")
+    p.add_argument("store", help="the SQLite store of a sweep")
+    p.add_argument("--out", required=True, help="results.csv or results.parquet")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .results import write_table
+    from .store import export_frame
+
+    table = export_frame(args.store)
+    path = write_table(table, args.out)
+    print(f"{len(table)} rows of {table.model_id.nunique()} model(s) written to {path}")
+    return 0
+
+
+_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze, _add_sweep, _add_status, _add_export]
 
 
 if __name__ == "__main__":

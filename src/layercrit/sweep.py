@@ -1,0 +1,660 @@
+"""Sweeps: one YAML config, many models, resumable.
+
+The work is cut into units, (model, reset, trial, chunk of layers); a worker computes a unit with
+:func:`layercrit.measure` and the driver commits it, with its rows, to the SQLite store (:mod:`layercrit.store`).
+A rerun skips finished units, so a sweep killed at any moment loses only the units in flight. Workers are local
+processes (``spawn``ed: torch and ``fork`` do not mix) or Ray actors, one per GPU or CPU slot; each keeps its
+current model and evaluation set between units of that model. Every process builds the same numbers: random
+initialisations are seeded by (seed, model id) and resets by (seed, trial), so the results do not depend on the
+backend or the number of workers.
+
+Config (YAML)::
+
+    data: fashion-mnist            # or an image folder (ImageNet-val layout); --data overrides
+    images: 10000
+    seed: 0
+    layers: conv,linear            # kinds and/or name globs, as --layers
+    reset: [rerandomize, zero]     # one or a list
+    trials: 3
+    layers_per_unit: 16            # layers measured together in one unit
+    engine: fast                   # and precision, batch_size, device, max_cache_mb, data_root, cache_dir
+    models:
+      - {id: a1, spec: timm:resnet50.a1_in1k, category: supervised, display: A1}
+      - {id: mine, spec: ckpt.pth, arch: timm:resnet50, pretrained: true, num_classes: 10}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .data import EvalSet, load_data
+from .errors import LayercritError
+from .layers import select_layers
+from .measure import COLUMNS, measure
+from .models import ResolvedModel, resolve_model
+from .resets import RESETS
+from .store import Store, Unit, export_frame
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("local", "ray")
+MEASURED_SETTINGS = ("data", "images", "seed", "layers", "layers_per_unit", "engine", "precision")
+MODEL_KEYS = ("id", "spec", "arch", "pretrained", "num_classes", "trust_checkpoint")
+MEASURED_MODEL_KEYS = ("spec", "arch", "pretrained", "num_classes")
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model of the sweep: ``spec``/``arch``/``pretrained``/``num_classes`` as for ``layercrit run``, and free
+    metadata (category, display name, reported accuracy, ...) that goes into the exported table."""
+
+    id: str
+    spec: str
+    arch: str | None = None
+    pretrained: bool = True
+    num_classes: int | None = None
+    trust_checkpoint: bool = False
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A parsed, validated sweep config (see the module docstring)."""
+
+    data: str
+    models: tuple[ModelEntry, ...]
+    images: int | None = 10_000
+    seed: int = 0
+    layers: str = "conv,linear"
+    reset: tuple[str, ...] = ("rerandomize",)
+    trials: int = 3
+    layers_per_unit: int = 16
+    engine: str = "fast"
+    precision: str = "fp32"
+    batch_size: int = 100
+    device: str | None = None
+    max_cache_mb: float = 4096.0
+    data_root: str | None = None
+    cache_dir: str | None = None
+    skip_bad_images: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "the sweep config") -> SweepConfig:
+        """Validate a config mapping; every mistake is a one-line :class:`LayercritError` naming ``source``."""
+        if not isinstance(raw, dict):
+            raise LayercritError(f"{source} must be a YAML mapping with data, models, ... at the top level")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise LayercritError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+        if not raw.get("data"):
+            raise LayercritError(f"{source} has no data: add 'data: /path/to/imagenet/val' (or fashion-mnist), or pass --data")
+        values = {key: raw[key] for key in known if key in raw}
+        values["models"] = _model_entries(raw.get("models"), source)
+        reset = raw.get("reset", cls.reset)
+        values["reset"] = tuple([reset] if isinstance(reset, str) else reset)
+        layers = raw.get("layers", cls.layers)
+        values["layers"] = ",".join(layers) if isinstance(layers, list) else layers
+        config = cls(**values)
+        config._validate(source)
+        return config
+
+    def _validate(self, source: str) -> None:
+        from .engine import EngineOptions
+
+        for name, kind in (("images", int), ("seed", int), ("trials", int), ("layers_per_unit", int),
+                           ("batch_size", int), ("layers", str), ("data", str), ("max_cache_mb", (int, float))):
+            value = getattr(self, name)
+            if not (value is None and name == "images") and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise LayercritError(f"{source}: {name} must be {getattr(kind, '__name__', 'a number')}, not {value!r}")
+        for name in ("images", "trials", "layers_per_unit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise LayercritError(f"{source}: {name} must be at least 1")
+        bad = [r for r in self.reset if r not in RESETS]
+        if bad or not self.reset:
+            raise LayercritError(f"{source}: unknown reset {', '.join(map(repr, bad)) or '(none)'}; use one or a list of {', '.join(RESETS)}")
+        EngineOptions(engine=self.engine, precision=self.precision, batch_size=self.batch_size)
+
+    def to_dict(self) -> dict:
+        """Plain data (for the store), readable back with :meth:`from_dict`."""
+        values = asdict(self)
+        values["reset"] = list(self.reset)
+        values["models"] = [{**{k: v for k, v in asdict(m).items() if k != "metadata"}, **m.metadata} for m in self.models]
+        return values
+
+    def model(self, model_id: str) -> ModelEntry:
+        return next(m for m in self.models if m.id == model_id)
+
+
+def _model_entries(raw, source: str) -> tuple[ModelEntry, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise LayercritError(f"{source} has no models: add 'models:' with a list of {{id: NAME, spec: MODEL_SPEC}}")
+    entries, seen = [], set()
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or "id" not in item or "spec" not in item:
+            raise LayercritError(f"{source}: model #{i + 1} needs an id and a spec, e.g. {{id: r50, spec: torchvision:resnet50}}")
+        model_id = str(item["id"])
+        if model_id in seen:
+            raise LayercritError(f"{source}: model id {model_id!r} appears twice; ids must be unique")
+        seen.add(model_id)
+        metadata = {k: v for k, v in item.items() if k not in MODEL_KEYS}
+        clash = sorted(set(metadata) & set(COLUMNS))
+        if clash:
+            raise LayercritError(f"{source}: model {model_id!r} uses result column name(s) {', '.join(clash)} as metadata; rename them")
+        if not isinstance(item.get("pretrained", True), bool):
+            raise LayercritError(f"{source}: model {model_id!r}: pretrained must be true or false")
+        entries.append(ModelEntry(id=model_id, spec=str(item["spec"]), arch=item.get("arch"),
+                                  pretrained=item.get("pretrained", True), num_classes=item.get("num_classes"),
+                                  trust_checkpoint=bool(item.get("trust_checkpoint", False)), metadata=metadata))
+    return tuple(entries)
+
+
+def load_config(path: str | Path, **overrides) -> SweepConfig:
+    """Read a sweep config from YAML; ``overrides`` that are not None replace its keys (e.g. ``data=``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LayercritError(f"sweep config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise LayercritError(f"cannot parse {path}: {' '.join(str(error).split())}") from None
+    if isinstance(raw, dict):
+        raw = {**raw, **{key: value for key, value in overrides.items() if value is not None}}
+    return SweepConfig.from_dict(raw, source=str(path))
+
+
+def conflict(stored: SweepConfig, config: SweepConfig) -> str | None:
+    """Why results made with ``stored`` cannot share a store with ``config`` (None when they can).
+
+    Models, resets and trials may be added; the measured settings and every stored model's spec must match.
+    """
+    for name in MEASURED_SETTINGS:
+        if getattr(stored, name) != getattr(config, name):
+            return f"the store was made with {name}={getattr(stored, name)!r}, the config has {getattr(config, name)!r}"
+    ids = {m.id: m for m in config.models}
+    for old in stored.models:
+        new = ids.get(old.id)
+        if new is None:
+            return f"the store has model {old.id!r}, which the config lacks (models may be added, not removed)"
+        for name in MEASURED_MODEL_KEYS:
+            if getattr(old, name) != getattr(new, name):
+                return f"model {old.id!r} had {name}={getattr(old, name)!r}, the config has {getattr(new, name)!r}"
+    missing = [r for r in stored.reset if r not in config.reset]
+    if missing:
+        return f"the store has reset {missing[0]!r}, which the config lacks (resets may be added, not removed)"
+    if config.trials < stored.trials:
+        return f"the store has {stored.trials} trials, the config {config.trials} (trials may grow, not shrink)"
+    return None
+
+
+def plan_units(model_id: str, layers: Sequence[str], config: SweepConfig) -> list[Unit]:
+    """The units of one model: every reset × trial × chunk of ``layers_per_unit`` consecutive layers."""
+    size = config.layers_per_unit
+    chunks = [tuple(layers[i:i + size]) for i in range(0, len(layers), size)]
+    return [Unit(model_id, reset, trial, c, chunk)
+            for reset in config.reset for trial in range(config.trials) for c, chunk in enumerate(chunks)]
+
+
+def resolve_entry(entry: ModelEntry, seed: int) -> ResolvedModel:
+    """Resolve a model entry with the torch RNG seeded by (seed, id), so a randomly initialised model (or head)
+    is the same in every process."""
+    digest = hashlib.sha256(f"layercrit-model:{seed}:{entry.id}".encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:4], "little"))
+        return resolve_model(entry.spec, arch=entry.arch, pretrained=entry.pretrained,
+                             num_classes=entry.num_classes, trust_checkpoint=entry.trust_checkpoint)
+
+
+# ---------------------------------------------------------------- planning and the driver
+
+
+def plan_sweep(config: SweepConfig, store: str | Path | None = None) -> pd.DataFrame:
+    """A dry run: resolve every model (weights are fetched into their caches if missing) and count its units.
+
+    Returns one row per model: ``model_id, spec, layers, units, done, to_run, problem``; ``problem`` says why a
+    model cannot be measured (e.g. its weights cannot be downloaded). Writes nothing.
+    """
+    stored = {}
+    if store is not None and Path(store).is_file():
+        with Store(store) as db:
+            if db.get_meta("config"):
+                _refuse_conflict(db, config)
+            done_units = db.units(("done",))
+        for unit in done_units:
+            stored[unit.model_id] = stored.get(unit.model_id, 0) + 1
+    rows = []
+    for entry in config.models:
+        layers, problem = _layer_names(entry, config)
+        units = len(plan_units(entry.id, layers, config)) if layers else 0
+        done = stored.get(entry.id, 0)
+        rows.append({"model_id": entry.id, "spec": entry.spec, "layers": len(layers or []), "units": units,
+                     "done": done, "to_run": units - done, "problem": problem or ""})
+    return pd.DataFrame(rows)
+
+
+def run_sweep(
+    config: SweepConfig | str | Path,
+    store: str | Path,
+    *,
+    workers: int | None = None,
+    backend: str = "local",
+    address: str | None = None,
+    new_store: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Measure every unit of ``config`` that ``store`` does not hold yet, and return the store's results table.
+
+    Args:
+        config: a :class:`SweepConfig` or the path of its YAML file.
+        store: the SQLite file; created if missing, resumed if it holds this sweep.
+        workers: worker processes / Ray actors (default: one per GPU; else one local process, or one Ray actor
+            per CPU).
+        backend: ``local`` (processes on this machine) or ``ray``.
+        address: a Ray cluster to join (default: start a local Ray).
+        new_store: when ``store`` holds a conflicting sweep, move it aside (``NAME.old-TIME.sqlite``) and start anew.
+        progress: show the overall bar and the per-worker status.
+
+    Returns:
+        :func:`layercrit.store.export_frame` of the store. Failed units are recorded there (``layercrit status``)
+        and retried by the next run.
+    """
+    if not isinstance(config, SweepConfig):
+        config = load_config(config)
+    if backend not in BACKENDS:
+        raise LayercritError(f"unknown backend {backend!r}: one of {', '.join(BACKENDS)}")
+    if address and backend != "ray":
+        raise LayercritError("--address is the Ray cluster to join: use it with --backend ray")
+    if workers is not None and workers < 1:
+        raise LayercritError("--workers must be at least 1")
+    load_data(config.data, images=1, root=config.data_root, use_cache=False)  # a wrong data path fails here, once
+    with _open_store(config, Path(store), new_store) as db:
+        _plan(config, db)
+        units = db.units(("pending", "failed"), models=[m.id for m in config.models])
+        if units:
+            pool = (_RayPool(config, workers, len(units), address) if backend == "ray"
+                    else _LocalPool(config, workers, len(units)))
+            try:
+                _execute(pool, db, units, progress)
+            finally:
+                pool.close()
+    return export_frame(store)
+
+
+def _open_store(config: SweepConfig, path: Path, new_store: bool) -> Store:
+    if new_store and path.is_file():
+        with Store(path):  # closing folds the WAL in, so the moved file is complete
+            pass
+        aside = path.with_name(f"{path.stem}.old-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+        path.rename(aside)
+        log.warning("moved the old store %s to %s", path, aside)
+    db = Store(path, create=True)
+    try:
+        if db.get_meta("config"):
+            _refuse_conflict(db, config)
+        db.set_meta("config", config.to_dict())
+    except LayercritError:
+        db.close()
+        raise
+    return db
+
+
+def _refuse_conflict(db: Store, config: SweepConfig) -> None:
+    problem = conflict(SweepConfig.from_dict(db.get_meta("config"), source=str(db.path)), config)
+    if problem:
+        raise LayercritError(f"{db.path} holds another sweep: {problem}; use another --store, or --new-store to "
+                             "move this one aside and start anew")
+
+
+def _plan(config: SweepConfig, db: Store) -> None:
+    """Find each new model's layers (failed models are tried again) and add its units to the store."""
+    known = db.model_layers()
+    for position, entry in enumerate(config.models):
+        layers, problem = known.get(entry.id), None
+        if layers is None:
+            layers, problem = _layer_names(entry, config)
+        record = {k: v for k, v in asdict(entry).items() if k != "id"}
+        db.set_model(entry.id, position, record, layers, problem)
+        if layers is not None:
+            db.add_units(plan_units(entry.id, layers, config))
+        else:
+            log.warning("model %s cannot be measured: %s", entry.id, problem)
+
+
+def _layer_names(entry: ModelEntry, config: SweepConfig) -> tuple[list[str] | None, str | None]:
+    try:
+        resolved = resolve_entry(entry, config.seed)
+        return select_layers(resolved.model, config.layers), None
+    except Exception as error:  # noqa: BLE001 - any model that cannot be built is reported, and the sweep goes on
+        return None, _one_line(error)
+
+
+def _execute(pool, db: Store, units: list[Unit], show: bool) -> None:
+    """Hand out units, preferring the model a worker already holds, and commit each outcome as it arrives."""
+    pending = list(units)
+    holding: list[str | None] = [None] * pool.size
+    busy: dict[int, Unit] = {}
+    bars = _Progress(show, len(units), pool.size)
+
+    def assign(i: int) -> None:
+        if pending:
+            j = next((k for k, u in enumerate(pending) if u.model_id == holding[i]), 0)
+            unit = busy[i] = pending.pop(j)
+            holding[i] = unit.model_id
+            pool.submit(i, unit)
+            bars.started(i, unit)
+
+    try:
+        for i in range(pool.size):
+            assign(i)
+        while busy:
+            i, outcome = pool.next_result()
+            del busy[i]
+            if outcome.error is None:
+                db.record_done(outcome.unit, outcome.rows, seconds=outcome.seconds, worker=outcome.worker,
+                               batch_size=outcome.batch_size)
+            else:
+                db.record_failed(outcome.unit, outcome.error, detail=outcome.detail, seconds=outcome.seconds,
+                                 worker=outcome.worker)
+            bars.finished(i, outcome)
+            assign(i)
+    finally:
+        bars.close()
+
+
+# ---------------------------------------------------------------- workers
+
+
+@dataclass
+class Outcome:
+    """What a worker returns for a unit: its rows, or the one-line error (and traceback) it failed with."""
+
+    unit: Unit
+    worker: str
+    seconds: float
+    rows: pd.DataFrame | None = None
+    batch_size: int | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+class SweepWorker:
+    """Computes units; keeps the current model and evaluation set, so consecutive units of a model reuse them.
+
+    The same class runs in a local process and as a Ray actor. ``run`` never raises: a failure becomes an
+    :class:`Outcome` with its error. A model that cannot be loaded, or gives non-finite outputs unmodified,
+    fails its later units at once. Out of memory, a unit is retried at half the batch size (down to 1), and the
+    model keeps the smaller batch size.
+    """
+
+    def __init__(self, config: SweepConfig, name: str, *, device: str | None = None, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = config
+        self.name = name
+        self.device = device or config.device
+        self._model_id: str | None = None
+        self._resolved: ResolvedModel | None = None
+        self._evalset: EvalSet | None = None
+        self._evalset_for = None  # the preprocessing the evaluation set was decoded with
+        self._batch_size = config.batch_size
+        self._broken: dict[str, str] = {}
+
+    def run(self, unit: Unit) -> Outcome:
+        start = time.perf_counter()
+        try:
+            rows = self._measure(unit)
+        except Exception as error:  # noqa: BLE001 - a failed unit is recorded and the sweep goes on
+            return Outcome(unit, self.name, time.perf_counter() - start, error=_one_line(error),
+                           detail=traceback.format_exc())
+        return Outcome(unit, self.name, time.perf_counter() - start, rows=rows, batch_size=self._batch_size)
+
+    def _measure(self, unit: Unit) -> pd.DataFrame:
+        resolved, evalset = self._load(unit.model_id)
+        config = self.config
+        while True:
+            try:
+                rows = measure(resolved, evalset, layers=list(unit.layers), reset=unit.reset, trials=[unit.trial],
+                               seed=config.seed, model_id=unit.model_id, batch_size=self._batch_size,
+                               device=self.device, engine_name=config.engine, precision=config.precision,
+                               max_cache_mb=config.max_cache_mb, progress=False)
+                break
+            except Exception as error:
+                if not _out_of_memory(error) or self._batch_size == 1:
+                    raise
+                self._batch_size //= 2
+                log.warning("%s: out of memory on %s, retrying at batch size %d", self.name, unit.describe(),
+                            self._batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        broken = int(rows.loc[rows.layer == "original", "nonfinite"].iloc[0])
+        if broken:
+            self._broken[unit.model_id] = (f"the unmodified model gives non-finite outputs for {broken} of "
+                                           f"{len(evalset)} images (broken weights?)")
+            raise LayercritError(self._broken[unit.model_id])
+        return rows
+
+    def _load(self, model_id: str) -> tuple[ResolvedModel, EvalSet]:
+        if model_id in self._broken:
+            raise LayercritError(self._broken[model_id])
+        if model_id != self._model_id:
+            self._model_id, self._resolved = None, None  # free the previous model before building the next
+            self._batch_size = self.config.batch_size
+            config = self.config
+            try:
+                resolved = resolve_entry(config.model(model_id), config.seed)
+                if self._evalset is None or self._evalset_for != resolved.preprocessing:
+                    self._evalset = None
+                    self._evalset = load_data(config.data, preprocessing=resolved.preprocessing, images=config.images,
+                                              seed=config.seed, root=config.data_root, cache_dir=config.cache_dir,
+                                              skip_bad_images=config.skip_bad_images)
+                    self._evalset_for = resolved.preprocessing
+            except Exception as error:
+                self._broken[model_id] = _one_line(error)
+                raise
+            self._model_id, self._resolved = model_id, resolved
+        return self._resolved, self._evalset
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's MemoryError / RuntimeError("... not enough memory")."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("not enough memory" in text or "out of memory" in text)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if isinstance(error, LayercritError) else f"{type(error).__name__}: {text}".rstrip(": ")
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- local processes
+
+
+class _LocalPool:
+    """``workers`` spawned processes (default: one per GPU, else one), each with its own task queue."""
+
+    def __init__(self, config: SweepConfig, workers: int | None, units: int):
+        gpus = torch.cuda.device_count() if config.device is None else 0
+        self.size = min(workers or max(gpus, 1), units)
+        self._devices = [f"cuda:{i % gpus}" if gpus else None for i in range(self.size)]
+        self._threads = max(1, _cpu_count() // self.size)  # the cores split among the workers
+        self._config = config
+        self._context = multiprocessing.get_context("spawn")
+        self._results = self._context.Queue()
+        self._tasks: list = [None] * self.size
+        self._processes: list = [None] * self.size
+        self._inflight: dict[int, Unit] = {}
+        for i in range(self.size):
+            self._start(i)
+
+    def _start(self, i: int) -> None:
+        self._tasks[i] = self._context.Queue()
+        self._processes[i] = self._context.Process(
+            target=_local_worker, name=f"layercrit-worker-{i}", daemon=True,
+            args=(i, self._config, self._devices[i], self._threads, self._tasks[i], self._results),
+        )
+        self._processes[i].start()
+
+    def submit(self, i: int, unit: Unit) -> None:
+        self._inflight[i] = unit
+        self._tasks[i].put(unit)
+
+    def next_result(self) -> tuple[int, Outcome]:
+        while True:
+            try:
+                i, outcome = self._results.get(timeout=1.0)
+                del self._inflight[i]
+                return i, outcome
+            except queue.Empty:
+                for i, unit in list(self._inflight.items()):
+                    process = self._processes[i]
+                    if not process.is_alive():
+                        del self._inflight[i]
+                        self._start(i)
+                        return i, Outcome(unit, f"local-{i}", 0.0,
+                                          error=f"worker process died (exit code {process.exitcode})")
+
+    def close(self) -> None:
+        for i, process in enumerate(self._processes):
+            if process.is_alive() and i not in self._inflight:
+                self._tasks[i].put(None)
+        for process in self._processes:
+            process.join(timeout=10 if not self._inflight else 0)
+            if process.is_alive():
+                process.kill()  # interrupted mid-unit: the unit is not committed and the next run redoes it
+
+
+def _local_worker(index: int, config: SweepConfig, device: str | None, threads: int, tasks, results) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which stops the workers
+    parent = multiprocessing.parent_process()
+
+    def exit_with_parent() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)  # the driver was killed: its unit is lost anyway, stop computing
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+    worker = SweepWorker(config, f"local-{index}", device=device, threads=threads)
+    while (unit := tasks.get()) is not None:
+        results.put((index, worker.run(unit)))
+
+
+# ---------------------------------------------------------------- Ray
+
+
+class _RayPool:
+    """Ray actors running :class:`SweepWorker`: one per GPU of the cluster, else one per CPU (or ``workers``).
+
+    A dead actor (node lost) is restarted by Ray and its unit retried; past that, the unit is recorded as failed
+    and a new actor takes the slot.
+    """
+
+    def __init__(self, config: SweepConfig, workers: int | None, units: int, address: str | None):
+        try:
+            import ray
+        except ImportError:
+            raise LayercritError("--backend ray needs Ray: pip install 'layercrit[ray]'") from None
+        self._ray = ray
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            except ConnectionError as error:
+                raise LayercritError(f"cannot join the Ray cluster at {address}: {_one_line(error)}") from None
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+        self.size = min(workers or gpus or max(int(cpus), 1), units)
+        if gpus and config.device in (None, "cuda"):
+            self._options = {"num_gpus": 1, "num_cpus": min(1.0, cpus / self.size)}
+            self._threads = None
+        else:
+            self._options = {"num_cpus": cpus / self.size}
+            self._threads = max(1, int(cpus // self.size))
+        self._config = config
+        self._actor_class = ray.remote(SweepWorker)
+        self._actors = [self._new_actor(i) for i in range(self.size)]
+        self._futures: dict = {}
+
+    def _new_actor(self, i: int):
+        return self._actor_class.options(max_restarts=2, max_task_retries=2, **self._options).remote(
+            self._config, f"ray-{i}", threads=self._threads)
+
+    def submit(self, i: int, unit: Unit) -> None:
+        self._futures[self._actors[i].run.remote(unit)] = (i, unit)
+
+    def next_result(self) -> tuple[int, Outcome]:
+        ray = self._ray
+        (ref,), _ = ray.wait(list(self._futures), num_returns=1)
+        i, unit = self._futures.pop(ref)
+        try:
+            return i, ray.get(ref)
+        except ray.exceptions.RayError as error:
+            self._actors[i] = self._new_actor(i)
+            return i, Outcome(unit, f"ray-{i}", 0.0, error=f"Ray worker lost: {_one_line(error)}")
+
+    def close(self) -> None:
+        for actor in self._actors:
+            self._ray.kill(actor)
+        if self._owns_ray:
+            self._ray.shutdown()
+
+
+# ---------------------------------------------------------------- progress
+
+
+class _Progress:
+    """An overall bar over units (with ETA) and, on a terminal, one status line per worker."""
+
+    def __init__(self, enabled: bool, total: int, workers: int):
+        from tqdm.auto import tqdm
+
+        self.enabled = enabled
+        self.failed = 0
+        self.bar = tqdm(total=total, desc="sweep", unit="unit", disable=not enabled, dynamic_ncols=True)
+        lines = enabled and sys.stderr.isatty()
+        self.lines = [tqdm(total=0, position=i + 1, bar_format="{desc}", disable=not lines, leave=False)
+                      for i in range(workers)]
+
+    def started(self, i: int, unit: Unit) -> None:
+        self.lines[i].set_description_str(f"  worker {i}: {unit.describe()}")
+
+    def finished(self, i: int, outcome: Outcome) -> None:
+        self.bar.update(1)
+        self.lines[i].set_description_str(f"  worker {i}: idle")
+        if outcome.error is not None:
+            self.failed += 1
+            self.bar.set_postfix(failed=self.failed)
+            if self.enabled:
+                self.bar.write(f"failed: {outcome.unit.describe()}: {outcome.error}")
+
+    def close(self) -> None:
+        for line in self.lines:
+            line.close()
+        self.bar.close()
+
