@@ -65,6 +65,10 @@ def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--cache-dir", help="where decoded evaluation sets are kept (default ~/.cache/layercrit)")
     g.add_argument("--no-cache", dest="use_cache", action="store_false", help="decode without the disk cache")
     g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) images that fail to decode")
+    g.add_argument("--resize", type=int, help="resize shorter side to N (default: the model's config, or 256)")
+    g.add_argument("--crop", type=int, help="center crop N (default: the model's config, or 224)")
+    g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"],
+                   help="resize interpolation when --resize/--crop are given (default bilinear)")
 
 
 # ---------------------------------------------------------------- run
@@ -81,16 +85,18 @@ def _add_run(sub) -> None:
 
 
 def _cmd_run(args) -> int:
-    from .measure import measure
+    from .measure import measure, override_transform
     from .models import resolve_model
     from .results import write_results
 
     out = Path(args.out)
     resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained,
                              num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
-    print(f"model: {resolved.spec}; preprocessing: {resolved.preprocessing.describe()}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
+    if args.resize or args.crop or args.interpolation:
+        resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
+    print(f"model: {resolved.spec}; preprocessing: {resolved.preprocessing.describe()}")
     df = measure(
         resolved, args.data, layers=args.layers, reset=args.reset, trials=args.trials, seed=args.seed,
         images=args.images, model_id=args.model_id, data_root=args.data_root, cache_dir=args.cache_dir,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +40,9 @@ def measure(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     skip_bad_images: bool = False,
+    resize: int | None = None,
+    crop: int | None = None,
+    interpolation: str | None = None,
     batch_size: int = 100,
     device: str | None = None,
     engine_name: str = "fast",
@@ -60,6 +64,9 @@ def measure(
         reset: ``rerandomize`` (fresh init, seeded by (seed, trial)) or ``zero``, or a :class:`Reset`.
         trials: resets per layer (or the trial numbers to run, e.g. ``[2]``). images: subset size (seeded as the paper's loader). seed: data and reset seed.
         engine_name: ``fast`` (prefix replay, default) or ``naive`` (full forward per unit; the oracle).
+        resize, crop, interpolation: override the image-folder transform instead of the model's pretrained
+            config (``resize=256, crop=224`` is the paper's transform for every model; interpolation then defaults
+            to bilinear, as in the paper).
         on_rows: called with the rows finished so far after each chunk of layers (to persist them).
 
     Returns:
@@ -69,6 +76,8 @@ def measure(
     from . import __version__
 
     resolved = _resolve(model, fresh_model, arch=arch, pretrained=pretrained)
+    if resize is not None or crop is not None or interpolation is not None:
+        resolved.preprocessing = override_transform(resolved.preprocessing, resize, crop, interpolation)
     if isinstance(data, tuple):
         data = EvalSet.from_tensors(*data)
     evalset = load_data(data, preprocessing=resolved.preprocessing, images=images, seed=seed, root=data_root,
@@ -102,6 +111,13 @@ def measure(
     callback = (lambda rows: on_rows(frame(rows))) if on_rows else None
     rows = engine.run(resolved.model, evalset, names, strategy, trial_ids, options, on_chunk=callback)
     return frame(rows)
+
+
+def override_transform(pre: Preprocessing, resize: int | None, crop: int | None,
+                       interpolation: str | None) -> Preprocessing:
+    """The model's preprocessing with the image size (and interpolation, bilinear by default) set by the user."""
+    return replace(pre, resize=resize or pre.resize, crop=crop or pre.crop,
+                   interpolation=interpolation or "bilinear", source=f"{pre.source}; transform set by the user")
 
 
 def _resolve(model, fresh_model, *, arch, pretrained) -> ResolvedModel:
