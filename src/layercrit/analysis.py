@@ -337,11 +337,12 @@ def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, 
     models = pd.DataFrame({"avg_criticality": per_model.mean(), "std_over_layers": per_model.std(ddof=0),
                            "layers": per_model.count()}).reset_index()
     models = models.merge(meta, on="model_id", how="left")
-    models["category"] = models["category"].fillna(OTHER).astype(str)
-    models["display"] = models["display"].fillna(models["model_id"]).astype(str)
+    models["category"] = [str(c) if pd.notna(c) else OTHER for c in models["category"]]
+    models["display"] = [str(d) if pd.notna(d) else m for d, m in zip(models["display"], models["model_id"], strict=True)]
     from_meta = models["accuracy"].notna()
     models["accuracy"] = models["accuracy"].fillna(models["model_id"].map(_original_accuracy(results)))
-    models["accuracy_source"] = np.where(from_meta, "metadata", np.where(models["accuracy"].notna(), ORIGINAL, None))
+    models["accuracy_source"] = pd.Series(np.where(from_meta, "metadata", ORIGINAL), index=models.index).where(
+        models["accuracy"].notna())
     budgets = [parse_budget(value) for value in models["budget"]]
     models["budget"] = [epsilon for _, epsilon in budgets]
     models["norm"] = [_norm_name(given) if isinstance(given, str) else parsed
@@ -458,7 +459,7 @@ FIGURE_CAPTIONS = {
     "accuracy_vs_criticality": "Average criticality vs accuracy, by category; legend: rank correlations over all "
                                "models.",
     "budget_vs_criticality": "Average criticality vs training budget (ε), one series per norm.",
-    "depth_profile": "Criticality over relative depth per category (mean ± std over models).",
+    "depth_vs_criticality": "Criticality over relative depth per category (mean ± std over models).",
 }
 
 
@@ -557,7 +558,7 @@ def _figures(layers, models, correlation, profile, metric) -> tuple[dict[str, An
         figures["budget_vs_criticality"] = plots.budget_plot(models, ylabel=average)
     else:
         skipped["budget_vs_criticality"] = "no training budgets: add budget (e.g. 'linf 4/255') to the metadata"
-    figures["depth_profile"] = plots.profile_plot(profile, ylabel=label)
+    figures["depth_vs_criticality"] = plots.profile_plot(profile, ylabel=label)
     return figures, skipped
 
 

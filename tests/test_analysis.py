@@ -1,0 +1,430 @@
+"""Specification of the analysis: criticality tables, metadata, figure order, statistics and `layercrit analyze`."""
+
+import json
+import math
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from layercrit import analysis
+from layercrit.cli import main
+from layercrit.errors import LayercritError
+from layercrit.results import read_table, write_results
+
+PAPER_COLUMNS = ["top1_acc", "top5_acc", "loss", "batch_acc", "layer", "pred_cos_sim", "pred_l1_err", "pred_l2_err",
+                 "pred_ce_loss", "trial", "recovered_acc", "model_id"]
+
+
+def results(cos: dict[str, dict[str, list[float]]], *, accuracy: dict[str, float] | None = None,
+            reset: str = "rerandomize") -> pd.DataFrame:
+    """Rows in layercrit's format: pred_cos_sim per trial as given (recovered_acc and agreement equal to it)."""
+    rows = []
+    for model, layers in cos.items():
+        if accuracy and model in accuracy:
+            rows.append({"model_id": model, "layer": "original", "trial": 0, "reset": reset,
+                         "top1_acc": accuracy[model], "pred_cos_sim": 1.0, "recovered_acc": 1.0, "agreement": 1.0})
+        for layer, values in layers.items():
+            for trial, value in enumerate(values):
+                rows.append({"model_id": model, "layer": layer, "trial": trial, "reset": reset, "top1_acc": 10.0,
+                             "pred_cos_sim": value, "recovered_acc": value, "agreement": value})
+    return pd.DataFrame(rows)
+
+
+def crit(table: pd.DataFrame, model: str, layer: str, column: str = "criticality_mean") -> float:
+    return float(table.loc[(table.model_id == model) & (table.layer == layer), column].iloc[0])
+
+
+# ---------------------------------------------------------------- per-layer criticality
+
+
+def test_layer_criticality_is_the_percent_mean_and_sample_std_over_trials():
+    table = analysis.layer_criticality(results({"m": {"model.conv1": [0.25, 0.25, 0.25],
+                                                      "model.fc": [0.2, 0.4, 0.6]}}))
+    assert crit(table, "m", "model.conv1") == pytest.approx(75.0)
+    assert crit(table, "m", "model.conv1", "criticality_std") == pytest.approx(0.0)
+    assert crit(table, "m", "model.fc") == pytest.approx(60.0)  # 80, 60, 40
+    assert crit(table, "m", "model.fc", "criticality_std") == pytest.approx(20.0)
+    assert list(table.trials) == [3, 3]
+
+
+def test_a_single_trial_has_no_std_over_trials():
+    table = analysis.layer_criticality(results({"m": {"model.fc": [0.5]}}))
+    assert crit(table, "m", "model.fc") == pytest.approx(50.0)
+    assert math.isnan(crit(table, "m", "model.fc", "criticality_std"))
+
+
+@pytest.mark.parametrize(("metric", "expected"), [("cos", 10.0), ("top1", 70.0), ("agreement", 50.0)])
+def test_each_metric_reads_its_own_column(metric, expected):
+    rows = pd.DataFrame([{"model_id": "m", "layer": "model.fc", "trial": 0, "pred_cos_sim": 0.9,
+                          "recovered_acc": 0.3, "agreement": 0.5}])
+    assert crit(analysis.layer_criticality(rows, metric), "m", "model.fc") == pytest.approx(expected)
+
+
+def test_unknown_metric_is_an_error_naming_the_choices():
+    with pytest.raises(LayercritError, match="unknown metric 'cosine': use one of cos, top1, agreement"):
+        analysis.layer_criticality(results({"m": {"model.fc": [0.5]}}), "cosine")
+
+
+def test_missing_columns_are_named_in_the_error():
+    with pytest.raises(LayercritError, match="results lack column\\(s\\) trial"):
+        analysis.layer_criticality(results({"m": {"model.fc": [0.5]}}).drop(columns=["trial"]))
+
+
+def test_a_metric_the_paper_format_lacks_says_which_metric_works():
+    paper = results({"m": {"model.fc": [0.5]}})[["model_id", "layer", "trial", "pred_cos_sim", "recovered_acc"]]
+    with pytest.raises(LayercritError, match="metric 'agreement' needs agreement; try --metric cos"):
+        analysis.layer_criticality(paper, "agreement")
+
+
+def test_original_rows_are_not_layers():
+    table = analysis.layer_criticality(results({"m": {"model.fc": [0.5]}}, accuracy={"m": 80.0}))
+    assert list(table.layer) == ["model.fc"]
+
+
+def test_results_with_only_the_original_model_are_an_error():
+    only_original = results({"m": {}}, accuracy={"m": 80.0})
+    with pytest.raises(LayercritError, match="no layer rows"):
+        analysis.layer_criticality(only_original)
+
+
+def test_layers_keep_network_order_merged_over_models_not_alphabetical():
+    rows = results({
+        "a": {"model.conv1": [0.5], "model.layer1.0.conv1": [0.5], "model.fc": [0.5]},
+        "b": {"model.conv1": [0.5], "model.layer1.0.conv1": [0.5], "model.layer1.0.conv2": [0.5], "model.fc": [0.5]},
+    })
+    table = analysis.layer_criticality(rows)
+    network = ["model.conv1", "model.layer1.0.conv1", "model.layer1.0.conv2", "model.fc"]
+    assert analysis.layer_order(rows) == network
+    assert list(table[table.model_id == "b"].layer) == network
+    assert list(table[table.model_id == "a"].relative_depth) == [0.0, 0.5, 1.0]
+    assert list(table[table.model_id == "a"].depth) == [0, 1, 3]
+
+
+def test_results_mixing_reset_methods_need_a_choice():
+    mixed = pd.concat([results({"m": {"model.fc": [0.5]}}, reset="rerandomize"),
+                       results({"m": {"model.fc": [0.0]}}, reset="zero")])
+    with pytest.raises(LayercritError, match=r"results mix reset methods \(rerandomize, zero\): choose one with --reset"):
+        analysis.layer_criticality(mixed)
+    assert crit(analysis.layer_criticality(mixed, reset="zero"), "m", "model.fc") == pytest.approx(100.0)
+    with pytest.raises(LayercritError, match="no results with reset 'noise': the results hold rerandomize, zero"):
+        analysis.layer_criticality(mixed, reset="noise")
+
+
+def test_the_same_measurement_twice_is_an_error():
+    once = results({"m": {"model.fc": [0.5]}})
+    with pytest.raises(LayercritError, match="model 'm' layer 'model.fc' trial 0 appears more than once"):
+        analysis.layer_criticality(pd.concat([once, once]))
+
+
+# ---------------------------------------------------------------- display names
+
+
+@pytest.mark.parametrize(("name", "kernel", "shown"), [
+    ("model.layer1.0.conv1", "1x1", "[1.0] conv1:1x1"),
+    ("model.layer1.0.conv1", None, "[1.0] conv1"),
+    ("model.layer4.2.conv2", 3, "[4.2] conv2:3x3"),
+    ("model.layer2.0.downsample.0", (1, 1), "[2.0] downsample:1x1"),
+    ("model.layer2.0.downsample.1", None, "[2.0] downsample bn"),
+    ("model.fc", None, "[Head] fc"),
+    ("model.head.fc", None, "[Head] head.fc"),
+    ("model.conv1", "7x7", "[0.0] conv1:7x7"),
+    ("model.blocks.3.attn.qkv", None, "blocks.3.attn.qkv"),
+])
+def test_display_names_follow_the_paper(name, kernel, shown):
+    assert analysis.display_layer(name, analysis._kernel_text(kernel)) == shown
+
+
+def test_kernel_sizes_come_from_a_kernel_column_or_layer_info():
+    rows = results({"m": {"model.conv1": [0.5], "model.layer1.0.conv2": [0.5], "model.fc": [0.5]}})
+    rows["kernel"] = rows.layer.map({"model.conv1": "7x7", "model.layer1.0.conv2": None, "model.fc": None})
+    table = analysis.layer_criticality(rows, layer_info={"model.layer1.0.conv2": {"kernel": 3}})
+    assert list(table.layer_display) == ["[0.0] conv1:7x7", "[1.0] conv2:3x3", "[Head] fc"]
+
+
+# ---------------------------------------------------------------- per-model table and metadata
+
+
+def test_avg_criticality_is_the_mean_over_layers_of_the_trial_means():
+    # one layer has three trials and the other one: a mean over rows would weight the first 3:1 (75 %)
+    models = analysis.model_criticality(results({"m": {"model.conv1": [0.0, 0.0, 0.0], "model.fc": [1.0]}}))
+    row = models.iloc[0]
+    assert row.avg_criticality == pytest.approx(50.0)
+    assert row.std_over_layers == pytest.approx(50.0)  # population std of (100, 0)
+    assert row.layers == 2
+
+
+def test_accuracy_comes_from_metadata_else_from_the_original_row():
+    rows = results({"a": {"model.fc": [0.5]}, "b": {"model.fc": [0.5]}, "c": {"model.fc": [0.5]}},
+                   accuracy={"a": 70.0, "b": 71.0})
+    models = analysis.model_criticality(rows, meta={"a": {"accuracy": 76.5}}).set_index("model_id")
+    assert models.loc["a", "accuracy"] == 76.5 and models.loc["a", "accuracy_source"] == "metadata"
+    assert models.loc["b", "accuracy"] == 71.0 and models.loc["b", "accuracy_source"] == "original"
+    assert math.isnan(models.loc["c", "accuracy"]) and pd.isna(models.loc["c", "accuracy_source"])
+
+
+def test_models_without_metadata_are_category_other_named_by_their_id():
+    rows = results({"known": {"model.fc": [0.5]}, "stranger": {"model.fc": [0.5]}})
+    models = analysis.model_criticality(rows, meta={"known": {"category": "augmentation", "display": "Known"}})
+    assert list(models.category) == ["augmentation", "other"]
+    assert list(models.display) == ["Known", "stranger"]
+
+
+def test_rows_are_baseline_first_then_categories_in_metadata_order():
+    meta = {"m1": {"category": "A"}, "m2": {"category": "B"}, "m3": {"category": "A"}, "m4": {"category": "C"}}
+    rows = results({m: {"model.fc": [0.5]} for m in ("m5", "m3", "m2", "m1", "m4")})
+    models = analysis.model_criticality(rows, meta=meta, baseline="m4")
+    assert list(models.model_id) == ["m4", "m1", "m3", "m2", "m5"]
+    assert list(models.is_baseline) == [True, False, False, False, False]
+
+
+def test_the_baseline_defaults_to_the_one_model_of_category_baseline():
+    rows = results({m: {"model.fc": [0.5]} for m in ("x", "tv")})
+    models = analysis.model_criticality(rows, meta={"baseline": ["tv"], "other_methods": ["x"]})
+    assert list(models.model_id[models.is_baseline]) == ["tv"]
+    assert models.model_id.iloc[0] == "tv"
+
+
+def test_an_unknown_baseline_is_an_error_listing_the_models():
+    with pytest.raises(LayercritError, match=r"baseline 'tv' is not among the results' models \(a\)"):
+        analysis.model_criticality(results({"a": {"model.fc": [0.5]}}), baseline="tv")
+
+
+def _meta_forms(tmp_path):
+    record = {"category": "adversarial_training", "display": "PGD", "accuracy": 70.5, "budget": "l2 3",
+              "lab": "ours"}
+    yaml_path = tmp_path / "models.yaml"
+    yaml_path.write_text(yaml.safe_dump({"m": record}))
+    csv_path = tmp_path / "models.csv"
+    pd.DataFrame([{"model_id": "m", **record}]).to_csv(csv_path, index=False)
+    json_path = tmp_path / "manifest.json"
+    json_path.write_text(json.dumps({"zoo": "z", "models": [{"id": "m", **record}]}))
+    return {
+        "dict": {"m": record},
+        "records with id": [{"id": "m", **record}],
+        "DataFrame indexed by model_id": pd.DataFrame([record], index=pd.Index(["m"], name="model_id")),
+        "YAML file": yaml_path,
+        "CSV file": str(csv_path),
+        "zoo manifest (JSON)": json_path,
+    }
+
+
+@pytest.mark.parametrize("form", ["dict", "records with id", "DataFrame indexed by model_id", "YAML file", "CSV file",
+                                  "zoo manifest (JSON)"])
+def test_metadata_is_read_from_every_form_and_keeps_unknown_fields(form, tmp_path):
+    meta = _meta_forms(tmp_path)[form]
+    models = analysis.model_criticality(results({"m": {"model.fc": [0.5]}}), meta=meta)
+    row = models.iloc[0]
+    assert (row.category, row.display, row.accuracy, row.budget, row.norm) == (
+        "adversarial_training", "PGD", 70.5, 3.0, "L2")
+    assert row.lab == "ours"
+
+
+def test_the_papers_category_json_is_metadata(tmp_path):
+    path = tmp_path / "r50_categories.json"
+    path.write_text(json.dumps({"baseline": ["tv_resnet50"], "contrastive": ["resnet50_dino"]}))
+    meta = analysis.load_meta(path)
+    assert dict(zip(meta.model_id, meta.category, strict=True)) == {"tv_resnet50": "baseline",
+                                                                    "resnet50_dino": "contrastive"}
+
+
+def test_metadata_without_model_ids_is_an_error(tmp_path):
+    path = tmp_path / "models.csv"
+    pd.DataFrame([{"name": "m", "category": "x"}]).to_csv(path, index=False)
+    with pytest.raises(LayercritError, match="metadata has no model_id column: give one entry per model with model_id"):
+        analysis.load_meta(path)
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    ({"m": {"accuracy": "high"}}, "accuracy 'high' of model 'm' is not a number"),
+    ([{"model_id": "m"}, {"model_id": "m"}], "metadata lists model 'm' twice"),
+    ({"m": 3}, "metadata must map model_id"),
+    ("missing.yaml", "metadata file not found: missing.yaml"),
+])
+def test_bad_metadata_is_an_error_saying_what_to_fix(meta, message):
+    with pytest.raises(LayercritError, match=message):
+        analysis.load_meta(meta)
+
+
+def test_metadata_in_an_unknown_file_format_is_an_error(tmp_path):
+    path = tmp_path / "models.txt"
+    path.write_text("m: baseline")
+    with pytest.raises(LayercritError, match="expected .yaml, .yml, .json or .csv"):
+        analysis.load_meta(path)
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    (3, (None, 3.0)),
+    ("0.5", (None, 0.5)),
+    ("l2 3", ("L2", 3.0)),
+    ("l2:0.25", ("L2", 0.25)),
+    ("linf 4/255", ("Linf", 4 / 255)),
+    ("L∞ ε=8", ("Linf", 8.0)),
+    ("Linf, eps=2/255", ("Linf", 2 / 255)),
+])
+def test_training_budgets_are_parsed_with_their_norm(value, parsed):
+    norm, epsilon = analysis.parse_budget(value)
+    assert norm == parsed[0]
+    assert epsilon == pytest.approx(parsed[1])
+
+
+def test_an_unreadable_budget_is_an_error():
+    with pytest.raises(LayercritError, match="cannot read training budget 'large': write a number"):
+        analysis.parse_budget("large")
+
+
+def test_a_norm_column_names_the_norm_of_numeric_budgets():
+    models = analysis.model_criticality(results({"m": {"model.fc": [0.5]}}),
+                                        meta={"m": {"budget": 8, "norm": "linf"}})
+    assert (models.budget.iloc[0], models.norm.iloc[0]) == (8.0, "Linf")
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _random_models(n_per_category: dict[str, int], seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    categories = [c for c, n in n_per_category.items() for _ in range(n)]
+    return pd.DataFrame({"model_id": [f"m{i}" for i in range(len(categories))], "category": categories,
+                         "avg_criticality": rng.uniform(20, 60, len(categories)),
+                         "accuracy": rng.uniform(55, 80, len(categories))})
+
+
+def test_correlations_match_scipy_over_all_models_and_each_subset():
+    models = _random_models({"adversarial_training": 5, "augmentation": 4})
+    table = analysis.correlations(models).set_index("subset")
+    subsets = {
+        "all": models,
+        "only adversarial_training": models[models.category == "adversarial_training"],
+        "without adversarial_training": models[models.category != "adversarial_training"],
+        "only augmentation": models[models.category == "augmentation"],
+        "without augmentation": models[models.category != "augmentation"],
+    }
+    assert set(table.index) == set(subsets)
+    for name, subset in subsets.items():
+        spearman = stats.spearmanr(subset.avg_criticality, subset.accuracy)
+        kendall = stats.kendalltau(subset.avg_criticality, subset.accuracy)
+        row = table.loc[name]
+        assert row.n == len(subset)
+        assert row.spearman_rho == pytest.approx(spearman.statistic)
+        assert row.spearman_p == pytest.approx(spearman.pvalue)
+        assert row.kendall_tau == pytest.approx(kendall.statistic)
+        assert row.kendall_p == pytest.approx(kendall.pvalue)
+
+
+def test_correlations_leave_out_subsets_of_fewer_than_three_models_and_models_without_accuracy():
+    models = _random_models({"a": 4, "b": 2})
+    models.loc[0, "accuracy"] = np.nan
+    table = analysis.correlations(models)
+    # usable: 3 of a, 2 of b; "only b" and "without a" have 2 models
+    assert list(table.subset) == ["all", "only a", "without b"]
+    assert list(table.n) == [5, 3, 3]
+
+
+# ---------------------------------------------------------------- reading results
+
+
+def test_the_papers_csv_format_gives_the_same_tables_as_layercrits(tmp_path):
+    rows = results({"a": {"model.conv1": [0.1, 0.3, 0.2], "model.layer1.0.conv1": [0.9, 0.8, 0.7], "model.fc": [0.5] * 3},
+                    "b": {"model.conv1": [0.6, 0.6, 0.5], "model.layer1.0.conv1": [0.2, 0.1, 0.4], "model.fc": [0.4] * 3}})
+    write_results(rows, tmp_path / "run")
+    paper = rows.assign(top5_acc=20.0, loss=1.0, batch_acc=np.nan, pred_l1_err=1.0, pred_l2_err=0.5,
+                        pred_ce_loss=-3.0, trial=rows.trial.astype(float))[PAPER_COLUMNS]
+    paper.to_csv(tmp_path / "paper.csv", index=False)
+    ours = analysis.layer_criticality(analysis.load_results([tmp_path / "run"]))
+    theirs = analysis.layer_criticality(analysis.load_results(tmp_path / "paper.csv"))
+    pd.testing.assert_frame_equal(ours, theirs)
+    pd.testing.assert_frame_equal(ours, analysis.layer_criticality(rows))
+
+
+def test_read_table_sends_sqlite_stores_to_the_store_export(tmp_path, monkeypatch):
+    store = tmp_path / "runs.sqlite"
+    store.write_bytes(b"")
+    exported = results({"m": {"model.fc": [0.5]}})
+    calls = []
+    fake = types.ModuleType("layercrit.store")
+    fake.export_frame = lambda path: calls.append(path) or exported
+    monkeypatch.setitem(sys.modules, "layercrit.store", fake)
+    assert read_table(store) is exported
+    assert calls == [store]
+
+
+def test_no_results_is_an_error():
+    with pytest.raises(LayercritError, match="no results given"):
+        analysis.load_results([])
+
+
+# ---------------------------------------------------------------- analyze: every table, figure and the report
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis")
+    layers = ["model.conv1", "model.layer1.0.conv1", "model.layer1.0.conv2", "model.fc"]
+    rng = np.random.default_rng(3)
+    cos = {m: {layer: list(rng.uniform(0, 1, 2)) for layer in layers} for m in ("tv", "adv1", "adv2", "adv3", "aug")}
+    meta = {"tv": {"category": "baseline", "accuracy": 76.0},
+            "adv1": {"category": "adversarial_training", "accuracy": 70.0, "budget": "l2 1"},
+            "adv2": {"category": "adversarial_training", "accuracy": 65.0, "budget": "l2 3"},
+            "adv3": {"category": "adversarial_training", "accuracy": 60.0, "budget": "linf 4/255"}}
+    return out, analysis.analyze(results(cos), out, meta=meta)
+
+
+def test_analyze_writes_every_table_and_figure(analyzed):
+    out, result = analyzed
+    for name in ("layer_criticality", "model_criticality", "correlations", "depth_profile"):
+        assert result["paths"][name] == out / f"{name}.csv"
+    pd.testing.assert_frame_equal(pd.read_csv(out / "model_criticality.csv")[["model_id", "avg_criticality"]],
+                                  result["models"][["model_id", "avg_criticality"]])
+    assert len(pd.read_csv(out / "layer_criticality.csv")) == 5 * 4
+    for name in ("heatmap", "heatmap_std", "heatmap_delta", "accuracy_vs_criticality", "budget_vs_criticality",
+                 "depth_vs_criticality"):
+        png, pdf = result["paths"][name]
+        assert png == out / f"{name}.png" and png.stat().st_size > 1000
+        assert pdf == out / f"{name}.pdf" and pdf.read_bytes().startswith(b"%PDF")
+    assert result["paths"]["report"] == out / "report.html"
+
+
+def test_stats_json_holds_the_correlations_and_the_baseline(analyzed):
+    out, result = analyzed
+    saved = json.loads((out / "stats.json").read_text())
+    assert saved == result["stats"]
+    assert saved["baseline"] == "tv" and saved["metric"] == "cos" and saved["models"] == 5 and saved["layers"] == 4
+    overall = saved["correlations"][0]
+    models = result["models"].dropna(subset=["accuracy"])
+    assert overall["subset"] == "all" and overall["n"] == 4
+    assert overall["spearman_rho"] == pytest.approx(stats.spearmanr(models.avg_criticality, models.accuracy).statistic)
+    assert saved["skipped_figures"] == {}
+
+
+def test_analyze_leaves_out_figures_without_data_and_says_why(tmp_path):
+    result = analysis.analyze(results({"a": {"model.fc": [0.5]}, "b": {"model.fc": [0.4]}}), tmp_path)
+    skipped = result["stats"]["skipped_figures"]
+    assert set(skipped) == {"heatmap_delta", "accuracy_vs_criticality", "budget_vs_criticality"}
+    assert "--baseline" in skipped["heatmap_delta"]
+    assert not (tmp_path / "heatmap_delta.png").exists()
+    assert (tmp_path / "heatmap.png").is_file() and (tmp_path / "report.html").is_file()
+    assert "fewer than 3 models with accuracy" in analysis.summary(result)
+
+
+def test_cli_analyze_prints_the_correlations_and_writes_the_report(tmp_path, capsys):
+    rows = results({m: {"model.conv1": [0.2 * i], "model.fc": [0.1 * i]} for i, m in enumerate("abc", 1)},
+                   accuracy={"a": 70.0, "b": 72.0, "c": 75.0})
+    write_results(rows, tmp_path / "run")
+    assert main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "figures")]) == 0
+    printed = capsys.readouterr().out
+    models = analysis.model_criticality(rows)
+    rho = stats.spearmanr(models.avg_criticality, models.accuracy).statistic
+    assert f"Spearman ρ={rho:.3f}" in printed
+    assert str(tmp_path / "figures" / "report.html") in printed
+    assert (tmp_path / "figures" / "report.html").is_file()
+
+
+def test_cli_analyze_reports_user_mistakes_in_one_line(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nothing.csv"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"layercrit: error: results not found: {tmp_path / 'nothing.csv'}\n"
