@@ -14,7 +14,9 @@ from scipy import stats
 from layercrit import analysis
 from layercrit.cli import main
 from layercrit.errors import LayercritError
+from layercrit.measure import COLUMNS
 from layercrit.results import read_table, write_results
+from layercrit.store import Store, Unit
 
 PAPER_COLUMNS = ["top1_acc", "top5_acc", "loss", "batch_acc", "layer", "pred_cos_sim", "pred_l1_err", "pred_l2_err",
                  "pred_ce_loss", "trial", "recovered_acc", "model_id"]
@@ -351,6 +353,29 @@ def test_read_table_sends_sqlite_stores_to_the_store_export(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "layercrit.store", fake)
     assert read_table(store) is exported
     assert calls == [store]
+
+
+def test_a_sweep_stores_model_metadata_is_used_and_given_metadata_overrides_it(tmp_path):
+    path = tmp_path / "sweep.sqlite"
+    rows = results({"tv": {"model.conv1": [0.5], "model.fc": [0.5]}, "adv": {"model.conv1": [0.2], "model.fc": [0.4]}},
+                   accuracy={"tv": 70.0, "adv": 60.0})
+    for column in COLUMNS:
+        if column not in rows:
+            rows[column] = "x" if column in ("model_spec", "data_id", "engine", "precision", "layercrit_version") else 0
+    with Store(path, create=True) as store:
+        for position, (model, record) in enumerate({"tv": {"category": "baseline", "accuracy": 76.1},
+                                                    "adv": {"category": "adversarial_training", "budget": "l2 3",
+                                                            "display": "PGD"}}.items()):
+            store.set_model(model, position, {"spec": "test", "metadata": record}, ["model.conv1", "model.fc"])
+            unit = Unit(model, "rerandomize", 0, 0, ("model.conv1", "model.fc"))
+            store.add_units([unit])
+            store.record_done(unit, rows[rows.model_id == model], seconds=0.1, worker="w", batch_size=1)
+    models = analysis.model_criticality(read_table(path), meta={"adv": {"display": "PGD L2 ε=3"}}).set_index("model_id")
+    assert list(models.index) == ["tv", "adv"] and bool(models.loc["tv", "is_baseline"])
+    assert list(models.category) == ["baseline", "adversarial_training"]
+    assert list(models.display) == ["tv", "PGD L2 ε=3"]
+    assert list(models.accuracy) == [76.1, 60.0]  # the store's metadata, else the original row
+    assert models.loc["adv", "budget"] == 3.0
 
 
 def test_no_results_is_an_error():

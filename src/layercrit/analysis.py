@@ -321,7 +321,8 @@ def model_criticality(
     Args:
         results: results rows; a model's ``original`` row supplies its accuracy when the metadata has none.
         metric, reset: as in :func:`layer_criticality`.
-        meta: model metadata in any form :func:`load_meta` takes; models without metadata get category "other".
+        meta: model metadata in any form :func:`load_meta` takes, over any ``category, display, accuracy, budget,
+            norm`` columns of the results (a sweep store exports them); models without either get category "other".
         baseline: model_id shown first; by default the one model of category "baseline", if there is one.
 
     Returns:
@@ -333,6 +334,7 @@ def model_criticality(
 
 
 def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
+    meta = _with_embedded_meta(meta, results)
     per_model = layers.groupby("model_id", sort=False)["criticality_mean"]
     models = pd.DataFrame({"avg_criticality": per_model.mean(), "std_over_layers": per_model.std(ddof=0),
                            "layers": per_model.count()}).reset_index()
@@ -353,6 +355,18 @@ def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, 
     first = ["model_id", "display", "category", "accuracy", "accuracy_source", "avg_criticality", "std_over_layers",
              "layers", "budget", "norm", "is_baseline"]
     return models[first + [c for c in models.columns if c not in first]]
+
+
+def _with_embedded_meta(meta: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """Fill gaps in ``meta`` from per-model fields the results carry (a sweep store exports each model's category,
+    display, accuracy, budget); the given metadata wins field by field and keeps its order."""
+    fields = [field for field in META_FIELDS if field in results.columns]
+    if not fields:
+        return meta
+    embedded = load_meta(results.drop_duplicates("model_id")[["model_id", *fields]])
+    merged = meta.set_index("model_id").combine_first(embedded.set_index("model_id"))
+    order = list(dict.fromkeys([*meta["model_id"], *embedded["model_id"]]))
+    return merged.reindex(order).rename_axis("model_id").reset_index()
 
 
 def _original_accuracy(results: pd.DataFrame) -> pd.Series:
