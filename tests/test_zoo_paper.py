@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from layercrit import zoo
 from layercrit.errors import LayercritError
+from layercrit.layers import select_layers
 from layercrit.models import Normalized, build_architecture, load_strict
+from layercrit.sweep import load_config
 from layercrit.zoo import paper
 
 REAL_FETCH = paper._fetch
@@ -199,11 +200,27 @@ def test_weights_published_by_timm_and_torchvision_are_checked_against_their_sha
         assert file.sha256 and file.sha256 in file.cache_name
 
 
-def test_sweep_config_lists_every_zoo_model_with_its_record():
-    config = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
-    listed = [{k: m[k] for k in ("id", "spec", "category", "display", "accuracy")} for m in config["models"]]
+def test_sweep_config_lists_every_zoo_model_with_its_record_and_the_papers_protocol():
+    config = load_config(CONFIG)
+    listed = [{"id": m.id, "spec": m.spec, **m.metadata} for m in config.models]
     assert listed == [{k: e[k] for k in ("id", "spec", "category", "display", "accuracy")} for e in ENTRIES]
-    assert (config["images"], config["trials"], config["reset"]) == (10_000, 3, "rerandomize")
+    assert (config.images, config.trials, config.reset, config.layers) == (10_000, 3, ("rerandomize",), "conv,linear")
+
+
+def _papers_layers() -> list[str]:
+    """The 54 layers of the paper's raw-results/results.csv, in its order: every convolution, then the classifier."""
+    names = ["model.conv1"]
+    for stage, blocks in enumerate((3, 4, 6, 3), start=1):
+        for block in range(blocks):
+            names += [f"model.layer{stage}.{block}.conv{i}" for i in (1, 2, 3)]
+            names += [f"model.layer{stage}.{block}.downsample.0"] if block == 0 else []
+    return names + ["model.fc"]
+
+
+@pytest.mark.parametrize("model_id", ["tv_resnet50", "tv2_resnet50"])  # a timm and a torchvision ResNet-50
+def test_sweep_config_layers_of_a_zoo_model_are_the_papers_54_layers(model_id):
+    layers = select_layers(paper.resolve(model_id, pretrained=False).model, load_config(CONFIG).layers)
+    assert layers == _papers_layers()
 
 
 def test_unknown_model_id_suggests_close_ids():

@@ -306,7 +306,7 @@ def _read(path: Path, url: str, trust_checkpoint: bool) -> object:
         if "Unsupported global" in str(error):  # torch's weights_only unpickler met a Python object
             raise LayercritError(
                 f"{path} holds pickled Python objects besides its weights: if you trust {url}, resolve it with "
-                "trust_checkpoint=True (--trust-checkpoint)"
+                "trust_checkpoint=True"
             ) from error
         raise LayercritError(f"cannot read {path} ({_first_line(error)}): delete it to download {url} again") from error
 
