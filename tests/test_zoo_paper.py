@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layercrit import zoo
+from layercrit import cli, zoo
 from layercrit.errors import LayercritError
 from layercrit.layers import select_layers
 from layercrit.models import Normalized, build_architecture, load_strict
@@ -358,3 +358,24 @@ def test_layout_names_the_key_it_expected_when_the_file_holds_no_state_dict():
     layout = paper.Layout(name="robustness", key=("model",))
     with pytest.raises(LayercritError, match=r"ckpt holds no state dict of tensors where layout 'robustness' expects one \(under model\)"):
         layout.apply({"model": {"epoch": 3}}, source="ckpt")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_zoo_download_reports_each_model_and_fails_when_one_cannot_be_fetched(monkeypatch, capsys, tmp_path):
+    state = random_state("timm:resnet50")
+    (file,) = paper.weight_files("resnet50_prime")
+    serve_in_memory(monkeypatch, {file.path: _training_checkpoint(state)})
+    assert cli.main(["zoo", "download", "resnet50_prime", "robust_resnet50_l2_eps3"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "ok      resnet50_prime"
+    assert lines[1].startswith("failed  robust_resnet50_l2_eps3: cannot download")
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50_l2_eps3.ckpt") in lines[1]
+    assert lines[2] == "1 of 2 models ready"
+
+
+def test_zoo_list_shows_the_papers_models(capsys):
+    assert cli.main(["zoo", "list", "--zoo", "paper"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == IDS
