@@ -1,0 +1,307 @@
+"""Command line: a thin layer over the library. Each subcommand has an ``_add_*`` (arguments) and a ``_cmd_*``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import LayercritError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="layercrit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args) or 0
+    except LayercritError as error:
+        print(f"layercrit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layercrit: interrupted; finished results are on disk", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="timm:NAME[.TAG] | torchvision:NAME[:WEIGHTS] | zoo:ZOO/ID | CKPT")
+    g.add_argument("--arch", help="architecture of a checkpoint: timm:NAME | torchvision:NAME | layercrit:NAME")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init instead of weights")
+    g.add_argument("--num-classes", type=int, help="classes of a checkpoint's head (default: read from the file)")
+    g.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints holding pickled objects")
+    g.add_argument("--model-id", help="name for the model in results (default: the spec)")
+
+
+def add_measure_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement")
+    g.add_argument("--layers", default="conv,linear", help="kinds (conv, linear, bn, ln) and/or name globs")
+    g.add_argument("--reset", default="rerandomize", help="rerandomize | zero")
+    g.add_argument("--trials", type=int, default=3, help="resets per layer (default 3)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the random resets")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", default="fast", choices=["fast", "naive"], help="fast (prefix replay) or naive")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    e.add_argument("--max-cache-mb", type=float, default=4096.0, help="memory for recorded clean activations")
+    e.add_argument("--compile", action="store_true", help="torch.compile the model (full forwards per unit)")
+
+
+def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, help="image folder (ImageNet-val layout) or 'fashion-mnist'")
+    g.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
+    g.add_argument("--images", type=int, default=10_000, help="images to evaluate (default 10000, as the paper)")
+    g.add_argument("--cache-dir", help="where decoded evaluation sets are kept (default ~/.cache/layercrit)")
+    g.add_argument("--no-cache", dest="use_cache", action="store_false", help="decode without the disk cache")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) images that fail to decode")
+    g.add_argument("--resize", type=int, help="resize shorter side to N (default: the model's config, or 256)")
+    g.add_argument("--crop", type=int, help="center crop N (default: the model's config, or 224)")
+    g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"],
+                   help="resize interpolation when --resize/--crop are given (default bilinear)")
+
+
+# ---------------------------------------------------------------- run
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="measure one model's layer criticality")
+    add_model_options(p)
+    add_data_options(p)
+    add_measure_options(p)
+    p.add_argument("--out", required=True, help="output folder for results.csv / results.parquet")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args) -> int:
+    from .measure import measure, override_transform
+    from .models import resolve_model
+    from .results import write_results
+
+    out = Path(args.out)
+    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained,
+                             num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
+    if args.resize or args.crop or args.interpolation:
+        resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
+    print(f"model: {resolved.spec}; preprocessing: {resolved.preprocessing.describe()}")
+    df = measure(
+        resolved, args.data, layers=args.layers, reset=args.reset, trials=args.trials, seed=args.seed,
+        images=args.images, model_id=args.model_id, data_root=args.data_root, cache_dir=args.cache_dir,
+        use_cache=args.use_cache, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
+        device=args.device, engine_name=args.engine, precision=args.precision, max_cache_mb=args.max_cache_mb,
+        compile=args.compile, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out),
+    )
+    csv_path, _ = write_results(df, out)
+    print_summary(df)
+    print(f"results: {csv_path} and {csv_path.with_suffix('.parquet')}")
+    return 0
+
+
+def print_summary(df) -> None:
+    original = df[df.layer == "original"].iloc[0]
+    print(f"original: top-1 {original.top1_acc:.2f}%  top-5 {original.top5_acc:.2f}%  loss {original.loss:.4f} "
+          f"on {int(original.n_images)} images")
+    layers = df[df.layer != "original"].groupby("layer", sort=False)["criticality"].agg(["mean", "std"])
+    if layers.empty:
+        return
+    print("most critical layers (criticality = 1 - cos sim of softmax, mean ± std over trials):")
+    for name, row in layers.sort_values("mean", ascending=False).head(10).iterrows():
+        print(f"  {name:<40} {row['mean']:.4f} ± {0 if row['std'] != row['std'] else row['std']:.4f}")
+
+
+# ---------------------------------------------------------------- zoo
+
+
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="list model zoos; train the Fashion-MNIST zoo")
+    zoo_sub = p.add_subparsers(dest="zoo_command", required=True)
+    listing = zoo_sub.add_parser("list", help="the models of a zoo with categories and accuracies")
+    listing.add_argument("--zoo", default="fmnist", help="which zoo (default fmnist)")
+    listing.set_defaults(func=_cmd_zoo_list)
+    train = zoo_sub.add_parser("train", help="train the Fashion-MNIST zoo (seeded) into a folder")
+    train.add_argument("--methods", nargs="+", help="ids, methods or categories to train (default: all)")
+    train.add_argument("--out", default="runs/zoo-fmnist", help="zoo folder to write (default runs/zoo-fmnist)")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    train.add_argument("--threads", type=int, help="CPU threads for torch (the shipped zoo used 1)")
+    train.add_argument("--seed", type=int, default=0, help="seed of init, batch order and augmentation")
+    train.add_argument("--test-images", type=int, help="evaluate on the first N test images (default all 10000)")
+    train.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
+    train.set_defaults(func=_cmd_zoo_train)
+    fetch = zoo_sub.add_parser("download", help="put a zoo's weights into their caches (e.g. before going offline)")
+    fetch.add_argument("ids", nargs="*", help="model ids (default: every model of the zoo)")
+    fetch.add_argument("--zoo", default="paper", help="which zoo (default paper)")
+    fetch.set_defaults(func=_cmd_zoo_download)
+
+
+def _cmd_zoo_list(args) -> int:
+    import pandas as pd
+
+    from . import zoo
+
+    table = pd.DataFrame(zoo.entries(args.zoo))
+    columns = [c for c in ("id", "category", "accuracy", "display") if c in table]
+    print(table[columns].to_string(index=False))
+    return 0
+
+
+def _cmd_zoo_train(args) -> int:
+    import torch
+
+    from .zoo.fmnist import train_zoo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_zoo(args.out, methods=args.methods, device=args.device, seed=args.seed, test_images=args.test_images,
+              data_root=args.data_root)
+    print(f"zoo written to {args.out}; use it as zoo:fmnist/ID with LAYERCRIT_FMNIST_ZOO={args.out}")
+    return 0
+
+
+def _cmd_zoo_download(args) -> int:
+    from . import zoo
+
+    ids = args.ids or [entry["id"] for entry in zoo.entries(args.zoo)]
+    failed = 0
+    for model_id in ids:
+        try:  # resolving fetches what is missing and proves the files load into the architecture
+            zoo.resolve(f"zoo:{args.zoo}/{model_id}", pretrained=True)
+            print(f"ok      {model_id}")
+        except LayercritError as error:  # one model's problem must not stop the others' downloads
+            failed += 1
+            print(f"failed  {model_id}: {error}")
+    print(f"{len(ids) - failed} of {len(ids)} models ready")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- analyze
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="criticality tables, correlations, figures and an HTML report from results")
+    p.add_argument("results", nargs="+", help="results: CSV, Parquet, SQLite store or run folder (layercrit's or "
+                                               "the paper's CSV format)")
+    p.add_argument("--out", required=True, help="output folder for tables, figures (PNG + PDF) and report.html")
+    p.add_argument("--meta", help="model metadata, YAML/JSON/CSV: model_id -> category, display, accuracy, budget")
+    p.add_argument("--baseline", help="model_id shown first and subtracted in the delta heatmap "
+                                      "(default: the one model of category 'baseline')")
+    p.add_argument("--metric", default="cos", help="cos: 100(1 - cos sim of softmax) (default) | top1: "
+                                                   "100(1 - recovered acc.) | agreement: 100(1 - agreement)")
+    p.add_argument("--reset", help="analyze only the rows of this reset method (needed when results mix several)")
+    p.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_analyze(args) -> int:
+    from .analysis import analyze, summary
+
+    result = analyze(args.results, args.out, meta=args.meta, baseline=args.baseline, metric=args.metric,
+                     reset=args.reset)
+    print(summary(result))
+    print(f"tables, figures and report: {result['paths']['report']}")
+    return 0
+
+
+# ---------------------------------------------------------------- sweep, status, export
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="measure every model of a YAML config, resumably, into a SQLite store")
+    p.add_argument("config", help="sweep config (YAML): data, images, seed, layers, reset, trials, models, ...")
+    p.add_argument("--store", help="SQLite store (default runs/CONFIG_NAME.sqlite); a rerun resumes it")
+    p.add_argument("--workers", type=int, help="worker processes / Ray actors (default: one per GPU, else 1 local "
+                                               "process or one Ray actor per CPU)")
+    p.add_argument("--backend", default="local", choices=["local", "ray"], help="local processes or Ray")
+    p.add_argument("--address", help="Ray cluster to join, e.g. ray://head:10001 (default: start a local Ray)")
+    p.add_argument("--new-store", action="store_true",
+                   help="if the store holds a different sweep, move it aside (NAME.old-TIME.sqlite) and start anew")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve every model (fetching missing weights), count units, report problems; measure nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("overrides of the config")
+    g.add_argument("--data", help="image folder (ImageNet-val layout) or 'fashion-mnist'")
+    g.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
+    g.add_argument("--images", type=int, help="images to evaluate")
+    g.add_argument("--cache-dir", help="where decoded evaluation sets are kept")
+    g.add_argument("--batch-size", type=int, help="images per forward (halved automatically when out of memory)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU per worker when there are GPUs)")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    from .store import status_frame
+    from .sweep import load_config, plan_sweep, run_sweep
+
+    config = load_config(args.config, data=args.data, data_root=args.data_root, images=args.images,
+                         cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device)
+    store = Path(args.store or Path("runs") / f"{Path(args.config).stem}.sqlite")
+    if args.dry_run:
+        plan = plan_sweep(config, store)
+        print(plan.to_string(index=False))
+        grid = f"{len(config.reset)} reset(s) x {config.trials} trial(s) x chunks of {config.layers_per_unit} layers"
+        print(f"{int(plan.to_run.sum())} of {int(plan.units.sum())} units to run ({grid}); store {store}")
+        problems = plan[plan.problem != ""]
+        for model_id, problem in zip(problems.model_id, problems.problem, strict=True):
+            print(f"cannot measure {model_id}: {problem}")
+        return 1 if len(problems) else 0
+    run_sweep(config, store, workers=args.workers, backend=args.backend, address=args.address,
+              new_store=args.new_store, progress=not args.quiet)
+    status = status_frame(store)
+    print_status(status)
+    print(f"store: {store}; export with: layercrit export {store} --out results.csv")
+    return 1 if status.failed.sum() or (status.error != "").any() else 0
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="done / failed / pending units per model of a sweep store")
+    p.add_argument("store", help="the SQLite store of a sweep")
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args) -> int:
+    from .store import status_frame
+
+    print_status(status_frame(args.store))
+    return 0
+
+
+def print_status(status) -> None:
+    table = status.assign(error=status.error.str.slice(0, 100))
+    print(table.to_string(index=False))
+    print(f"units: {status.done.sum()} done, {status.failed.sum()} failed, {status.pending.sum()} pending "
+          f"of {status.units.sum()}; {(status.units == 0).sum()} model(s) could not be planned")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a sweep store's results table as CSV or Parquet")
+    p.add_argument("store", help="the SQLite store of a sweep")
+    p.add_argument("--out", required=True, help="results.csv or results.parquet")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .results import write_table
+    from .store import export_frame
+
+    table = export_frame(args.store)
+    path = write_table(table, args.out)
+    print(f"{len(table)} rows of {table.model_id.nunique()} model(s) written to {path}")
+    return 0
+
+
+_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze, _add_sweep, _add_status, _add_export]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
