@@ -300,7 +300,35 @@ def _cmd_export(args) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze, _add_sweep, _add_status, _add_export]
+# ---------------------------------------------------------------- demo
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="measure the bundled Fashion-MNIST zoo: results, heatmap and report in minutes")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--images", type=int, default=None, help="test images per model (default: sized for < 5 min)")
+    p.add_argument("--trials", type=int, default=3, help="rerandomizations per layer (default 3)")
+    p.add_argument("--models", nargs="+", help="zoo ids to measure (default: the whole zoo)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
+    p.add_argument("--progress", action="store_true", help="show a progress bar per model")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import DEMO_IMAGES, format_summary, run_demo
+
+    result = run_demo(args.out, images=args.images or DEMO_IMAGES, trials=args.trials, models=args.models,
+                      batch_size=args.batch_size, device=args.device, data_root=args.data_root,
+                      progress=args.progress)
+    print(format_summary(result["summary"]))
+    for name, path in result["paths"].items():
+        print(f"{name + ':':<9}{path}")
+    return 0
+
+
+_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze, _add_sweep, _add_status, _add_export, _add_demo]
 
 
 if __name__ == "__main__":
