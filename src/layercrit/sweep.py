@@ -440,8 +440,10 @@ class SweepWorker:
                                max_cache_mb=config.max_cache_mb, progress=False)
                 break
             except Exception as error:
-                if not _out_of_memory(error) or self._batch_size == 1:
+                if not _out_of_memory(error):
                     raise
+                if self._batch_size == 1:
+                    raise LayercritError(f"out of memory even at batch size 1 ({_one_line(error)})") from error
                 self._batch_size //= 2
                 log.warning("%s: out of memory on %s, retrying at batch size %d", self.name, unit.describe(),
                             self._batch_size)
