@@ -248,7 +248,7 @@ def _cmd_sweep(args) -> int:
     store = Path(args.store or Path("runs") / f"{Path(args.config).stem}.sqlite")
     if args.dry_run:
         plan = plan_sweep(config, store)
-        print(plan.to_string(index=False))
+        print(plan.drop(columns="problem").to_string(index=False))
         grid = f"{len(config.reset)} reset(s) x {config.trials} trial(s) x chunks of {config.layers_per_unit} layers"
         print(f"{int(plan.to_run.sum())} of {int(plan.units.sum())} units to run ({grid}); store {store}")
         problems = plan[plan.problem != ""]
