@@ -128,7 +128,7 @@ def _record(model_id: str) -> dict:
         close = difflib.get_close_matches(model_id, records, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise LayercritError(
-            f"unknown model {model_id!r} in zoo {ZOO}{hint}; the ids are listed by layercrit.zoo.entries('{ZOO}')"
+            f"unknown model {model_id!r} in zoo {ZOO}{hint}; list the ids with: layercrit zoo list --zoo {ZOO}"
         )
     return records[model_id]
 
