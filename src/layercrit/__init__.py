@@ -17,6 +17,7 @@ from .layers import select_layers
 from .measure import measure
 from .models import ResolvedModel, resolve_model
 from .resets import get_reset
+from .sweep import run_sweep
 
 __all__ = [
     "EvalSet",
@@ -27,5 +28,6 @@ __all__ = [
     "load_data",
     "measure",
     "resolve_model",
+    "run_sweep",
     "select_layers",
 ]
