@@ -225,7 +225,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--backend", default="local", choices=["local", "ray"], help="local processes or Ray")
     p.add_argument("--address", help="Ray cluster to join, e.g. ray://head:10001 (default: start a local Ray)")
     p.add_argument("--new-store", action="store_true",
-                   help="if the store holds a different sweep, move it aside (NAME.old-TIME.sqlite) and start anew")
+                   help="move an existing store aside (to NAME.old-TIME.sqlite) and start a new one")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve every model (fetching missing weights), count units, report problems; measure nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -110,8 +110,8 @@ class SweepConfig:
             raise LayercritError(f"{source} has no data: add 'data: /path/to/imagenet/val' (or fashion-mnist), or pass --data")
         values = {key: raw[key] for key in known if key in raw}
         values["models"] = _model_entries(raw.get("models"), source)
-        reset = raw.get("reset", cls.reset)
-        values["reset"] = tuple([reset] if isinstance(reset, str) else reset)
+        reset = raw.get("reset", list(cls.reset))
+        values["reset"] = tuple(reset if isinstance(reset, list) else [reset])
         layers = raw.get("layers", cls.layers)
         values["layers"] = ",".join(layers) if isinstance(layers, list) else layers
         config = cls(**values)
@@ -272,7 +272,7 @@ def run_sweep(
             per CPU).
         backend: ``local`` (processes on this machine) or ``ray``.
         address: a Ray cluster to join (default: start a local Ray).
-        new_store: when ``store`` holds a conflicting sweep, move it aside (``NAME.old-TIME.sqlite``) and start anew.
+        new_store: move an existing ``store`` aside (to ``NAME.old-TIME.sqlite``) and start a new one.
         progress: show the overall bar and the per-worker status.
 
     Returns:
