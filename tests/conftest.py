@@ -1,10 +1,17 @@
 """Shared fixtures: small models that are cheap to run on a 2-core CPU."""
 
+import os
+
+# Test tensors are tiny: one thread is faster than two, and far faster when other processes share the CPU.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 from torch import nn
 
 from layercrit.models import Preprocessing, wrap_module
+
+torch.set_num_threads(1)
 
 
 class TinyCNN(nn.Module):

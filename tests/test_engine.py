@@ -1,0 +1,128 @@
+"""The fast engine (prefix replay) gives exactly the naive engine's numbers, on every architecture family."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import layercrit
+from layercrit.engine import _CallStructure
+from layercrit.metrics import METRIC_COLUMNS
+from layercrit.models import Preprocessing, wrap_module
+
+PRE = Preprocessing(resize=None, crop=None, source="test")
+
+
+def timm_model(name, **kwargs):
+    torch.manual_seed(0)
+    build = lambda: timm.create_model(name, num_classes=10, **kwargs)  # noqa: E731
+    return wrap_module(build().eval(), fresh=build, preprocessing=PRE, spec=f"timm:{name}")
+
+
+def images(size, n=6, chans=3):
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randint(0, 256, (n, chans, size, size), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 10, (n,), generator=generator))
+
+
+def assert_engines_agree(resolved, data, layers="conv,linear", trials=2, batch_size=4):
+    fast = layercrit.measure(resolved, data, layers=layers, trials=trials, batch_size=batch_size)
+    naive = layercrit.measure(resolved, data, layers=layers, trials=trials, batch_size=batch_size,
+                              engine_name="naive")
+    assert list(fast.layer) == list(naive.layer)
+    numeric = [c for c in METRIC_COLUMNS]
+    difference = (fast[numeric] - naive[numeric]).abs().max().max()
+    assert difference <= 1e-5, difference
+    assert fast.criticality.iloc[1:].max() > 0  # the resets did something
+    return fast
+
+
+@pytest.mark.parametrize("name, kwargs, size", [
+    ("resnet18", {"zero_init_last": False}, 32),
+    ("mobilenetv3_small_050", {}, 32),  # depthwise convs, squeeze-excite, hard-swish
+    ("densenet121", {}, 32),  # concatenations of every earlier output
+    ("convnext_atto", {}, 32),
+    ("vit_tiny_patch16_224", {"img_size": 32}, 32),  # attention qkv/proj, MLP, patch embedding
+])
+def test_fast_engine_equals_naive_engine(name, kwargs, size):
+    resolved = timm_model(name, **kwargs)
+    layers = "conv,linear" if name != "densenet121" else "features.denseblock1.*,features.transition1.conv,classifier"
+    assert_engines_agree(resolved, images(size), layers=layers)
+
+
+def test_fast_engine_equals_naive_engine_for_torchvision_vit_with_multihead_attention():
+    import torchvision
+
+    build = lambda: torchvision.models.VisionTransformer(  # noqa: E731
+        image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
+    torch.manual_seed(0)
+    trained = build().eval()
+    nn.init.normal_(trained.heads.head.weight, std=0.5)  # torchvision zero-inits the head: give it a signal
+    resolved = wrap_module(trained, fresh=build, preprocessing=PRE)
+    # out_proj is never called as a module (MultiheadAttention uses its weight directly): it must still reset.
+    df = assert_engines_agree(resolved, images(32), layers="conv,linear")
+    assert df[df.layer.str.endswith("out_proj")].criticality.max() > 0
+
+
+class SharedAndTied(nn.Module):
+    """A block called twice, and a decoder tied to the encoder's weight: replay must not cut corners here."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.encode = nn.Linear(8, 8)
+        self.decode = nn.Linear(8, 8)
+        self.decode.weight = self.encode.weight
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.shared(torch.relu(self.shared(x))))
+        x = x.mean(dim=(2, 3))
+        return self.head(torch.tanh(self.decode(torch.relu(self.encode(x)))))
+
+
+def test_modules_called_twice_and_tied_weights_take_full_forwards_and_still_agree():
+    torch.manual_seed(0)
+    resolved = wrap_module(SharedAndTied().eval(), fresh=SharedAndTied, preprocessing=PRE)
+    assert_engines_agree(resolved, images(8))
+    structure = _CallStructure.probe(resolved.model, torch.rand(2, 3, 8, 8))
+    assert structure.calls["model.shared"] == 2
+    assert "model.shared" not in structure.replayable_before("model.head", resolved.model.model.head)
+    assert structure.replayable_before("model.decode", resolved.model.model.decode) == []
+
+
+def test_replay_skips_everything_before_the_reset_layer():
+    resolved = timm_model("resnet18", zero_init_last=False)
+    structure = _CallStructure.probe(resolved.model, torch.rand(2, 3, 32, 32))
+    replayed = structure.replayable_before("model.layer3.1.conv1", None)
+    assert {"model.conv1", "model.layer1", "model.layer2", "model.layer3.0"} <= set(replayed)
+    assert "model.layer3.1.conv1" not in replayed and "model.layer4" not in replayed
+    assert "model.act1" not in replayed  # in-place ReLU: its output aliases its input
+
+
+def test_small_cache_budget_splits_layers_into_chunks_with_identical_results():
+    resolved = timm_model("resnet18", zero_init_last=False)
+    data = images(32)
+    roomy = layercrit.measure(resolved, data, trials=1, batch_size=3)
+    chunks = []
+    tight = layercrit.measure(resolved, data, trials=1, batch_size=3, max_cache_mb=0.05,
+                              on_rows=lambda rows: chunks.append(len(rows)))
+    assert len(chunks) > 3
+    assert roomy.equals(tight)
+
+
+def test_resets_take_effect_under_torch_compile(tiny_model, tiny_data):
+    compiled = layercrit.measure(tiny_model, tiny_data, layers="fc", reset="zero", trials=1, compile=True)
+    eager = layercrit.measure(tiny_model, tiny_data, layers="fc", reset="zero", trials=1)
+    row = compiled[compiled.layer == "model.fc"].iloc[0]
+    assert row.criticality > 0.01
+    assert row.criticality == pytest.approx(eager[eager.layer == "model.fc"].criticality.item(), abs=1e-5)
+
+
+def test_bf16_stays_close_to_fp32(tiny_model, tiny_data):
+    fp32 = layercrit.measure(tiny_model, tiny_data, trials=1)
+    bf16 = layercrit.measure(tiny_model, tiny_data, trials=1, precision="bf16")
+    assert (fp32.pred_cos_sim - bf16.pred_cos_sim).abs().max() < 0.01
+    assert set(bf16.precision) == {"bf16"}
