@@ -1,0 +1,149 @@
+"""The Fashion-MNIST zoo: training members into a folder, the shipped members, and zoo:fmnist/ID specs."""
+
+import copy
+import math
+
+import pytest
+import torch
+import yaml
+
+from layercrit import cli, resolve_model
+from layercrit.data import load_fashion_mnist, subset_indices
+from layercrit.errors import LayercritError
+from layercrit.layers import select_layers
+from layercrit.training import accuracy
+from layercrit.zoo import fmnist
+
+SHIPPED = fmnist.zoo_dir()
+CHECK_IMAGES = 1000
+
+
+def tiny(recipe_id: str, **hyperparameters) -> dict:
+    """A zoo recipe shrunk to seconds: ResNet-8, 64 training images."""
+    recipe = copy.deepcopy(next(r for r in fmnist.RECIPES if r["id"] == recipe_id))
+    recipe.update(arch="layercrit:fmnist_resnet8", train_images=64)
+    recipe["hyperparameters"].update(hyperparameters)
+    return recipe
+
+
+@pytest.fixture
+def trained_zoo(tmp_path, monkeypatch):
+    """A zoo folder with a tiny baseline and frozen-random member, used as zoo:fmnist/ID."""
+    lines = []
+    table = fmnist.train_zoo(tmp_path, recipes=[tiny("baseline", epochs=1), tiny("frozen_random", probe={"epochs": 2})],
+                             test_images=200, log=lines.append)
+    monkeypatch.setenv("LAYERCRIT_FMNIST_ZOO", str(tmp_path))
+    return tmp_path, table, lines
+
+
+# ---------------------------------------------------------------- training into a folder
+
+
+def test_trained_member_is_written_with_its_record_and_resolves_to_the_measured_weights(trained_zoo):
+    folder, table, lines = trained_zoo
+    records = yaml.safe_load((folder / "manifest.yaml").read_text())["models"]
+    assert [r["id"] for r in records] == ["baseline", "frozen_random"] == list(table["id"])
+    baseline = records[0]
+    assert (folder / baseline["file"]).is_file()
+    assert baseline["test_images"] == 200 and baseline["seed"] == 0 and baseline["storage"] == "float16"
+    assert baseline["hyperparameters"]["epochs"] == 1 and baseline["train_time_s"] > 0
+    assert lines[0].startswith("baseline") and f"{baseline['accuracy']:.2f}%" in lines[0]
+
+    resolved = resolve_model("zoo:fmnist/baseline")
+    assert resolved.spec == "zoo:fmnist/baseline"
+    assert resolved.metadata["category"] == "baseline" and resolved.metadata["accuracy"] == baseline["accuracy"]
+    assert all(p.dtype == torch.float32 for p in resolved.model.parameters())
+    images, labels = load_fashion_mnist("test")
+    assert accuracy(resolved.model, images[:200], labels[:200]) == pytest.approx(baseline["accuracy"], abs=0.005)
+
+
+def test_retraining_one_member_replaces_its_record_and_keeps_the_others(trained_zoo):
+    folder, _, _ = trained_zoo
+    fmnist.train_zoo(folder, methods=["baseline"], recipes=[tiny("baseline", epochs=0.5)], seed=3, test_images=100,
+                     log=lambda line: None)
+    records = yaml.safe_load((folder / "manifest.yaml").read_text())["models"]
+    assert [r["id"] for r in records] == ["baseline", "frozen_random"]
+    assert records[0]["seed"] == 3 and records[0]["test_images"] == 100
+    assert records[1]["seed"] == 0 and records[1]["test_images"] == 200
+
+
+def test_members_are_chosen_by_id_method_or_category():
+    ids = lambda names: [r["id"] for r in fmnist.select_recipes(names)]  # noqa: E731
+    assert ids(["baseline", "contrastive"]) == ["baseline", "simclr"]
+    assert ids(["adversarial"]) == [r["id"] for r in fmnist.RECIPES if r["method"] == "adversarial"]
+    assert ids(None) == [r["id"] for r in fmnist.RECIPES]
+    with pytest.raises(LayercritError, match="unknown zoo member 'pgd': give ids, methods or categories from"):
+        fmnist.select_recipes(["baseline", "pgd"])
+
+
+def test_zoo_train_command_reports_an_unknown_member_in_one_line(capsys):
+    assert cli.main(["zoo", "train", "--methods", "resnet50", "--out", "unused"]) == 2
+    assert capsys.readouterr().err.startswith("layercrit: error: unknown zoo member 'resnet50'")
+
+
+# ---------------------------------------------------------------- the shipped zoo
+
+
+def test_shipped_zoo_covers_every_training_method_of_the_issue():
+    records = fmnist.entries()
+    categories = [r["category"] for r in records]
+    norms = [r["hyperparameters"].get("norm") for r in records if r["category"] == "adversarial_training"]
+    assert categories.count("baseline") == 1 and "training_recipes" in categories
+    assert categories.count("augmentation") >= 2
+    assert norms.count("linf") >= 3 and norms.count("l2") >= 2
+    assert {"contrastive", "freezing"} <= set(categories)
+    for record in records:
+        assert (SHIPPED / record["file"]).is_file()
+        assert {"display", "method", "seed", "train_time_s", "cpu_time_s", "test_images"} <= record.keys()
+
+
+@pytest.mark.parametrize("record", fmnist.entries() if (SHIPPED / fmnist.MANIFEST).is_file() else [],
+                         ids=lambda record: record["id"])
+def test_shipped_model_reaches_its_recorded_accuracy_on_a_test_subset(record):
+    images, labels = load_fashion_mnist("test")
+    chosen = torch.tensor(subset_indices(len(labels), CHECK_IMAGES, seed=1))
+    measured = accuracy(resolve_model(f"zoo:fmnist/{record['id']}").model, images[chosen], labels[chosen])
+    p = record["accuracy"] / 100
+    # A random 1000 of the 10000 images the record was measured on: 4 binomial standard errors.
+    assert abs(measured - record["accuracy"]) <= 400 * math.sqrt(p * (1 - p) / CHECK_IMAGES)
+    assert record["accuracy"] > 20  # far above chance (10 classes)
+
+
+def test_zoo_model_rerandomizes_from_fresh_instances_of_its_architecture():
+    resolved = resolve_model("zoo:fmnist/baseline")
+    fresh = resolved.fresh()
+    assert fresh.state_dict().keys() == resolved.model.state_dict().keys()
+    assert not torch.equal(fresh.state_dict()["model.conv1.weight"], resolved.model.state_dict()["model.conv1.weight"])
+    names = select_layers(resolved.model, "conv,linear")
+    assert names[0] == "model.conv1" and names[-1] == "model.fc" and "model.layer2.0.downsample.0" in names
+    assert len(names) == 22
+
+
+def test_zoo_list_prints_every_member_with_category_and_accuracy(capsys):
+    assert cli.main(["zoo", "list"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split()[:3] == ["id", "category", "accuracy"]
+    for record, row in zip(fmnist.entries(), rows[1:], strict=True):
+        model_id, category, shown = row.split()[:3]
+        assert (model_id, category, float(shown)) == (record["id"], record["category"], record["accuracy"])
+
+
+# ---------------------------------------------------------------- mistakes
+
+
+def test_unknown_member_names_the_closest_ids():
+    with pytest.raises(LayercritError, match=r"no model 'baselin' in the Fashion-MNIST zoo \(did you mean baseline\?\)"):
+        resolve_model("zoo:fmnist/baselin")
+
+
+def test_missing_zoo_folder_says_how_to_train_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERCRIT_FMNIST_ZOO", str(tmp_path / "nowhere"))
+    with pytest.raises(LayercritError, match="no Fashion-MNIST zoo in .*nowhere: train one with 'layercrit zoo train"):
+        fmnist.entries()
+
+
+def test_missing_weights_file_is_named(trained_zoo):
+    folder, _, _ = trained_zoo
+    (folder / "baseline.safetensors").unlink()
+    with pytest.raises(LayercritError, match=r"zoo weights missing: .*baseline.safetensors \(retrain with"):
+        resolve_model("zoo:fmnist/baseline")
