@@ -237,6 +237,7 @@ def units_done(store: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
 def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_table(reference, tmp_path):
     _, _, expected = reference
