@@ -89,14 +89,14 @@ def test_modules_called_twice_and_tied_weights_take_full_forwards_and_still_agre
     assert_engines_agree(resolved, images(8))
     structure = _CallStructure.probe(resolved.model, torch.rand(2, 3, 8, 8))
     assert structure.calls["model.shared"] == 2
-    assert "model.shared" not in structure.replayable_before("model.head", resolved.model.model.head)
-    assert structure.replayable_before("model.decode", resolved.model.model.decode) == []
+    assert "model.shared" not in structure.replayable_before(["model.head"])
+    assert structure.replayable_before(["model.decode"]) == []
 
 
 def test_replay_skips_everything_before_the_reset_layer():
     resolved = timm_model("resnet18", zero_init_last=False)
     structure = _CallStructure.probe(resolved.model, torch.rand(2, 3, 32, 32))
-    replayed = structure.replayable_before("model.layer3.1.conv1", None)
+    replayed = structure.replayable_before(["model.layer3.1.conv1"])
     assert {"model.conv1", "model.layer1", "model.layer2", "model.layer3.0"} <= set(replayed)
     assert "model.layer3.1.conv1" not in replayed and "model.layer4" not in replayed
     assert "model.act1" not in replayed  # in-place ReLU: its output aliases its input
@@ -126,3 +126,23 @@ def test_bf16_stays_close_to_fp32(tiny_model, tiny_data):
     bf16 = layercrit.measure(tiny_model, tiny_data, trials=1, precision="bf16")
     assert (fp32.pred_cos_sim - bf16.pred_cos_sim).abs().max() < 0.01
     assert set(bf16.precision) == {"bf16"}
+
+
+def test_a_group_of_modules_reset_together_agrees_across_engines():
+    from layercrit import engine
+    from layercrit.data import EvalSet
+    from layercrit.layers import Target
+    from layercrit.resets import Rerandomize
+
+    resolved = timm_model("resnet18", zero_init_last=False)
+    evalset = EvalSet.from_tensors(*images(32))
+    block = Target("layer2.1", ["model.layer2.1.conv1", "model.layer2.1.conv2"])
+    rows = {}
+    for name in ("fast", "naive"):
+        reset = Rerandomize(seed=0, fresh=resolved.fresh)
+        options = engine.EngineOptions(engine=name, batch_size=4, progress=False)
+        rows[name] = engine.run(resolved.model, evalset, [block, "model.fc"], reset, [0, 1], options)
+    assert [r["layer"] for r in rows["fast"]] == ["original", "layer2.1", "layer2.1", "model.fc", "model.fc"]
+    for fast, naive in zip(rows["fast"], rows["naive"], strict=True):
+        assert fast["pred_cos_sim"] == pytest.approx(naive["pred_cos_sim"], abs=1e-6)
+    assert rows["fast"][1]["criticality"] > 0

@@ -28,8 +28,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .data import EvalSet, to_model_input
+from .layers import Target
 from .metrics import PredictionMetrics
-from .resets import Reset, State, load_in_place, snapshot
+from .resets import ModelState, Reset, load_in_place, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,15 @@ class Unit:
 def run(
     model: nn.Module,
     evalset: EvalSet,
-    layers: Sequence[str],
+    layers: Sequence[str | Target],
     reset: Reset,
     trials: Sequence[int],
     options: EngineOptions,
     on_chunk: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Evaluate the unmodified model and every (layer, trial); return one row dict per unit, original first.
+
+    ``layers`` are module names or :class:`~layercrit.layers.Target` groups of modules reset together.
 
     ``on_chunk`` receives the rows finished so far (original row included) after every chunk of layers, so a
     caller can persist them.
@@ -98,7 +101,8 @@ def run(
     evaluator = _Evaluator(model, forward, evalset, options, device, channels_last)
 
     original = Unit(layer=None, trial=0, computed_in_trial=0)
-    plans = _plan_units(model, layers, reset, trials)
+    targets = [t if isinstance(t, Target) else Target(t, [t]) for t in layers]
+    plans = _plan_units(model, targets, reset, trials)
     n_computed = sum(len(plan.computed) for plan in plans)
     with _progress(options.progress, n_computed, len(evalset), options.batch_size) as bar:
         if options.engine == "naive" or options.compile:
@@ -123,41 +127,54 @@ def run(
 
 @dataclass
 class LayerPlan:
-    """A layer's trained state, the reset state and unit of each trial to compute, and all its units."""
+    """A target's trained state, the reset state and unit of each trial to compute, and all its units.
 
-    layer: str
-    module: nn.Module
-    trained: State
-    computed: list[tuple[State, Unit]]
+    States are keyed by module name: a target may span several modules (a block, a stage), and a reset may
+    change modules outside the target (e.g. BatchNorm statistics re-estimated after the reset).
+    """
+
+    target: Target
+    trained: ModelState
+    computed: list[tuple[ModelState, Unit]]
     units: list[Unit]
     replayed: list[str] = field(default_factory=list)  # modules replayed from the clean forward (fast engine)
 
+    def apply(self, model: nn.Module, state: ModelState) -> None:
+        for name, module_state in state.items():
+            load_in_place(model.get_submodule(name), module_state)
 
-def _plan_units(model: nn.Module, layers: Sequence[str], reset: Reset, trials: Sequence[int]) -> list[LayerPlan]:
-    modules = {name: model.get_submodule(name) for name in layers}
-    new_states: dict[tuple[str, int], State] = {}
+    def restore(self, model: nn.Module) -> None:
+        self.apply(model, self.trained)
+
+
+def _plan_units(model: nn.Module, targets: Sequence[Target], reset: Reset, trials: Sequence[int]) -> list[LayerPlan]:
+    new_states: dict[tuple[str, int], ModelState] = {}
     for trial in trials:  # trial-outer: rerandomize builds one fresh instance per trial
-        for name in layers:
-            new_states[(name, trial)] = reset.new_state(name, modules[name], trial)
+        for target in targets:
+            new_states[(target.name, trial)] = reset.new_states(model, target, trial)
     plans = []
-    for name in layers:
-        computed: list[tuple[State, Unit]] = []
+    for target in targets:
+        computed: list[tuple[ModelState, Unit]] = []
         units = []
         for trial in trials:
-            state = new_states.pop((name, trial))
+            state = new_states.pop((target.name, trial))
             earlier = next((unit for s, unit in computed if _same_state(s, state)), None)
             if earlier is None:
-                unit = Unit(layer=name, trial=trial, computed_in_trial=trial)
+                unit = Unit(layer=target.name, trial=trial, computed_in_trial=trial)
                 computed.append((state, unit))
             else:
-                unit = Unit(layer=name, trial=trial, computed_in_trial=earlier.trial, metrics=earlier.metrics)
+                unit = Unit(layer=target.name, trial=trial, computed_in_trial=earlier.trial, metrics=earlier.metrics)
             units.append(unit)
-        plans.append(LayerPlan(name, modules[name], snapshot(modules[name]), computed, units))
+        touched = sorted({name for state, _ in computed for name in state})
+        trained = {name: snapshot(model.get_submodule(name)) for name in touched}
+        plans.append(LayerPlan(target, trained, computed, units))
     return plans
 
 
-def _same_state(a: State, b: State) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def _same_state(a: ModelState, b: ModelState) -> bool:
+    return a.keys() == b.keys() and all(
+        a[m].keys() == b[m].keys() and all(torch.equal(a[m][k], b[m][k]) for k in a[m]) for m in a
+    )
 
 
 def _row(unit: Unit, original: Unit) -> dict:
@@ -206,13 +223,13 @@ class _Evaluator:
                 original.metrics.update(clean, clean, labels)
         for plan in chunk:
             for state, unit in plan.computed:
-                load_in_place(plan.module, state)
+                plan.apply(self.model, state)
                 try:
                     for b, (_, images, labels) in enumerate(self.batches(redecode)):
                         unit.metrics.update(self.logits(self.inputs(images)).cpu(), self.clean_logits[b], labels)
                         bar.update(1)
                 finally:
-                    load_in_place(plan.module, plan.trained)
+                    plan.restore(self.model)
 
     def clean_only(self, original: Unit, bar) -> None:
         for _, images, labels in self.batches():
@@ -228,7 +245,7 @@ class _Evaluator:
         current: list[LayerPlan] = []
         recorded: set[str] = set()
         for plan in plans:
-            plan.replayed = self.structure.replayable_before(plan.layer, plan.module)
+            plan.replayed = self.structure.replayable_before(sorted(plan.trained))
             merged = recorded | set(plan.replayed)
             if current and self.structure.bytes_per_image(merged) > budget:
                 yield current
@@ -254,11 +271,11 @@ class _Evaluator:
                 with _replaying(self.model, plan.replayed, outputs):
                     try:
                         for state, unit in plan.computed:
-                            load_in_place(plan.module, state)
+                            plan.apply(self.model, state)
                             unit.metrics.update(self.logits(x).cpu(), clean, labels)
                             bar.update(1)
                     finally:
-                        load_in_place(plan.module, plan.trained)
+                        plan.restore(self.model)
             del outputs
 
 
@@ -323,18 +340,16 @@ class _CallStructure:
         shared = {n for names in owners.values() if len(set(names)) > 1 for n in names}
         return cls(start, end, calls, aliasing, sizes, children, shared)
 
-    def replayable_before(self, layer: str, module: nn.Module) -> list[str]:
-        """Modules whose recorded clean output can stand in for computing them when ``layer`` is reset."""
-        if layer in self.shared_params:
-            log.info("%s shares parameters with another module: full forwards for it", layer)
+    def replayable_before(self, changed: Sequence[str]) -> list[str]:
+        """Modules whose recorded clean output can stand in for computing them while ``changed`` are reset."""
+        if any(name in self.shared_params for name in changed):
+            log.info("%s shares parameters with another module: full forwards for it", ", ".join(changed))
             return []
-        anchor = layer
-        while anchor and anchor not in self.start:  # never called itself (e.g. MultiheadAttention.out_proj)
-            anchor = anchor.rpartition(".")[0]
-        if not anchor:
+        starts = [self.start[anchor] for anchor in map(self._called_anchor, changed) if anchor]
+        if len(starts) < len(changed):
             return []
-        t0 = self.start[anchor]
-        path = {anchor.rsplit(".", i)[0] for i in range(anchor.count(".") + 1)} | {""}
+        t0 = min(starts)
+        path = {prefix for name in changed for prefix in _prefixes(self._called_anchor(name))}
         chosen: list[str] = []
 
         def visit(parent: str) -> None:
@@ -349,8 +364,19 @@ class _CallStructure:
         visit("")
         return chosen
 
+    def _called_anchor(self, name: str) -> str:
+        """The module itself, or its nearest ancestor that is called (MultiheadAttention.out_proj never is)."""
+        while name and name not in self.start:
+            name = name.rpartition(".")[0]
+        return name
+
     def bytes_per_image(self, names: set[str]) -> int:
         return sum(self.bytes.get(n, 0) for n in names)
+
+
+def _prefixes(name: str) -> set[str]:
+    parts = name.split(".")
+    return {""} | {".".join(parts[: i + 1]) for i in range(len(parts))}
 
 
 def _clone(output):

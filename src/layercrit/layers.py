@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from dataclasses import dataclass
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -17,6 +18,15 @@ KINDS: dict[str, tuple[type[nn.Module], ...]] = {
     "ln": (nn.LayerNorm, nn.GroupNorm),
 }
 DEFAULT_LAYERS = "conv,linear"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one row resets: a single module (``modules == [name]``) or a named group reset together."""
+
+    name: str
+    modules: list[str]
+
 WRAPPER_PREFIX = "model."
 
 

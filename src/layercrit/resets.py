@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from .errors import LayercritError
+from .layers import Target
 
-State = dict[str, torch.Tensor]
+State = dict[str, torch.Tensor]  # one module's tensors by name
+ModelState = dict[str, State]  # several modules' states by module name
 
 
 def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -55,6 +57,10 @@ class Reset:
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
         raise NotImplementedError
+
+    def new_states(self, model: nn.Module, target: Target, trial: int) -> ModelState:
+        """The state of every module the reset of ``target`` changes (by default: each module of the target)."""
+        return {name: self.new_state(name, model.get_submodule(name), trial) for name in target.modules}
 
     def describe(self) -> str:
         return self.name
