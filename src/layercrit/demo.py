@@ -100,7 +100,8 @@ def format_summary(summary: pd.DataFrame) -> str:
     lines = [f"{'model':<15} {'category':<21} {'acc %':>6} {'mean crit %':>11}  most critical layer (crit %)"]
     for row in summary.itertuples():
         accuracy = f"{row.accuracy:6.2f}" if pd.notna(row.accuracy) else f"{'?':>6}"
-        lines.append(f"{row.model_id:<15} {row.category or '':<21} {accuracy} {row.mean_criticality:11.2f}  "
+        category = row.category if pd.notna(row.category) else ""
+        lines.append(f"{row.model_id:<15} {category:<21} {accuracy} {row.mean_criticality:11.2f}  "
                      f"{row.most_critical_layer.removeprefix('model.')} ({row.max_criticality:.1f})")
     return "\n".join(lines)
 
