@@ -45,9 +45,19 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def add_measure_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
     g.add_argument("--layers", default="conv,linear", help="kinds (conv, linear, bn, ln) and/or name globs")
-    g.add_argument("--reset", default="rerandomize", help="rerandomize | zero")
+    g.add_argument("--reset", default="rerandomize",
+                   help="rerandomize | zero | reinit --init CKPT | rewind --to CKPT | noise --scale S | "
+                        "interpolate --alpha A[,A2,...] [--base RESET]")
     g.add_argument("--trials", type=int, default=3, help="resets per layer (default 3)")
     g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the random resets")
+    g.add_argument("--init", "--to", dest="checkpoint", help="checkpoint for reinit (--init) / rewind (--to)")
+    g.add_argument("--scale", type=float, help="noise: std as a multiple of each tensor's std")
+    g.add_argument("--alpha", help="interpolate: weights of the base reset, comma separated, each in [0, 1]")
+    g.add_argument("--base", help="interpolate / noise: the reset to move towards / add noise to")
+    g.add_argument("--bn", nargs="+", default=["keep"], metavar="MODE",
+                   help="BatchNorm statistics: keep (the paper's method) | reset | recalibrate K")
+    g.add_argument("--groups", help="reset together: blocks | stages | FILE (YAML/JSON: group -> layer globs)")
+    g.add_argument("--cumulative", choices=["prefix", "suffix"], help="reset targets 1..k (prefix) or k..L (suffix)")
     e = p.add_argument_group("engine")
     e.add_argument("--engine", default="fast", choices=["fast", "naive"], help="fast (prefix replay) or naive")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -97,8 +107,11 @@ def _cmd_run(args) -> int:
     if args.resize or args.crop or args.interpolation:
         resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
     print(f"model: {resolved.spec}; preprocessing: {resolved.preprocessing.describe()}")
+    bn_mode, bn_batches = parse_bn(args.bn)
     df = measure(
         resolved, args.data, layers=args.layers, reset=args.reset, trials=args.trials, seed=args.seed,
+        reset_options=reset_options(args), bn=bn_mode, bn_batches=bn_batches, groups=args.groups,
+        cumulative=args.cumulative,
         images=args.images, model_id=args.model_id, data_root=args.data_root, cache_dir=args.cache_dir,
         use_cache=args.use_cache, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
         device=args.device, engine_name=args.engine, precision=args.precision, max_cache_mb=args.max_cache_mb,
@@ -108,6 +121,22 @@ def _cmd_run(args) -> int:
     print_summary(df)
     print(f"results: {csv_path} and {csv_path.with_suffix('.parquet')}")
     return 0
+
+
+def reset_options(args) -> dict:
+    """The reset's options from --init/--to, --scale, --alpha, --base (only those given)."""
+    options = {"checkpoint": args.checkpoint, "scale": args.scale, "base": args.base,
+               "alpha": _numbers(args.alpha, "--alpha")}
+    if args.checkpoint and args.trust_checkpoint:
+        options["trust_checkpoint"] = True
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def parse_bn(values: list[str]) -> tuple[str, int | None]:
+    """``--bn keep`` / ``--bn recalibrate 8`` -> (mode, batches)."""
+    if len(values) > 2 or (len(values) == 2 and not values[1].isdigit()):
+        raise LayercritError(f"--bn {' '.join(values)}: use keep, reset or recalibrate K (K a number of batches)")
+    return values[0], int(values[1]) if len(values) == 2 else None
 
 
 def print_summary(df) -> None:
@@ -328,7 +357,69 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze, _add_sweep, _add_status, _add_export, _add_demo]
+# ---------------------------------------------------------------- module criticality
+
+
+def _add_module_criticality(sub) -> None:
+    p = sub.add_parser("module-criticality",
+                       help="Chatterji et al.'s module criticality mu_i(eps) of each layer, given the initial weights")
+    add_model_options(p)
+    add_data_options(p)
+    g = p.add_argument_group("module criticality")
+    g.add_argument("--init", required=True, help="checkpoint of the initial weights theta^0 (same architecture)")
+    g.add_argument("--layers", default="conv,linear", help="kinds (conv, linear, bn, ln) and/or name globs")
+    g.add_argument("--groups", help="treat blocks | stages | FILE groups as the modules")
+    g.add_argument("--alphas", help="alpha grid, comma separated (default 0,0.1,...,1)")
+    g.add_argument("--sigmas", help="noise std grid, comma separated (default 13 values from 1e-4 to 1)")
+    g.add_argument("--draws", type=int, default=5, help="noise draws per grid point (default 5)")
+    g.add_argument("--criterion", default="error", choices=["error", "loss"], help="top-1 error (default) or loss")
+    g.add_argument("--epsilon", type=float, help="bound on the expected criterion (default: trained + tolerance)")
+    g.add_argument("--tolerance", type=float, default=0.05, help="default epsilon = trained value + this (0.05)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the noise")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", default="fast", choices=["fast", "naive"])
+    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--out", required=True, help="output folder for module_criticality.csv and evaluations.csv")
+    p.set_defaults(func=_cmd_module_criticality)
+
+
+def _cmd_module_criticality(args) -> int:
+    from .measure import override_transform
+    from .models import resolve_model
+    from .module_criticality import DEFAULT_ALPHAS, DEFAULT_SIGMAS, module_criticality
+    from .results import write_table
+
+    out = Path(args.out)
+    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained,
+                             num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
+    if args.resize or args.crop or args.interpolation:
+        resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
+    table = module_criticality(
+        resolved, args.data, init=args.init, layers=args.layers, groups=args.groups,
+        alphas=_numbers(args.alphas, "--alphas") or DEFAULT_ALPHAS,
+        sigmas=_numbers(args.sigmas, "--sigmas") or DEFAULT_SIGMAS, draws=args.draws, criterion=args.criterion,
+        epsilon=args.epsilon, tolerance=args.tolerance, seed=args.seed, images=args.images, model_id=args.model_id,
+        trust_checkpoint=args.trust_checkpoint, data_root=args.data_root, cache_dir=args.cache_dir,
+        on_evaluations=lambda rows: write_table(rows, out / "evaluations.csv"), batch_size=args.batch_size,
+        device=args.device, engine_name=args.engine,
+    )
+    path = write_table(table, out / "module_criticality.csv")
+    print(table[["layer", "mu", "alpha", "sigma", "distance", "expected"]].to_string(index=False))
+    print(f"epsilon {table.epsilon.iloc[0]:.4f} ({args.criterion}); results: {path}")
+    return 0
+
+
+def _numbers(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise LayercritError(f"{flag} {text!r}: give numbers, comma separated") from None
+
+
+_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze, _add_sweep, _add_status, _add_export, _add_demo, _add_module_criticality]
 
 
 if __name__ == "__main__":

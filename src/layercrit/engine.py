@@ -153,6 +153,7 @@ def _plan_units(model: nn.Module, targets: Sequence[Target], reset: Reset, trial
         for target in targets:
             new_states[(target.name, trial)] = reset.new_states(model, target, trial)
     plans = []
+    snapshots: ModelState = {}  # one copy of each module's trained state, however many targets share it
     for target in targets:
         computed: list[tuple[ModelState, Unit]] = []
         units = []
@@ -166,7 +167,10 @@ def _plan_units(model: nn.Module, targets: Sequence[Target], reset: Reset, trial
                 unit = Unit(layer=target.name, trial=trial, computed_in_trial=earlier.trial, metrics=earlier.metrics)
             units.append(unit)
         touched = sorted({name for state, _ in computed for name in state})
-        trained = {name: snapshot(model.get_submodule(name)) for name in touched}
+        for name in touched:
+            if name not in snapshots:
+                snapshots[name] = snapshot(model.get_submodule(name))
+        trained = {name: snapshots[name] for name in touched}
         plans.append(LayerPlan(target, trained, computed, units))
     return plans
 

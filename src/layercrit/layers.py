@@ -1,10 +1,19 @@
-"""Which layers to reset: module kinds and name globs, in network order."""
+"""Which layers to reset: module kinds and name globs, in network order; groups of them reset together.
+
+:func:`select_layers` picks modules; :func:`select_targets` turns them into the :class:`Target` list the engine
+resets one at a time: every layer alone, or ``groups`` (a residual block, a stage, groups from a file), optionally
+``cumulative`` (targets 1..k or k..L together).
+"""
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -27,7 +36,12 @@ class Target:
     name: str
     modules: list[str]
 
+
 WRAPPER_PREFIX = "model."
+GROUPINGS = ("blocks", "stages")
+CUMULATIVE = ("prefix", "suffix")
+_NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_INDEXED = re.compile(r"\d$")  # children named like a position: 0, layer3, s2, b1, encoder_layer_4
 
 
 def select_layers(model: nn.Module, layers: str | list[str] = DEFAULT_LAYERS) -> list[str]:
@@ -78,3 +92,133 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         raise LayercritError(f"unknown layer {name!r}") from None
+
+
+# ---------------------------------------------------------------- targets: layers, groups, cumulative
+
+
+def select_targets(
+    model: nn.Module,
+    layers: str | Sequence[str | Target] = DEFAULT_LAYERS,
+    *,
+    groups: str | None = None,
+    cumulative: str | None = None,
+) -> list[Target]:
+    """What each row resets, in network order.
+
+    Args:
+        model: the model whose modules are named.
+        layers: as :func:`select_layers`, or ready :class:`Target` objects (then ``groups`` must be None).
+        groups: None (each layer alone), ``blocks`` (each residual block's selected layers together),
+            ``stages`` (each stage's), or a YAML/JSON file mapping group names to lists of name globs.
+            Selected layers outside every block or stage stay single targets; a file's groups are the only
+            targets.
+        cumulative: None, ``prefix`` (row k resets targets 1..k, named ``prefix:NAME_k``) or ``suffix`` (targets
+            k..L, named ``suffix:NAME_k``).
+
+    Returns:
+        The targets; a single layer's target is named after the layer, a block's or stage's after its module.
+    """
+    if cumulative is not None and cumulative not in CUMULATIVE:
+        raise LayercritError(f"unknown --cumulative {cumulative!r}: one of {', '.join(CUMULATIVE)}")
+    if not isinstance(layers, str) and any(isinstance(t, Target) for t in layers):
+        if groups is not None:
+            raise LayercritError("layers given as Targets are already grouped: leave groups=None")
+        targets = [t if isinstance(t, Target) else Target(t, [t]) for t in layers]
+    else:
+        names = select_layers(model, layers)
+        targets = [Target(n, [n]) for n in names] if groups is None else group_layers(model, names, groups)
+    return targets if cumulative is None else accumulate(targets, cumulative)
+
+
+def group_layers(model: nn.Module, names: Sequence[str], groups: str) -> list[Target]:
+    """The layers ``names`` grouped by ``blocks``, ``stages`` or a group file (see :func:`select_targets`)."""
+    if groups in GROUPINGS:
+        units = block_units(model, groups)
+        members: dict[str, list[str]] = {}
+        for name in names:
+            unit = next((u for u in units if name == u or name.startswith(u + ".")), name)
+            members.setdefault(unit, []).append(name)
+        return [Target(unit, layers) for unit, layers in members.items()]
+    path = Path(groups)
+    if not path.is_file():
+        raise LayercritError(f"--groups {groups!r} is neither {' nor '.join(GROUPINGS)} nor a group file (YAML/JSON)")
+    targets = []
+    for group, patterns in _read_group_file(path).items():
+        chosen = [n for n in names if any(_glob(n, p) for p in patterns)]
+        if not chosen:
+            raise LayercritError(f"group {group!r} of {path} matches none of the selected layers "
+                                 f"(patterns {', '.join(patterns)}; check the names or --layers)")
+        targets.append(Target(group, chosen))
+    return targets
+
+
+def block_units(model: nn.Module, level: str = "blocks") -> list[str]:
+    """Names of the model's residual blocks (``level="blocks"``) or stages (``"stages"``), in network order.
+
+    Found from the module tree, so any architecture works without a table of names: a *repeat container* is a
+    module whose children named like positions (``0``, ``layer3``, ``s2``, ``encoder_layer_4``) that have
+    children of their own are all of one class, at least one holding two or more weight layers (conv, linear,
+    attention; norms do not count). Those children are the container's units. Blocks are the units of the
+    innermost containers (no container inside their units), stages those of the outermost (inside no unit). In
+    a model with one level of repetition, such as a ViT, stages and blocks are the same modules.
+    """
+    if level not in GROUPINGS:
+        raise LayercritError(f"unknown grouping {level!r}: one of {', '.join(GROUPINGS)}")
+    weights: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)) and not isinstance(module, _NORMS):
+            for prefix in _prefixes(name):
+                weights[prefix] = weights.get(prefix, 0) + 1
+    containers: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        kids = [(f"{name}.{n}" if name else n, c) for n, c in module.named_children()
+                if _INDEXED.search(n) and any(_has_state(g) for g in c.modules() if g is not c)]
+        if kids and len({type(c) for _, c in kids}) == 1 and max(weights.get(n, 0) for n, _ in kids) >= 2:
+            containers[name] = [n for n, _ in kids]
+    owner = {unit: name for name, kids in containers.items() for unit in kids}
+    units = [name for name, _ in model.named_modules() if name in owner]  # network order
+    if level == "blocks":
+        return [u for u in units if not any(c == u or _inside(c, u) for c in containers)]
+    return [u for u in units if not any(owner[u] == other or _inside(owner[u], other) for other in units)]
+
+
+def accumulate(targets: Sequence[Target], mode: str) -> list[Target]:
+    """Cumulative targets: ``prefix`` k resets targets 1..k together, ``suffix`` k resets targets k..L."""
+    out = []
+    for k, target in enumerate(targets):
+        span = targets[: k + 1] if mode == "prefix" else targets[k:]
+        modules = list(dict.fromkeys(m for t in span for m in t.modules))
+        out.append(Target(f"{mode}:{target.name}", modules))
+    return out
+
+
+def _read_group_file(path: Path) -> dict[str, list[str]]:
+    import yaml
+
+    try:
+        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (ValueError, yaml.YAMLError) as error:
+        raise LayercritError(f"cannot read group file {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise LayercritError(f"group file {path} must map group names to lists of layer globs, e.g. early: [layer1.*]")
+    groups = {}
+    for group, patterns in raw.items():
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
+            raise LayercritError(f"group {group!r} in {path} needs a list of layer globs, e.g. [layer1.*, conv1]")
+        groups[str(group)] = patterns
+    return groups
+
+
+def _glob(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(_short(name), pattern)
+
+
+def _inside(name: str, unit: str) -> bool:
+    return name.startswith(unit + ".")
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else []

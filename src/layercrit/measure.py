@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,10 +13,10 @@ from torch import nn
 from . import engine
 from .data import EvalSet, load_data, to_model_input
 from .errors import LayercritError
-from .layers import DEFAULT_LAYERS, select_layers
+from .layers import DEFAULT_LAYERS, Target, select_targets
 from .metrics import METRIC_COLUMNS
 from .models import Preprocessing, ResolvedModel, resolve_model
-from .resets import Rerandomize, Reset, get_reset
+from .resets import Reset, get_reset
 
 ID_COLUMNS = ("model_id", "layer", "trial", "reset")
 META_COLUMNS = ("computed_in_trial", "seed", "data_id", "model_spec", "engine", "precision", "layercrit_version")
@@ -27,8 +27,13 @@ def measure(
     model: str | nn.Module | ResolvedModel,
     data: str | EvalSet | tuple[torch.Tensor, torch.Tensor],
     *,
-    layers: str | list[str] = DEFAULT_LAYERS,
+    layers: str | Sequence[str | Target] = DEFAULT_LAYERS,
     reset: str | Reset = "rerandomize",
+    reset_options: Mapping[str, object] | None = None,
+    bn: str = "keep",
+    bn_batches: int | None = None,
+    groups: str | None = None,
+    cumulative: str | None = None,
     trials: int | Sequence[int] = 3,
     seed: int = 0,
     images: int | None = 10_000,
@@ -60,8 +65,17 @@ def measure(
             with the architecture's own init; otherwise each layer's ``reset_parameters()`` is used), or a
             :class:`~layercrit.models.ResolvedModel`.
         data: ``fashion-mnist``, an image folder, an :class:`EvalSet`, or ``(images, labels)`` tensors.
-        layers: kinds (``conv``, ``linear``, ``bn``, ``ln``) and/or name globs, comma separated.
-        reset: ``rerandomize`` (fresh init, seeded by (seed, trial)) or ``zero``, or a :class:`Reset`.
+        layers: kinds (``conv``, ``linear``, ``bn``, ``ln``) and/or name globs, comma separated; or a list of
+            module names and :class:`~layercrit.layers.Target` groups.
+        reset: ``rerandomize`` (fresh init, seeded by (seed, trial)), ``zero``, ``reinit``, ``rewind``, ``noise``,
+            ``interpolate`` (see :mod:`layercrit.resets`), or a :class:`Reset` object.
+        reset_options: the named reset's options, e.g. ``{"checkpoint": "init.pth"}`` (reinit/rewind),
+            ``{"scale": 0.1}`` (noise), ``{"alpha": [0.25, 0.5, 1.0], "base": "rerandomize"}`` (interpolate:
+            one set of rows per α, with an ``alpha`` column).
+        bn, bn_batches: BatchNorm running statistics around a reset layer: ``keep`` (the paper's method),
+            ``reset``, or ``recalibrate`` on ``bn_batches`` batches (see :class:`~layercrit.resets.BatchNormStats`).
+        groups: reset ``blocks``, ``stages`` or the groups of a YAML/JSON file together, one row per group.
+        cumulative: ``prefix`` (row k resets targets 1..k) or ``suffix`` (targets k..L).
         trials: resets per layer (or the trial numbers to run, e.g. ``[2]``). images: subset size (seeded as the paper's loader). seed: data and reset seed.
         engine_name: ``fast`` (prefix replay, default) or ``naive`` (full forward per unit; the oracle).
         resize, crop, interpolation: override the image-folder transform instead of the model's pretrained
@@ -71,11 +85,11 @@ def measure(
 
     Returns:
         A DataFrame with one row for the unmodified model (``layer == "original"``) and one per (layer, trial),
-        columns :data:`COLUMNS`.
+        columns :data:`COLUMNS` (plus ``alpha`` after ``reset`` for an interpolation).
     """
     from . import __version__
 
-    resolved = _resolve(model, fresh_model, arch=arch, pretrained=pretrained)
+    resolved = as_resolved(model, fresh_model, arch=arch, pretrained=pretrained)
     if resize is not None or crop is not None or interpolation is not None:
         resolved.preprocessing = override_transform(resolved.preprocessing, resize, crop, interpolation)
     if isinstance(data, tuple):
@@ -87,15 +101,16 @@ def measure(
         raise LayercritError("--trials must be at least 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_labels(resolved.model, evalset, device)
-    names = select_layers(resolved.model, layers)
-    strategy = get_reset(reset, seed=seed, fresh=resolved.fresh)
-    if isinstance(strategy, Rerandomize):
-        strategy.bind(resolved.model)
+    targets = select_targets(resolved.model, layers, groups=groups, cumulative=cumulative)
+    if isinstance(reset, Reset) and (reset_options or bn != "keep" or bn_batches is not None):
+        raise LayercritError("reset is a Reset object: give its options (and bn) to the object, not to measure()")
+    strategy = get_reset(reset, seed=seed, fresh=resolved.fresh, bn=bn, bn_batches=bn_batches,
+                         **dict(reset_options or {}))
+    strategy.bind(resolved.model, evalset.images, batch_size)
     options = engine.EngineOptions(engine=engine_name, batch_size=batch_size, device=device, precision=precision,
                                    max_cache_mb=max_cache_mb, compile=compile, progress=progress)
     meta = {
         "model_id": model_id or resolved.spec,
-        "reset": strategy.describe(),
         "seed": seed,
         "data_id": evalset.data_id,
         "model_spec": resolved.spec,
@@ -104,13 +119,21 @@ def measure(
         "layercrit_version": __version__,
     }
 
-    def frame(rows: list[dict]) -> pd.DataFrame:
-        df = pd.DataFrame([{**meta, **row} for row in rows])
-        return df[list(COLUMNS)]
+    finished: list[pd.DataFrame] = []  # earlier variants' rows (interpolate: one variant per alpha)
+    for columns, variant in strategy.variants():
+        labels = {**meta, "reset": variant.describe(), **columns}
+        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *META_COLUMNS]
 
-    callback = (lambda rows: on_rows(frame(rows))) if on_rows else None
-    rows = engine.run(resolved.model, evalset, names, strategy, trial_ids, options, on_chunk=callback)
-    return frame(rows)
+        def frame(rows: list[dict], labels=labels, order=order) -> pd.DataFrame:
+            return pd.DataFrame([{**labels, **row} for row in rows])[order]
+
+        def persist(rows: list[dict], frame=frame) -> None:
+            on_rows(pd.concat([*finished, frame(rows)], ignore_index=True))
+
+        rows = engine.run(resolved.model, evalset, targets, variant, trial_ids, options,
+                          on_chunk=persist if on_rows else None)
+        finished.append(frame(rows))
+    return pd.concat(finished, ignore_index=True)
 
 
 def override_transform(pre: Preprocessing, resize: int | None, crop: int | None,
@@ -120,7 +143,14 @@ def override_transform(pre: Preprocessing, resize: int | None, crop: int | None,
                    interpolation=interpolation or "bilinear", source=f"{pre.source}; transform set by the user")
 
 
-def _resolve(model, fresh_model, *, arch, pretrained) -> ResolvedModel:
+def as_resolved(
+    model: str | nn.Module | ResolvedModel,
+    fresh_model: Callable[[], nn.Module] | None = None,
+    *,
+    arch: str | None = None,
+    pretrained: bool = True,
+) -> ResolvedModel:
+    """A :class:`ResolvedModel` from any ``model`` that :func:`measure` takes (a spec, an ``nn.Module``, ...)."""
     if isinstance(model, ResolvedModel):
         return model
     if isinstance(model, nn.Module):

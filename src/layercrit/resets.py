@@ -3,23 +3,34 @@
 Every strategy answers one question, ``new_state(layer, module, trial) -> {tensor name: value}``, for the
 module's own tensors (parameters and buffers, as in ``module.state_dict()``). The engine copies those values in
 place, evaluates, and copies the trained values back, so the model is bit-identical afterwards.
+
+Strategies, chosen by name (:data:`RESETS`): ``rerandomize`` (a fresh instance's init, the paper's method),
+``zero``, ``reinit``/``rewind`` (an initial or earlier checkpoint), ``noise`` (Gaussian noise scaled to each
+tensor's spread, or of a fixed std) and ``interpolate`` (between the trained values and any other reset's). What
+happens to BatchNorm running statistics around a reset layer is a separate choice, :class:`BatchNormStats`
+(``keep``, ``reset``, ``recalibrate``), that every strategy takes.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import LayercritError
-from .layers import Target
+from .layers import WRAPPER_PREFIX, Target
 
 State = dict[str, torch.Tensor]  # one module's tensors by name
 ModelState = dict[str, State]  # several modules' states by module name
+BN_MODES = ("keep", "reset", "recalibrate")
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -41,29 +52,194 @@ def load_in_place(module: nn.Module, state: State) -> None:
             tensor.copy_(state[name])
 
 
-def trial_seed(seed: int, trial: int) -> int:
-    """A seed for (seed, trial) that is the same in every process and run."""
-    return int.from_bytes(hashlib.sha256(f"layercrit:{seed}:{trial}".encode()).digest()[:4], "little")
+def trial_seed(seed: int, trial: int, *salt: str) -> int:
+    """A seed for (seed, trial[, salt...]) that is the same in every process and run."""
+    key = ":".join(["layercrit", str(seed), str(trial), *salt])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+# ---------------------------------------------------------------- BatchNorm statistics
+
+
+class BatchNormStats:
+    """What BatchNorm running statistics become when a target is reset.
+
+    * ``keep`` (default; the paper's method): BatchNorm layers that are not reset keep their trained statistics;
+      a reset BatchNorm layer gets what the reset gives it (``rerandomize``: the fresh instance's, mean 0 and
+      variance 1; ``zero``: its trained statistics, since only parameters are zeroed).
+    * ``reset``: the statistics of every reset BatchNorm layer, and of each BatchNorm layer that normalises a
+      reset layer's output, go back to their initial values (mean 0, variance 1).
+    * ``recalibrate``: after the reset, the statistics of every BatchNorm layer that runs at or after the
+      target are re-estimated (cumulative average) on the first ``batches`` batches of the evaluation images.
+    """
+
+    def __init__(self, mode: str = "keep", batches: int | None = None):
+        if mode not in BN_MODES:
+            raise LayercritError(f"unknown --bn {mode!r}: one of keep, reset, recalibrate K")
+        if (mode == "recalibrate") != (batches is not None):
+            raise LayercritError("--bn recalibrate needs a number of batches K (and only it): --bn recalibrate 8")
+        if batches is not None and batches < 1:
+            raise LayercritError("--bn recalibrate K needs K >= 1 batches")
+        self.mode = mode
+        self.batches = batches
+        self._calibration: list[torch.Tensor] = []
+        self._order: dict[str, int] = {}  # first call of each module in one forward
+        self._consumers: dict[str, list[str]] = {}  # module -> BatchNorm layers fed by its output
+
+    def label(self) -> str:
+        """Suffix of the reset's description: empty for ``keep``."""
+        return "" if self.mode == "keep" else f"+bn-{self.mode}{self.batches or ''}"
+
+    def bind(self, model: nn.Module, images: torch.Tensor | None, batch_size: int) -> None:
+        """Trace the model's call order on one image; keep the calibration batches for ``recalibrate``."""
+        if self.mode == "keep":
+            return
+        if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+            raise LayercritError(f"--bn {self.mode}: the model has no BatchNorm layers (use --bn keep)")
+        if images is None or not len(images):
+            raise LayercritError(f"--bn {self.mode} needs the evaluation images to trace the model")
+        self._calibration = [images[i: i + batch_size] for i in range(0, (self.batches or 1) * batch_size, batch_size)
+                             if i < len(images)]
+        self._trace(model, images[:1])
+
+    def adjust(self, model: nn.Module, target: Target, states: ModelState) -> ModelState:
+        """``states`` (the target's reset) plus the BatchNorm statistics this mode sets."""
+        if self.mode == "reset":
+            for name in [*target.modules, *(c for m in target.modules for c in self._consumers.get(m, []))]:
+                if isinstance(model.get_submodule(name), _BatchNorm):
+                    states.setdefault(name, {}).update(_initial_stats(model.get_submodule(name)))
+        elif self.mode == "recalibrate":
+            for name, stats in self._recalibrated(model, target, states).items():
+                states.setdefault(name, {}).update(stats)
+        return states
+
+    def _recalibrated(self, model: nn.Module, target: Target, states: ModelState) -> ModelState:
+        start = min(self._first_call(name) for name in target.modules)
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, _BatchNorm) and m.track_running_stats and self._order.get(n, -1) >= start]
+        layers = {n: model.get_submodule(n) for n in names}
+        saved = {n: snapshot(model.get_submodule(n)) for n in {*states, *names}}
+        momenta = {n: bn.momentum for n, bn in layers.items()}
+        device = next(model.parameters()).device
+        try:
+            for name, state in states.items():
+                load_in_place(model.get_submodule(name), state)
+            for bn in layers.values():
+                bn.reset_running_stats()
+                bn.momentum = None  # cumulative average over the calibration batches
+                bn.train()
+            with torch.no_grad():
+                for images in self._calibration:
+                    model(_as_input(images).to(device))
+            return {n: {k: getattr(bn, k).detach().clone() for k in _BN_STATS} for n, bn in layers.items()}
+        finally:
+            for name, bn in layers.items():
+                bn.momentum = momenta[name]
+                bn.eval()
+            for name, state in saved.items():
+                load_in_place(model.get_submodule(name), state)
+
+    def _first_call(self, name: str) -> int:
+        """When the module (or, if it is never called itself, its nearest called ancestor) first runs."""
+        while name and name not in self._order:
+            name = name.rpartition(".")[0]
+        return self._order.get(name, 0)
+
+    def _trace(self, model: nn.Module, image: torch.Tensor) -> None:
+        order: dict[str, int] = {}
+        outputs: dict[int, str] = {}
+        inputs: dict[str, list[int]] = {}
+        keep_alive = []  # storages stay allocated during the trace, so equal pointers mean the same tensor
+
+        def pre(name):
+            def hook(module, args):
+                order.setdefault(name, len(order))
+                if isinstance(module, _BatchNorm) and args and isinstance(args[0], torch.Tensor):
+                    inputs.setdefault(name, []).append(args[0].data_ptr())
+            return hook
+
+        def post(name):
+            def hook(module, args, output):
+                if isinstance(output, torch.Tensor):
+                    keep_alive.append(output)
+                    outputs.setdefault(output.data_ptr(), name)
+            return hook
+
+        handles = []
+        for name, module in model.named_modules():
+            if name:
+                handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
+        try:
+            with torch.no_grad():
+                model(_as_input(image).to(next(model.parameters()).device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._order = order
+        self._consumers = {}
+        for bn, pointers in inputs.items():
+            for pointer in pointers:
+                if pointer in outputs and outputs[pointer] != bn:
+                    self._consumers.setdefault(outputs[pointer], []).append(bn)
+
+
+def _initial_stats(bn: _BatchNorm) -> State:
+    return {name: torch.ones_like(t) if name == "running_var" else torch.zeros_like(t)
+            for name, t in module_tensors(bn).items() if name in _BN_STATS}
+
+
+def _as_input(images: torch.Tensor) -> torch.Tensor:
+    from .data import to_model_input
+
+    return to_model_input(images)
+
+
+# ---------------------------------------------------------------- strategies
 
 
 class Reset:
-    """Base class of reset strategies; subclasses set ``name`` and implement :meth:`new_state`."""
+    """Base class of reset strategies; subclasses set ``name`` and implement :meth:`new_state`.
+
+    Args (every strategy's):
+        seed: seeds the random resets, with the trial (see :func:`trial_seed`).
+        fresh: factory for fresh instances of the architecture (``rerandomize``).
+        bn: BatchNorm statistics around the target: ``keep``, ``reset``, ``recalibrate`` (see
+            :class:`BatchNormStats`); ``bn_batches``: K for ``recalibrate``.
+    """
 
     name: ClassVar[str] = ""
 
-    def __init__(self, *, seed: int = 0, fresh: Callable[[], nn.Module] | None = None):
+    def __init__(self, *, seed: int = 0, fresh: Callable[[], nn.Module] | None = None, bn: str = "keep",
+                 bn_batches: int | None = None):
         self.seed = seed
         self.fresh = fresh
+        self.bn = BatchNormStats(bn, bn_batches)
+
+    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Reset:
+        """Prepare to reset layers of the trained ``model``; ``images`` serve ``bn`` (tracing, recalibration)."""
+        self.bn.bind(model, images, batch_size)
+        return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
         raise NotImplementedError
 
     def new_states(self, model: nn.Module, target: Target, trial: int) -> ModelState:
-        """The state of every module the reset of ``target`` changes (by default: each module of the target)."""
-        return {name: self.new_state(name, model.get_submodule(name), trial) for name in target.modules}
+        """The state of every module the reset of ``target`` changes: each module of the target, plus the
+        BatchNorm statistics that ``bn`` sets."""
+        states = {name: self.new_state(name, model.get_submodule(name), trial) for name in target.modules}
+        return self.bn.adjust(model, target, states)
+
+    def variants(self) -> list[tuple[dict[str, float], Reset]]:
+        """The single resets this one stands for, with the columns that tell their rows apart (``interpolate``
+        over several α gives one per α)."""
+        return [({}, self)]
+
+    def label(self) -> str:
+        return self.name
 
     def describe(self) -> str:
-        return self.name
+        """The ``reset`` column of this strategy's rows: its name and options, e.g. ``noise(scale=0.1)``."""
+        return self.label() + self.bn.label()
 
 
 class Rerandomize(Reset):
@@ -76,15 +252,17 @@ class Rerandomize(Reset):
 
     name = "rerandomize"
 
-    def __init__(self, *, seed: int = 0, fresh: Callable[[], nn.Module] | None = None):
-        super().__init__(seed=seed, fresh=fresh)
+    def __init__(self, *, seed: int = 0, fresh: Callable[[], nn.Module] | None = None, bn: str = "keep",
+                 bn_batches: int | None = None):
+        super().__init__(seed=seed, fresh=fresh, bn=bn, bn_batches=bn_batches)
         self._template: nn.Module | None = None
         self._instances: dict[int, nn.Module] = {}
 
-    def bind(self, model: nn.Module) -> Rerandomize:
-        """Remember the trained model, used when there is no factory for fresh instances."""
+    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Rerandomize:
+        """Also remember the trained model, used when there is no factory for fresh instances."""
         if self.fresh is None:
             self._template = model
+        super().bind(model, images, batch_size)
         return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
@@ -93,7 +271,9 @@ class Rerandomize(Reset):
             source = fresh.get_submodule(layer)
         except AttributeError:
             raise LayercritError(f"the fresh model has no layer {layer!r}: the factory builds another architecture") from None
-        state = {name: tensor.detach().clone() for name, tensor in module_tensors(source).items()}
+        # Not cloned: the fresh instance is dropped for the next trial, and targets sharing a module (groups,
+        # cumulative) then share one copy of its tensors.
+        state = {name: tensor.detach() for name, tensor in module_tensors(source).items()}
         own = module_tensors(module)
         if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
             raise LayercritError(f"the fresh model's {layer} differs in shape from the trained one (wrong factory?)")
@@ -124,16 +304,172 @@ class Zero(Reset):
     name = "zero"
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
-        return {name: torch.zeros_like(param) for name, param in module.named_parameters()}
+        # A broadcast zero: no memory per target, however many targets share the module.
+        return {name: torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
+                for name, p in module.named_parameters()}
 
 
-RESETS: dict[str, type[Reset]] = {cls.name: cls for cls in (Rerandomize, Zero)}
+class Rewind(Reset):
+    """The layer's state in an earlier checkpoint of the same model (``rewind --to CKPT``).
+
+    The checkpoint is read with :func:`layercrit.models.load_state_dict`; its keys may or may not carry the
+    normalising wrapper's ``model.`` prefix. Every persistent tensor of a reset layer must be in it, with the
+    trained shape. The state is the same in every trial, so the engine computes each layer once.
+    """
+
+    name = "rewind"
+
+    def __init__(self, *, checkpoint: str | Path | None = None, trust_checkpoint: bool = False, seed: int = 0,
+                 fresh: Callable[[], nn.Module] | None = None, bn: str = "keep", bn_batches: int | None = None):
+        super().__init__(seed=seed, fresh=fresh, bn=bn, bn_batches=bn_batches)
+        if checkpoint is None:
+            flag = "--init" if self.name == "reinit" else "--to"
+            raise LayercritError(f"reset {self.name!r} needs a checkpoint: {self.name} {flag} CKPT (checkpoint=...)")
+        from .models import load_state_dict
+
+        self.checkpoint = Path(checkpoint)
+        self.tensors = load_state_dict(self.checkpoint, trust_checkpoint=trust_checkpoint)
+
+    def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
+        keys = module.state_dict(keep_vars=True).keys()
+        prefixes = [f"{layer}.", f"{layer.removeprefix(WRAPPER_PREFIX)}."]
+        prefix = next((p for p in prefixes if any(k.startswith(p) for k in self.tensors)), prefixes[-1])
+        missing = [k for k in keys if prefix + k not in self.tensors]
+        if missing:
+            raise LayercritError(f"checkpoint {self.checkpoint} has no {prefix}{missing[0]} for layer {layer}: "
+                                 "give a checkpoint of the same architecture")
+        own = module_tensors(module)
+        state = {k: self.tensors[prefix + k] for k in keys}
+        wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+        if wrong:
+            raise LayercritError(f"checkpoint {self.checkpoint} has {prefix}{wrong[0]} of shape "
+                                 f"{tuple(state[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}")
+        return state
+
+    def label(self) -> str:
+        return f"{self.name}({self.checkpoint.name})"
+
+
+class Reinit(Rewind):
+    """The layer back to its weights in the initial checkpoint (Zhang, Bengio & Singer 2019, "re-initialization")."""
+
+    name = "reinit"
+
+
+class Noise(Reset):
+    """Gaussian noise added to the layer's parameters (buffers untouched).
+
+    Give ``scale`` s for noise of std s × each parameter tensor's own std (population std of its trained
+    values), or ``sigma`` for a fixed std. The noise is added to the trained values, or to ``base``'s state when
+    a base reset is given. Each (seed, trial, layer, tensor) draws its own noise, the same in every process.
+    """
+
+    name = "noise"
+
+    def __init__(self, *, scale: float | None = None, sigma: float | None = None, base: str | Reset | None = None,
+                 seed: int = 0, fresh: Callable[[], nn.Module] | None = None, bn: str = "keep",
+                 bn_batches: int | None = None, **base_options):
+        super().__init__(seed=seed, fresh=fresh, bn=bn, bn_batches=bn_batches)
+        if (scale is None) == (sigma is None):
+            raise LayercritError("reset 'noise' needs either a relative --scale S or an absolute sigma")
+        if (scale if scale is not None else sigma) < 0:
+            raise LayercritError("noise --scale must be >= 0")
+        self.scale, self.sigma = scale, sigma
+        self.base = None if base is None else get_reset(base, seed=seed, fresh=fresh, **base_options)
+        if self.base is None and base_options:
+            raise LayercritError(f"reset 'noise' takes {', '.join(base_options)} only with a --base reset")
+
+    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Noise:
+        if self.base is not None:
+            self.base.bind(model)
+        super().bind(model, images, batch_size)
+        return self
+
+    def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
+        params = dict(module.named_parameters())
+        start = self.base.new_state(layer, module, trial) if self.base is not None else {}
+        state = dict(start)
+        for name, param in params.items():
+            value = start.get(name, param.detach())
+            std = self.sigma if self.sigma is not None else float(param.detach().float().std(correction=0))
+            generator = torch.Generator().manual_seed(trial_seed(self.seed, trial, layer, name))
+            noise = torch.randn(value.shape, generator=generator).to(value.device, value.dtype)
+            state[name] = value + std * noise
+        return state
+
+    def label(self) -> str:
+        amount = f"scale={self.scale:g}" if self.scale is not None else f"sigma={self.sigma:g}"
+        return f"noise({self.base.label() + ',' if self.base is not None else ''}{amount})"
+
+
+class Interpolate(Reset):
+    """θ = (1 − α)·θ_trained + α·θ_base, for a ``base`` reset (default ``rerandomize``) and α in [0, 1].
+
+    ``alpha`` may be a list: the reset then stands for one reset per α (see :meth:`variants`), and each row
+    carries its ``alpha``. Integer buffers (``num_batches_tracked``) take the base's value only at α = 1.
+    """
+
+    name = "interpolate"
+
+    def __init__(self, *, alpha: float | Sequence[float] | None = None, base: str | Reset = "rerandomize",
+                 seed: int = 0, fresh: Callable[[], nn.Module] | None = None, bn: str = "keep",
+                 bn_batches: int | None = None, **base_options):
+        super().__init__(seed=seed, fresh=fresh, bn=bn, bn_batches=bn_batches)
+        alphas = [alpha] if isinstance(alpha, int | float) else list(alpha or [])
+        if not alphas or not all(0.0 <= a <= 1.0 for a in alphas):
+            raise LayercritError(f"reset 'interpolate' needs --alpha a[,a2,...] with every a in [0, 1], got {alpha!r}")
+        self.alphas = [float(a) for a in alphas]
+        self.base = get_reset(base, seed=seed, fresh=fresh, **base_options)
+
+    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Interpolate:
+        self.base.bind(model)
+        super().bind(model, images, batch_size)
+        return self
+
+    def variants(self) -> list[tuple[dict[str, float], Reset]]:
+        out = []
+        for alpha in self.alphas:
+            single = copy.copy(self)  # shares the base (and its fresh instances) and the traced BatchNorm policy
+            single.alphas = [alpha]
+            out.append(({"alpha": alpha}, single))
+        return out
+
+    def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
+        if len(self.alphas) != 1:
+            raise LayercritError("interpolate over several alphas: run each of variants() (measure() does)")
+        alpha = self.alphas[0]
+        trained = module_tensors(module)
+        state = {}
+        for name, value in self.base.new_state(layer, module, trial).items():
+            own = trained[name].detach()
+            if own.is_floating_point():
+                state[name] = torch.lerp(own, value.to(own.device, own.dtype), alpha)
+            else:
+                state[name] = value if alpha == 1.0 else own.clone()
+        return state
+
+    def label(self) -> str:
+        return f"interpolate({self.base.label()},alpha={'|'.join(f'{a:g}' for a in self.alphas)})"
+
+
+RESETS: dict[str, type[Reset]] = {cls.name: cls for cls in (Rerandomize, Zero, Reinit, Rewind, Noise, Interpolate)}
 
 
 def get_reset(name: str | Reset, **options) -> Reset:
-    """A reset strategy by name (``rerandomize``, ``zero``, ...) with its options (``seed``, ``fresh``, ...)."""
+    """A reset strategy by name (one of :data:`RESETS`) with its options (``seed``, ``fresh``, ``scale``, ...).
+
+    Options a strategy does not take are an error, except ``seed`` and ``fresh``, which every strategy accepts.
+    """
     if isinstance(name, Reset):
         return name
     if name not in RESETS:
         raise LayercritError(f"unknown reset {name!r}: one of {', '.join(RESETS)}")
-    return RESETS[name](**options)
+    cls = RESETS[name]
+    parameters = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        unknown = [k for k in options if k not in parameters]
+        if unknown:
+            own = [p for p in parameters if p not in ("self", "seed", "fresh", "bn", "bn_batches")]
+            raise LayercritError(f"reset {name!r} takes no option {unknown[0]!r} "
+                                 f"(its options: {', '.join(own) or 'none'})")
+    return cls(**options)
