@@ -1,0 +1,131 @@
+"""Benchmark: the same sweep with the naive engine and the default engine (fp32, bf16), side by side in one run.
+
+    .venv/bin/python benchmarks/sweep.py                 # resnet18 + resnet50 at 224 px, the trained zoo model
+    .venv/bin/python benchmarks/sweep.py --cases resnet18 --images 32
+
+The naive engine is the paper's method: for every (layer, trial) a full forward over batches decoded again from
+the JPEG files. The default engine decodes once (cold disk cache, its time included) and replays the clean prefix.
+Prints seconds, images/s (image-forwards per second over the whole sweep), the ratio to naive, the peak RSS during
+each run, and the largest difference of every metric from the naive run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+import layercrit
+from layercrit.metrics import METRIC_COLUMNS
+from layercrit.models import resolve_model
+
+CASES = {
+    # name: (model spec, data, images, trials, pretrained)
+    "resnet18": ("timm:resnet18", "jpeg224", 64, 1, False),
+    "resnet50": ("timm:resnet50", "jpeg224", 32, 1, False),
+    "fmnist": ("zoo:fmnist/baseline", "fashion-mnist", 1000, 3, True),
+}
+
+
+def synthetic_imagenet(root: Path, n: int) -> Path:
+    """JPEGs of ImageNet's typical size (500×375) in class folders, so decoding costs what it costs there."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / f"class{i % 10:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, (47, 63, 3), dtype=np.uint8)  # smooth-ish content compresses like a photo
+        image = Image.fromarray(base).resize((500, 375), Image.BILINEAR)
+        image.save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+class PeakRSS:
+    """Samples this process's resident memory while a block runs."""
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_case(name: str, images: int | None, batch_size: int, workdir: Path) -> list[dict]:
+    spec, data, n_images, trials, pretrained = CASES[name]
+    n_images = images or n_images
+    if data == "jpeg224":
+        data = str(synthetic_imagenet(workdir / "imagenet", n_images))
+    resolved = resolve_model(spec, pretrained=pretrained)
+    if spec.startswith("timm:"):  # random init with timm's zero-init of the last BN would make resets no-ops
+        import timm
+
+        arch = spec.removeprefix("timm:")
+        torch.manual_seed(0)
+        resolved.model.model = timm.create_model(arch, zero_init_last=False).eval()
+    configs = [("naive", "fp32"), ("fast", "fp32"), ("fast", "bf16")]
+    frames, rows = {}, []
+    n_layers = len(layercrit.select_layers(resolved.model, "conv,linear"))
+    for engine, precision in configs:
+        cache = Path(tempfile.mkdtemp(dir=workdir))
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            df = layercrit.measure(resolved, data, trials=trials, images=n_images, batch_size=batch_size,
+                                   engine_name=engine, precision=precision, cache_dir=cache, device="cpu")
+            seconds = time.perf_counter() - start
+        frames[(engine, precision)] = df
+        units = len(df) - 1
+        rows.append({
+            "case": name, "engine": engine, "precision": precision,
+            "res": resolved.preprocessing.crop or 28, "images": n_images, "layers": n_layers, "trials": trials,
+            "seconds": round(seconds, 1), "images/s": round(units * n_images / seconds, 1),
+            "peak_rss_gb": round(rss.peak / 2**30, 2),
+        })
+    naive = frames[("naive", "fp32")]
+    for row, key in zip(rows, frames, strict=True):
+        row["x_naive"] = round(rows[0]["seconds"] / row["seconds"], 2)
+        diff = (frames[key][list(METRIC_COLUMNS)] - naive[list(METRIC_COLUMNS)]).abs().max()
+        row["max_diff"] = f"{diff.max():.2g}"
+        row["d_top1"] = round(diff["top1_acc"], 3)
+        row["d_cos"] = f"{diff['pred_cos_sim']:.2g}"
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="resnet18,resnet50,fmnist")
+    parser.add_argument("--images", type=int, help="images per case (default: per case)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.cases.split(","):
+            rows += run_case(name, args.images, args.batch_size, Path(tmp) / name)
+            print(pd.DataFrame(rows).to_string(index=False), flush=True)
+
+
+if __name__ == "__main__":
+    main()
