@@ -2,14 +2,14 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+APT     := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean chromium
 
 setup: .venv/.installed $(FMNIST)
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
 	# torch/torchvision pinned for dev and CI: these come from the local wheel store.
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) install -q -e ".[dev]"
@@ -17,15 +17,22 @@ setup: .venv/.installed $(FMNIST)
 
 $(FMNIST):
 	@if [ "$$(id -u)" = "0" ]; then \
-		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
+		($(APT) dataset-fashion-mnist || (apt-get update -qq && $(APT) dataset-fashion-mnist)); \
 	else \
 		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (or pass --data-root DIR with the IDX .gz files)"; exit 1; \
+	fi
+
+# Headless Chromium checks the HTML report in a test (the test is skipped, saying why, when it is absent).
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = "0" ]; then ($(APT) chromium || (apt-get update -qq && $(APT) chromium)); \
+		else echo "note: install chromium ('sudo apt-get install chromium') to run the HTML report test"; fi; \
 	fi
 
 demo: setup
 	.venv/bin/layercrit demo --out runs/demo
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q
 
 lint: setup
