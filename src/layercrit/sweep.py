@@ -48,7 +48,7 @@ from .errors import LayercritError
 from .layers import select_layers
 from .measure import COLUMNS, measure
 from .models import ResolvedModel, resolve_model
-from .resets import RESETS
+from .resets import RESETS, get_reset
 from .store import Store, Unit, export_frame
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,12 @@ class SweepConfig:
         bad = [r for r in self.reset if r not in RESETS]
         if bad or not self.reset:
             raise LayercritError(f"{source}: unknown reset {', '.join(map(repr, bad)) or '(none)'}; use one or a list of {', '.join(RESETS)}")
+        for name in self.reset:
+            try:
+                get_reset(name)
+            except LayercritError as error:  # a reset with required options (reinit, noise, ...)
+                raise LayercritError(f"{source}: {error}; a sweep takes resets without options, "
+                                     "use 'layercrit run' for this one") from None
         EngineOptions(engine=self.engine, precision=self.precision, batch_size=self.batch_size)
 
     def to_dict(self) -> dict:
