@@ -135,7 +135,7 @@ def test_the_same_measurement_twice_is_an_error():
     ("model.fc", None, "[Head] fc"),
     ("model.head.fc", None, "[Head] head.fc"),
     ("model.conv1", "7x7", "[0.0] conv1:7x7"),
-    ("model.blocks.3.attn.qkv", None, "blocks.3.attn.qkv"),
+    ("model.blocks.3.attn.qkv", None, "[3] attn.qkv"),
 ])
 def test_display_names_follow_the_paper(name, kernel, shown):
     assert analysis.display_layer(name, analysis._kernel_text(kernel)) == shown

@@ -47,8 +47,21 @@ AXIS_LABELS = {
 RESULT_KEYS = ("model_id", "layer", "trial")
 META_FIELDS = ("category", "display", "accuracy", "budget", "norm")
 
-_STAGE = re.compile(r"^layer(\d+)\.(\d+)\.(.+)$")
-_HEAD_MODULES = {"fc", "head", "classifier"}
+# Block positions in each family's module names (without ``model.``), tried in order: [stage.block] operator.
+_FAMILIES = tuple(re.compile(p) for p in (
+    r"^layer(\d+)\.(\d+)(?:\.(.+))?$",  # ResNet (timm, torchvision)
+    r"^stages\.(\d+)\.blocks\.(\d+)(?:\.(.+))?$",  # ConvNeXt and other timm stage/block models
+    r"^layers\.(\d+)\.blocks\.(\d+)(?:\.(.+))?$",  # Swin
+    r"^s(\d+)\.b(\d+)(?:\.(.+))?$",  # RegNet
+    r"^blocks\.(\d+)\.(\d+)(?:\.(.+))?$",  # EfficientNet, MobileNetV3
+    r"^features\.denseblock(\d+)\.denselayer(\d+)(?:\.(.+))?$",  # DenseNet
+    r"^blocks\.(\d+)(?:\.(.+))?$",  # ViT, DeiT (timm)
+    r"^encoder\.layers\.encoder_layer_(\d+)(?:\.(.+))?$",  # ViT (torchvision)
+    r"^(?:stages|layers)\.(\d+)(?:\.(.+))?$",  # a stage's own layers (ConvNeXt downsample, Swin patch merging)
+))
+_STEM_MODULES = {"stem", "patch_embed"}
+_HEAD_MODULES = {"fc", "head", "heads", "classifier", "conv_head", "fc_norm"}
+_CUMULATIVE = {"prefix": "up to", "suffix": "from"}
 _OPERATORS = {"downsample.0": "downsample", "downsample.1": "downsample bn"}
 _BUDGET = re.compile(
     r"^(?:(?P<norm>l\d|linf|l∞)\s*[:,]?\s*)?(?:(?:eps|ε|epsilon)\s*=?\s*)?"
@@ -230,15 +243,26 @@ def layer_order(results: pd.DataFrame) -> list[str]:
 
 def display_layer(name: str, kernel: Any = None) -> str:
     """A short readable layer name: ``model.layer1.0.conv1`` → ``[1.0] conv1:1x1`` (with the kernel size when
-    known), ``model.fc`` → ``[Head] fc``, ``model.conv1`` → ``[0.0] conv1``; other names lose only ``model.``."""
+    known), ``model.fc`` → ``[Head] fc``, ``model.conv1`` → ``[0.0] conv1``. Other families get their block
+    position the same way (``blocks.3.attn.qkv`` → ``[3] attn.qkv``, ``stages.1.blocks.2.conv_dw`` →
+    ``[1.2] conv_dw``, ``s2.b1.conv1.conv`` → ``[2.1] conv1.conv``); a group is shown by its position alone
+    (``model.layer1.0`` → ``[1.0]``), a cumulative target as ``up to …`` / ``from …``; other names lose only
+    ``model.``."""
+    mode, _, rest = name.partition(":")
+    if mode in _CUMULATIVE and rest:
+        return f"{_CUMULATIVE[mode]} {display_layer(rest, kernel)}"
     short = name.removeprefix("model.")
     suffix = f":{kernel}" if kernel else ""
-    stage = _STAGE.match(short)
-    if stage:
-        return f"[{stage[1]}.{stage[2]}] {_OPERATORS.get(stage[3], stage[3])}{suffix}"
-    if short.split(".")[0] in _HEAD_MODULES:
+    for family in _FAMILIES:
+        match = family.match(short)
+        if match:
+            *position, operator = match.groups()
+            shown = f"[{'.'.join(position)}]"
+            return f"{shown} {_OPERATORS.get(operator, operator)}{suffix}" if operator else shown
+    first = short.split(".")[0]
+    if first in _HEAD_MODULES:
         return f"[Head] {short}{suffix}"
-    if "." not in short:
+    if "." not in short or first in _STEM_MODULES:
         return f"[0.0] {short}{suffix}"
     return f"{short}{suffix}"
 
@@ -303,6 +327,46 @@ def layer_criticality(
     columns = ["model_id", "layer", "layer_display", "depth", "relative_depth", "criticality_mean",
                "criticality_std", "trials"]
     return table[columns].reset_index(drop=True)
+
+
+def interpolation_curves(results: pd.DataFrame, metric: str = "cos") -> pd.DataFrame:
+    """Criticality along an interpolation sweep (``--reset interpolate --alpha a1,a2,...``), per layer.
+
+    Returns:
+        One row per (model_id, reset, layer, alpha), in network order then α: ``criticality_mean`` (over
+        trials, percent) and ``layer_display``. ``reset`` is the strategy without its α
+        (``interpolate(rerandomize)``), so sweeps over different bases stay apart.
+    """
+    if metric not in METRICS:
+        raise LayercritError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    if "alpha" not in results.columns or results["alpha"].isna().all():
+        raise LayercritError("results have no alpha column: measure with --reset interpolate --alpha a1,a2,...")
+    rows = results[results["alpha"].notna() & (results["layer"] != ORIGINAL)]
+    rows = rows.assign(reset=rows["reset"].astype(str).str.replace(r",alpha=[^)]*", "", regex=True),
+                       _crit=100.0 * (1.0 - rows[METRICS[metric][0]].astype(float)))
+    depth = {name: i for i, name in enumerate(layer_order(rows))}
+    table = (rows.groupby(["model_id", "reset", "layer", "alpha"], sort=False)["_crit"].mean()
+             .rename("criticality_mean").reset_index())
+    table = table.assign(_depth=table["layer"].map(depth)).sort_values(["model_id", "reset", "_depth", "alpha"],
+                                                                       kind="stable")
+    table.insert(3, "layer_display", [display_layer(name) for name in table["layer"]])
+    return table.drop(columns="_depth").reset_index(drop=True)
+
+
+def interpolation_area(curves: pd.DataFrame) -> pd.DataFrame:
+    """The area under each curve of :func:`interpolation_curves` (trapezoids over the measured α, percent × α).
+
+    Over α from 0 to 1 the area is the mean criticality along the path; a layer that stays robust until large α
+    has a small area. Returns one row per (model_id, reset, layer) with ``area``, ``alpha_min``, ``alpha_max``.
+    """
+    def area(curve: pd.DataFrame) -> pd.Series:
+        if len(curve) < 2:
+            raise LayercritError("the area under a curve needs at least two alphas: --alpha 0,0.25,0.5,0.75,1")
+        return pd.Series({"area": float(np.trapezoid(curve["criticality_mean"], curve["alpha"])),
+                          "alpha_min": curve["alpha"].min(), "alpha_max": curve["alpha"].max()})
+
+    keys = ["model_id", "reset", "layer", "layer_display"]
+    return curves.groupby(keys, sort=False)[["alpha", "criticality_mean"]].apply(area).reset_index()
 
 
 # ---------------------------------------------------------------- per-model table
