@@ -146,3 +146,21 @@ def test_a_group_of_modules_reset_together_agrees_across_engines():
     for fast, naive in zip(rows["fast"], rows["naive"], strict=True):
         assert fast["pred_cos_sim"] == pytest.approx(naive["pred_cos_sim"], abs=1e-6)
     assert rows["fast"][1]["criticality"] > 0
+
+
+def test_target_ci_stops_units_early_on_the_same_image_order_and_reports_their_width():
+    resolved = timm_model("resnet18", zero_init_last=False)
+    data = images(16, n=120)
+    full = layercrit.measure(resolved, data, layers="layer4.1.conv2,fc", trials=1, batch_size=10)
+    adaptive = layercrit.measure(resolved, data, layers="layer4.1.conv2,fc", trials=1, batch_size=10,
+                                 target_ci=0.45)
+    rows = adaptive[adaptive.layer != "original"]
+    assert (rows.n_images < 120).all() and (rows.n_images % 10 == 0).all()
+    assert (rows.criticality_ci <= 0.45).all() and (rows.top1_ci <= 45).all()
+    assert adaptive[adaptive.layer == "original"].n_images.item() == 120
+    assert full.criticality_ci.isna().all()
+    # Stopping after n images gives the numbers a full run over those same first n images gives.
+    n = int(rows.n_images.iloc[0])
+    prefix = layercrit.measure(resolved, (data[0][:n], data[1][:n]), layers="layer4.1.conv2", trials=1,
+                               batch_size=10)
+    assert prefix.criticality.iloc[1] == pytest.approx(rows.criticality.iloc[0], abs=1e-9)

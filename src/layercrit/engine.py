@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ class EngineOptions:
     max_cache_mb: float = 4096.0
     compile: bool = False
     progress: bool = True
+    target_ci: float | None = None  # stop a unit once its criticality and top-1 are known to ± this (fraction)
+    ci_alpha: float = 0.05
 
     def __post_init__(self) -> None:
         from .errors import LayercritError
@@ -60,6 +62,8 @@ class EngineOptions:
             raise LayercritError(f"unknown precision {self.precision!r}: one of {', '.join(PRECISIONS)}")
         if self.batch_size < 1:
             raise LayercritError("--batch-size must be at least 1")
+        if self.target_ci is not None and not 0 < self.target_ci < 1:
+            raise LayercritError("--target-ci is a half-width as a fraction, e.g. 0.01 (one point of top-1)")
 
 
 @dataclass
@@ -94,6 +98,8 @@ def run(
     """
     device = torch.device(options.device)
     model = model.eval().to(device)
+    if options.precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("this CPU has no native bf16: --precision bf16 will be slower than fp32 here")
     channels_last = options.channels_last if options.channels_last is not None else device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -102,7 +108,7 @@ def run(
 
     original = Unit(layer=None, trial=0, computed_in_trial=0)
     targets = [t if isinstance(t, Target) else Target(t, [t]) for t in layers]
-    plans = _plan_units(model, targets, reset, trials)
+    plans = _plan_units(model, targets, reset, trials, alpha=options.ci_alpha if options.target_ci else None)
     n_computed = sum(len(plan.computed) for plan in plans)
     with _progress(options.progress, n_computed, len(evalset), options.batch_size) as bar:
         if options.engine == "naive" or options.compile:
@@ -147,7 +153,9 @@ class LayerPlan:
         self.apply(model, self.trained)
 
 
-def _plan_units(model: nn.Module, targets: Sequence[Target], reset: Reset, trials: Sequence[int]) -> list[LayerPlan]:
+def _plan_units(
+    model: nn.Module, targets: Sequence[Target], reset: Reset, trials: Sequence[int], alpha: float | None = None
+) -> list[LayerPlan]:
     new_states: dict[tuple[str, int], ModelState] = {}
     for trial in trials:  # trial-outer: rerandomize builds one fresh instance per trial
         for target in targets:
@@ -161,7 +169,7 @@ def _plan_units(model: nn.Module, targets: Sequence[Target], reset: Reset, trial
             state = new_states.pop((target.name, trial))
             earlier = next((unit for s, unit in computed if _same_state(s, state)), None)
             if earlier is None:
-                unit = Unit(layer=target.name, trial=trial, computed_in_trial=trial)
+                unit = Unit(layer=target.name, trial=trial, computed_in_trial=trial, metrics=PredictionMetrics(alpha))
                 computed.append((state, unit))
             else:
                 unit = Unit(layer=target.name, trial=trial, computed_in_trial=earlier.trial, metrics=earlier.metrics)
@@ -197,6 +205,8 @@ class _Evaluator:
     def __init__(self, model, forward, evalset: EvalSet, options: EngineOptions, device, channels_last: bool):
         self.model = model
         self.forward = forward
+        if device.type == "cuda" and options.engine != "naive":
+            evalset = replace(evalset, images=evalset.images.to(device))  # decoded once, kept on the GPU
         self.evalset = evalset
         self.options = options
         self.device = device
@@ -212,6 +222,10 @@ class _Evaluator:
         dtype = PRECISIONS[self.options.precision]
         with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return self.forward(x).float()
+
+    def settled(self, unit: Unit) -> bool:
+        """With --target-ci: the unit's estimates are tight enough; it skips the remaining batches."""
+        return self.options.target_ci is not None and unit.metrics.settled(self.options.target_ci)
 
     def batches(self, redecode: bool = False):
         return self.evalset.batches(self.options.batch_size, redecode=redecode)
@@ -230,6 +244,8 @@ class _Evaluator:
                 plan.apply(self.model, state)
                 try:
                     for b, (_, images, labels) in enumerate(self.batches(redecode)):
+                        if self.settled(unit):
+                            break
                         unit.metrics.update(self.logits(self.inputs(images)).cpu(), self.clean_logits[b], labels)
                         bar.update(1)
                 finally:
@@ -275,12 +291,16 @@ class _Evaluator:
                 with _replaying(self.model, plan.replayed, outputs):
                     try:
                         for state, unit in plan.computed:
+                            if self.settled(unit):
+                                continue
                             plan.apply(self.model, state)
                             unit.metrics.update(self.logits(x).cpu(), clean, labels)
                             bar.update(1)
                     finally:
                         plan.restore(self.model)
             del outputs
+            if not first_chunk and all(self.settled(u) for plan in chunk for _, u in plan.computed):
+                break
 
 
 # ---------------------------------------------------------------- prefix replay

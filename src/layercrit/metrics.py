@@ -11,24 +11,36 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .confidence import BettingCS
+
 METRIC_COLUMNS = (
     "top1_acc", "top5_acc", "loss", "recovered_acc", "pred_cos_sim", "pred_l1_err", "pred_l2_err",
     "pred_ce_loss", "pred_kl", "agreement", "criticality", "nonfinite", "n_images",
+    "criticality_ci", "top1_ci",
 )
 
 
 class PredictionMetrics:
     """Running sums of per-image metrics for one (layer, trial); :meth:`result` gives the row's values.
 
+    With ``alpha`` set, also tracks confidence sequences (level 1 − alpha) for the per-image criticality and
+    top-1, whose half-widths are reported as ``criticality_ci`` (fraction) and ``top1_ci`` (points).
+
     Images whose logits are not finite count as wrong, are flagged in ``nonfinite``, and get the most
     dissimilar value each similarity can take (cosine 0, L1 2, L2 √2, agreement 0); loss, ``pred_ce_loss``
     and ``pred_kl`` average over the finite images only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, alpha: float | None = None) -> None:
         self.n = 0
         self.n_finite = 0
         self.sums = dict.fromkeys(("top1", "top5", "loss", "cos", "l1", "l2", "ce", "kl", "agree"), 0.0)
+        # With --target-ci: confidence sequences for per-image criticality and top-1 (see confidence.py).
+        self.sequences = (BettingCS(alpha), BettingCS(alpha)) if alpha else None
+
+    def settled(self, target: float) -> bool:
+        """Both confidence sequences are narrower than ``target`` (a half-width, as a fraction)."""
+        return self.sequences is not None and all(cs.half_width <= target for cs in self.sequences)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, clean_logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -61,6 +73,10 @@ class PredictionMetrics:
                                 reduction="sum", log_target=True).item()
         self.n += len(labels)
         self.n_finite += int(finite.sum().item())
+        if self.sequences is not None:
+            per_image_criticality = torch.where(finite, 1 - cos, 1.0).clamp(0, 1)
+            self.sequences[0].update(per_image_criticality.cpu().numpy())
+            self.sequences[1].update(hit[:, 0].double().cpu().numpy())
 
     def result(self, clean_top1: float | None = None) -> dict[str, float]:
         n, nf, s = max(self.n, 1), max(self.n_finite, 1), self.sums
@@ -80,4 +96,6 @@ class PredictionMetrics:
             "criticality": 1.0 - cos,
             "nonfinite": self.n - self.n_finite,
             "n_images": self.n,
+            "criticality_ci": self.sequences[0].half_width if self.sequences else float("nan"),
+            "top1_ci": 100.0 * self.sequences[1].half_width if self.sequences else float("nan"),
         }
