@@ -72,7 +72,15 @@ class PeakRSS:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(name: str, images: int | None, batch_size: int, workdir: Path) -> list[dict]:
+CONFIGS = {  # name: (engine, precision, channels_last)
+    "naive": ("naive", "fp32", False),
+    "fast": ("fast", "fp32", False),
+    "fast-nhwc": ("fast", "fp32", True),
+    "fast-bf16": ("fast", "bf16", False),
+}
+
+
+def run_case(name: str, images: int | None, batch_size: int, workdir: Path, config_names: list[str]) -> list[dict]:
     spec, data, n_images, trials, pretrained = CASES[name]
     n_images = images or n_images
     if data == "jpeg224":
@@ -84,25 +92,26 @@ def run_case(name: str, images: int | None, batch_size: int, workdir: Path) -> l
         arch = spec.removeprefix("timm:")
         torch.manual_seed(0)
         resolved.model.model = timm.create_model(arch, zero_init_last=False).eval()
-    configs = [("naive", "fp32"), ("fast", "fp32"), ("fast", "bf16")]
+    configs = [CONFIGS[c] for c in config_names]
     frames, rows = {}, []
     n_layers = len(layercrit.select_layers(resolved.model, "conv,linear"))
-    for engine, precision in configs:
+    for engine, precision, channels_last in configs:
         cache = Path(tempfile.mkdtemp(dir=workdir))
         with PeakRSS() as rss:
             start = time.perf_counter()
             df = layercrit.measure(resolved, data, trials=trials, images=n_images, batch_size=batch_size,
-                                   engine_name=engine, precision=precision, cache_dir=cache, device="cpu")
+                                   engine_name=engine, precision=precision, cache_dir=cache, device="cpu",
+                                   channels_last=channels_last)
             seconds = time.perf_counter() - start
-        frames[(engine, precision)] = df
+        frames[(engine, precision, channels_last)] = df
         units = len(df) - 1
         rows.append({
-            "case": name, "engine": engine, "precision": precision,
+            "case": name, "engine": engine, "precision": precision, "layout": "NHWC" if channels_last else "NCHW",
             "res": resolved.preprocessing.crop or 28, "images": n_images, "layers": n_layers, "trials": trials,
             "seconds": round(seconds, 1), "images/s": round(units * n_images / seconds, 1),
             "peak_rss_gb": round(rss.peak / 2**30, 2),
         })
-    naive = frames[("naive", "fp32")]
+    naive = frames[("naive", "fp32", False)]
     for row, key in zip(rows, frames, strict=True):
         row["x_naive"] = round(rows[0]["seconds"] / row["seconds"], 2)
         diff = (frames[key][list(METRIC_COLUMNS)] - naive[list(METRIC_COLUMNS)]).abs().max()
@@ -117,13 +126,17 @@ def main() -> None:
     parser.add_argument("--cases", default="resnet18,resnet50,fmnist")
     parser.add_argument("--images", type=int, help="images per case (default: per case)")
     parser.add_argument("--batch-size", type=int, default=32)
+    default = "naive,fast,fast-nhwc,fast-bf16"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        default = "naive,fast,fast-nhwc"  # bf16 is emulated (several times slower than fp32) on such CPUs
+    parser.add_argument("--configs", default=default, help=f"comma list of {', '.join(CONFIGS)} (naive first)")
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):
-            rows += run_case(name, args.images, args.batch_size, Path(tmp) / name)
+            rows += run_case(name, args.images, args.batch_size, Path(tmp) / name, args.configs.split(","))
             print(pd.DataFrame(rows).to_string(index=False), flush=True)
 
 

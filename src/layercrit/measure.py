@@ -54,6 +54,7 @@ def measure(
     precision: str = "fp32",
     max_cache_mb: float = 4096.0,
     compile: bool = False,
+    channels_last: bool | None = None,
     target_ci: float | None = None,
     progress: bool = False,
     on_rows: Callable[[pd.DataFrame], None] | None = None,
@@ -82,6 +83,8 @@ def measure(
         resize, crop, interpolation: override the image-folder transform instead of the model's pretrained
             config (``resize=256, crop=224`` is the paper's transform for every model; interpolation then defaults
             to bilinear, as in the paper).
+        channels_last: run convolutions in NHWC layout (default: on CUDA only); changes fp32 results in the last
+            bits, not beyond.
         target_ci: stop evaluating a (layer, trial) once the 95% confidence sequences of its criticality and top-1
             (fractions) are narrower than ± this; rows then report their own ``n_images``, ``criticality_ci`` and
             ``top1_ci``. Images are always taken in the same order, so rows stay comparable.
@@ -113,7 +116,7 @@ def measure(
     strategy.bind(resolved.model, evalset.images, batch_size)
     options = engine.EngineOptions(engine=engine_name, batch_size=batch_size, device=device, precision=precision,
                                    max_cache_mb=max_cache_mb, compile=compile, progress=progress,
-                                   target_ci=target_ci)
+                                   channels_last=channels_last, target_ci=target_ci)
     meta = {
         "model_id": model_id or resolved.spec,
         "seed": seed,
