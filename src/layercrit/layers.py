@@ -160,8 +160,9 @@ def block_units(model: nn.Module, level: str = "blocks") -> list[str]:
     module whose children named like positions (``0``, ``layer3``, ``s2``, ``encoder_layer_4``) that have
     children of their own are all of one class, at least one holding two or more weight layers (conv, linear,
     attention; norms do not count). Those children are the container's units. Blocks are the units of the
-    innermost containers (no container inside their units), stages those of the outermost (inside no unit). In
-    a model with one level of repetition, such as a ViT, stages and blocks are the same modules.
+    innermost containers (no container inside them) holding two or more weight layers; stages are the units of
+    the outermost containers (inside no unit). In a model with one level of repetition, such as a ViT, stages
+    and blocks are the same modules.
     """
     if level not in GROUPINGS:
         raise LayercritError(f"unknown grouping {level!r}: one of {', '.join(GROUPINGS)}")
@@ -179,7 +180,7 @@ def block_units(model: nn.Module, level: str = "blocks") -> list[str]:
     owner = {unit: name for name, kids in containers.items() for unit in kids}
     units = [name for name, _ in model.named_modules() if name in owner]  # network order
     if level == "blocks":
-        return [u for u in units if not any(c == u or _inside(c, u) for c in containers)]
+        return [u for u in units if weights.get(u, 0) >= 2 and not any(c == u or _inside(c, u) for c in containers)]
     return [u for u in units if not any(owner[u] == other or _inside(owner[u], other) for other in units)]
 
 

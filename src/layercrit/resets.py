@@ -391,7 +391,8 @@ class Noise(Reset):
         state = dict(start)
         for name, param in params.items():
             value = start.get(name, param.detach())
-            std = self.sigma if self.sigma is not None else float(param.detach().float().std(correction=0))
+            spread = float(param.detach().float().std(correction=0))
+            std = self.sigma if self.sigma is not None else self.scale * spread
             generator = torch.Generator().manual_seed(trial_seed(self.seed, trial, layer, name))
             noise = torch.randn(value.shape, generator=generator).to(value.device, value.dtype)
             state[name] = value + std * noise
