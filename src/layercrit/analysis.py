@@ -47,22 +47,23 @@ AXIS_LABELS = {
 RESULT_KEYS = ("model_id", "layer", "trial")
 META_FIELDS = ("category", "display", "accuracy", "budget", "norm")
 
-# Block positions in each family's module names (without ``model.``), tried in order: [stage.block] operator.
-_FAMILIES = tuple(re.compile(p) for p in (
-    r"^layer(\d+)\.(\d+)(?:\.(.+))?$",  # ResNet (timm, torchvision)
-    r"^stages\.(\d+)\.blocks\.(\d+)(?:\.(.+))?$",  # ConvNeXt and other timm stage/block models
-    r"^layers\.(\d+)\.blocks\.(\d+)(?:\.(.+))?$",  # Swin
-    r"^s(\d+)\.b(\d+)(?:\.(.+))?$",  # RegNet
-    r"^blocks\.(\d+)\.(\d+)(?:\.(.+))?$",  # EfficientNet, MobileNetV3
-    r"^features\.denseblock(\d+)\.denselayer(\d+)(?:\.(.+))?$",  # DenseNet
-    r"^blocks\.(\d+)(?:\.(.+))?$",  # ViT, DeiT (timm)
-    r"^encoder\.layers\.encoder_layer_(\d+)(?:\.(.+))?$",  # ViT (torchvision)
-    r"^(?:stages|layers)\.(\d+)(?:\.(.+))?$",  # a stage's own layers (ConvNeXt downsample, Swin patch merging)
+_OPERATORS = {"downsample.0": "downsample", "downsample.1": "downsample bn"}
+# Block positions in each family's module names (without ``model.``), tried in order: [stage.block] operator,
+# with the family's operator names (ResNet's downsample.0/1 are its conv and BatchNorm, ConvNeXt's are not).
+_FAMILIES = tuple((re.compile(pattern), operators) for pattern, operators in (
+    (r"^layer(\d+)\.(\d+)(?:\.(.+))?$", _OPERATORS),  # ResNet (timm, torchvision)
+    (r"^stages\.(\d+)\.blocks\.(\d+)(?:\.(.+))?$", {}),  # ConvNeXt and other timm stage/block models
+    (r"^layers\.(\d+)\.blocks\.(\d+)(?:\.(.+))?$", {}),  # Swin
+    (r"^s(\d+)\.b(\d+)(?:\.(.+))?$", {}),  # RegNet
+    (r"^blocks\.(\d+)\.(\d+)(?:\.(.+))?$", {}),  # EfficientNet, MobileNetV3
+    (r"^features\.denseblock(\d+)\.denselayer(\d+)(?:\.(.+))?$", {}),  # DenseNet
+    (r"^blocks\.(\d+)(?:\.(.+))?$", {}),  # ViT, DeiT (timm)
+    (r"^encoder\.layers\.encoder_layer_(\d+)(?:\.(.+))?$", {}),  # ViT (torchvision)
+    (r"^(?:stages|layers)\.(\d+)(?:\.(.+))?$", {}),  # a stage's own layers (ConvNeXt downsample, Swin merging)
 ))
 _STEM_MODULES = {"stem", "patch_embed"}
 _HEAD_MODULES = {"fc", "head", "heads", "classifier", "conv_head", "fc_norm"}
 _CUMULATIVE = {"prefix": "up to", "suffix": "from"}
-_OPERATORS = {"downsample.0": "downsample", "downsample.1": "downsample bn"}
 _BUDGET = re.compile(
     r"^(?:(?P<norm>l\d|linf|l∞)\s*[:,]?\s*)?(?:(?:eps|ε|epsilon)\s*=?\s*)?"
     r"(?P<num>\d*\.?\d+(?:e[-+]?\d+)?)(?:\s*/\s*(?P<den>\d*\.?\d+))?$",
@@ -253,12 +254,12 @@ def display_layer(name: str, kernel: Any = None) -> str:
         return f"{_CUMULATIVE[mode]} {display_layer(rest, kernel)}"
     short = name.removeprefix("model.")
     suffix = f":{kernel}" if kernel else ""
-    for family in _FAMILIES:
+    for family, operators in _FAMILIES:
         match = family.match(short)
         if match:
             *position, operator = match.groups()
             shown = f"[{'.'.join(position)}]"
-            return f"{shown} {_OPERATORS.get(operator, operator)}{suffix}" if operator else shown
+            return f"{shown} {operators.get(operator, operator)}{suffix}" if operator else shown
     first = short.split(".")[0]
     if first in _HEAD_MODULES:
         return f"[Head] {short}{suffix}"
