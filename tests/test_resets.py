@@ -1,5 +1,6 @@
 """Reset strategies beyond the paper's: checkpoints, noise, interpolation, and BatchNorm statistics around a reset."""
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +8,7 @@ from torch import nn
 
 import layercrit
 from layercrit import analysis
+from layercrit.cli import main
 from layercrit.errors import LayercritError
 from layercrit.layers import Target
 from layercrit.metrics import METRIC_COLUMNS
@@ -299,3 +301,45 @@ def test_targets_sharing_a_module_share_one_copy_of_its_rerandomized_tensors(tin
     assert block["model.conv1"]["weight"].data_ptr() == alone["model.conv1"]["weight"].data_ptr()
     trained = tiny_model.model.get_submodule("model.conv1").weight
     assert alone["model.conv1"]["weight"].data_ptr() != trained.data_ptr()
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def fmnist_checkpoints(tmp_path):
+    """Two random Fashion-MNIST ResNet-8 checkpoints: trained.pth and its init.pth."""
+    for name, seed in (("init.pth", 0), ("trained.pth", 1)):
+        torch.manual_seed(seed)
+        net = layercrit.resolve_model("layercrit:fmnist_resnet8", pretrained=False).model.model
+        torch.save(net.state_dict(), tmp_path / name)
+    return tmp_path / "trained.pth", tmp_path / "init.pth"
+
+
+def test_run_command_takes_reset_options_batchnorm_statistics_and_groups(fmnist_checkpoints, tmp_path, capsys):
+    trained, init = fmnist_checkpoints
+    code = main(["run", "--model", str(trained), "--arch", "layercrit:fmnist_resnet8", "--data", "fashion-mnist",
+                 "--images", "16", "--batch-size", "8", "--trials", "1", "--reset", "interpolate", "--alpha", "0.5,1",
+                 "--base", "reinit", "--init", str(init), "--bn", "recalibrate", "2", "--groups", "blocks",
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    df = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert set(df.alpha) == {0.5, 1.0}
+    assert set(df.reset) == {"interpolate(reinit(init.pth),alpha=0.5)+bn-recalibrate2",
+                             "interpolate(reinit(init.pth),alpha=1)+bn-recalibrate2"}
+    assert list(df[df.alpha == 1.0].layer) == ["original", "model.conv1", "model.layer1.0", "model.layer2.0",
+                                               "model.layer3.0", "model.fc"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--bn", "recalibrate", "x"], "--bn recalibrate x: use keep, reset or recalibrate K (K a number of batches)"),
+    (["--reset", "noise"], "reset 'noise' needs either a relative --scale S or an absolute sigma"),
+    (["--scale", "0.1"], "reset 'rerandomize' takes no option 'scale' (its options: none)"),
+    (["--reset", "interpolate", "--alpha", "0.5,x"], "--alpha '0.5,x': give numbers, comma separated"),
+    (["--groups", "block"], "--groups 'block' is neither blocks nor stages nor a group file (YAML/JSON)"),
+])
+def test_run_command_reports_reset_mistakes_in_one_line(fmnist_checkpoints, tmp_path, capsys, argv, message):
+    trained, _ = fmnist_checkpoints
+    code = main(["run", "--model", str(trained), "--arch", "layercrit:fmnist_resnet8", "--data", "fashion-mnist",
+                 "--images", "8", "--trials", "1", "--out", str(tmp_path / "out"), "--quiet", *argv])
+    assert code == 2 and capsys.readouterr().err.strip() == f"layercrit: error: {message}"
