@@ -120,7 +120,10 @@ def _cmd_run(args) -> int:
         compile=args.compile, target_ci=args.target_ci, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out),
     )
     csv_path, _ = write_results(df, out)
-    print_summary(df)
+    for reset, rows in df.groupby("reset", sort=False):  # interpolate: one summary per alpha
+        if df.reset.nunique() > 1:
+            print(f"reset {reset}:")
+        print_summary(rows)
     print(f"results: {csv_path} and {csv_path.with_suffix('.parquet')}")
     return 0
 
