@@ -55,7 +55,7 @@ def data():
 
 
 def assert_engines_agree(resolved, data, **options):
-    fast = layercrit.measure(resolved, data, trials=1, batch_size=2, **options)
+    fast = layercrit.measure(resolved, data, trials=1, batch_size=2, channels_last=False, **options)
     naive = layercrit.measure(resolved, data, trials=1, batch_size=2, engine_name="naive", **options)
     assert list(fast.layer) == list(naive.layer)
     assert (fast[list(METRIC_COLUMNS)] - naive[list(METRIC_COLUMNS)]).abs().max().max() <= 1e-5

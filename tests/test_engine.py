@@ -26,7 +26,8 @@ def images(size, n=6, chans=3):
 
 
 def assert_engines_agree(resolved, data, layers="conv,linear", trials=2, batch_size=4):
-    fast = layercrit.measure(resolved, data, layers=layers, trials=trials, batch_size=batch_size)
+    """Same memory layout in both (NCHW): prefix replay itself must not change a single bit."""
+    fast = layercrit.measure(resolved, data, layers=layers, trials=trials, batch_size=batch_size, channels_last=False)
     naive = layercrit.measure(resolved, data, layers=layers, trials=trials, batch_size=batch_size,
                               engine_name="naive")
     assert list(fast.layer) == list(naive.layer)
@@ -121,6 +122,16 @@ def test_resets_take_effect_under_torch_compile(tiny_model, tiny_data):
     assert row.criticality == pytest.approx(eager[eager.layer == "model.fc"].criticality.item(), abs=1e-5)
 
 
+def test_default_nhwc_layout_changes_fp32_results_only_in_the_last_bits():
+    resolved = timm_model("resnet18", zero_init_last=False)
+    data = images(32, n=16)
+    default = layercrit.measure(resolved, data, trials=1, batch_size=8)
+    naive = layercrit.measure(resolved, data, trials=1, batch_size=8, engine_name="naive")
+    assert (default.top1_acc == naive.top1_acc).all() and (default.agreement == naive.agreement).all()
+    assert (default.pred_cos_sim - naive.pred_cos_sim).abs().max() < 1e-6
+    assert (default.loss - naive.loss).abs().max() < 1e-4
+
+
 def test_bf16_stays_close_to_fp32(tiny_model, tiny_data):
     fp32 = layercrit.measure(tiny_model, tiny_data, trials=1)
     bf16 = layercrit.measure(tiny_model, tiny_data, trials=1, precision="bf16")
@@ -140,7 +151,7 @@ def test_a_group_of_modules_reset_together_agrees_across_engines():
     rows = {}
     for name in ("fast", "naive"):
         reset = Rerandomize(seed=0, fresh=resolved.fresh)
-        options = engine.EngineOptions(engine=name, batch_size=4, progress=False)
+        options = engine.EngineOptions(engine=name, batch_size=4, progress=False, channels_last=False)
         rows[name] = engine.run(resolved.model, evalset, [block, "model.fc"], reset, [0, 1], options)
     assert [r["layer"] for r in rows["fast"]] == ["original", "layer2.1", "layer2.1", "model.fc", "model.fc"]
     for fast, naive in zip(rows["fast"], rows["naive"], strict=True):

@@ -83,8 +83,8 @@ def measure(
         resize, crop, interpolation: override the image-folder transform instead of the model's pretrained
             config (``resize=256, crop=224`` is the paper's transform for every model; interpolation then defaults
             to bilinear, as in the paper).
-        channels_last: run convolutions in NHWC layout (default: on CUDA only); changes fp32 results in the last
-            bits, not beyond.
+        channels_last: run convolutions in NHWC layout (default: on for the fast engine, off for the naive one);
+            it changes fp32 results in the last bits only (see BENCHMARKS.md).
         target_ci: stop evaluating a (layer, trial) once the 95% confidence sequences of its criticality and top-1
             (fractions) are narrower than ± this; rows then report their own ``n_images``, ``criticality_ci`` and
             ``top1_ci``. Images are always taken in the same order, so rows stay comparable.
