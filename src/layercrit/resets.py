@@ -24,8 +24,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .data import to_model_input
 from .errors import LayercritError
 from .layers import WRAPPER_PREFIX, Target
+from .models import load_state_dict
 
 State = dict[str, torch.Tensor]  # one module's tensors by name
 ModelState = dict[str, State]  # several modules' states by module name
@@ -130,7 +132,7 @@ class BatchNormStats:
                 bn.train()
             with torch.no_grad():
                 for images in self._calibration:
-                    model(_as_input(images).to(device))
+                    model(to_model_input(images).to(device))
             return {n: {k: getattr(bn, k).detach().clone() for k in _BN_STATS} for n, bn in layers.items()}
         finally:
             for name, bn in layers.items():
@@ -171,7 +173,7 @@ class BatchNormStats:
                 handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
         try:
             with torch.no_grad():
-                model(_as_input(image).to(next(model.parameters()).device))
+                model(to_model_input(image).to(next(model.parameters()).device))
         finally:
             for handle in handles:
                 handle.remove()
@@ -186,12 +188,6 @@ class BatchNormStats:
 def _initial_stats(bn: _BatchNorm) -> State:
     return {name: torch.ones_like(t) if name == "running_var" else torch.zeros_like(t)
             for name, t in module_tensors(bn).items() if name in _BN_STATS}
-
-
-def _as_input(images: torch.Tensor) -> torch.Tensor:
-    from .data import to_model_input
-
-    return to_model_input(images)
 
 
 # ---------------------------------------------------------------- strategies
@@ -325,8 +321,6 @@ class Rewind(Reset):
         if checkpoint is None:
             flag = "--init" if self.name == "reinit" else "--to"
             raise LayercritError(f"reset {self.name!r} needs a checkpoint: {self.name} {flag} CKPT (checkpoint=...)")
-        from .models import load_state_dict
-
         self.checkpoint = Path(checkpoint)
         self.tensors = load_state_dict(self.checkpoint, trust_checkpoint=trust_checkpoint)
 
