@@ -15,11 +15,10 @@ from .data import EvalSet, load_data
 from .errors import LayercritError
 from .layers import select_layers, select_targets
 from .measure import measure
-from .module_criticality import module_criticality
 from .models import ResolvedModel, resolve_model
+from .module_criticality import module_criticality
 from .resets import get_reset
 from .sweep import run_sweep
-
 
 
 def __getattr__(name: str):

@@ -17,7 +17,7 @@ from .errors import LayercritError
 from .measure import measure
 from .results import write_table
 
-DEMO_IMAGES = 500
+DEMO_IMAGES = 300
 """Test images per model: sized so that the whole demo stays under 5 minutes on 2 CPU cores."""
 BASELINE = "baseline"
 META_FIELDS = ("category", "display", "accuracy", "budget")
