@@ -83,6 +83,7 @@ CONFIGS = {  # name: (engine, precision, channels_last)
 def run_case(name: str, images: int | None, batch_size: int, workdir: Path, config_names: list[str]) -> list[dict]:
     spec, data, n_images, trials, pretrained = CASES[name]
     n_images = images or n_images
+    workdir.mkdir(parents=True, exist_ok=True)
     if data == "jpeg224":
         data = str(synthetic_imagenet(workdir / "imagenet", n_images))
     resolved = resolve_model(spec, pretrained=pretrained)
