@@ -80,7 +80,8 @@ CONFIGS = {  # name: (engine, precision, channels_last)
 }
 
 
-def run_case(name: str, images: int | None, batch_size: int, workdir: Path, config_names: list[str]) -> list[dict]:
+def run_case(name: str, images: int | None, batch_size: int, workdir: Path, config_names: list[str],
+             device: str = "cpu") -> list[dict]:
     spec, data, n_images, trials, pretrained = CASES[name]
     n_images = images or n_images
     workdir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def run_case(name: str, images: int | None, batch_size: int, workdir: Path, conf
         with PeakRSS() as rss:
             start = time.perf_counter()
             df = layercrit.measure(resolved, data, trials=trials, images=n_images, batch_size=batch_size,
-                                   engine_name=engine, precision=precision, cache_dir=cache, device="cpu",
+                                   engine_name=engine, precision=precision, cache_dir=cache, device=device,
                                    channels_last=channels_last)
             seconds = time.perf_counter() - start
         frames[(engine, precision, channels_last)] = df
@@ -127,17 +128,20 @@ def main() -> None:
     parser.add_argument("--cases", default="resnet18,resnet50,fmnist")
     parser.add_argument("--images", type=int, help="images per case (default: per case)")
     parser.add_argument("--batch-size", type=int, default=32)
-    default = "naive,fast,fast-nhwc,fast-bf16"
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        default = "naive,fast,fast-nhwc"  # bf16 is emulated (several times slower than fp32) on such CPUs
-    parser.add_argument("--configs", default=default, help=f"comma list of {', '.join(CONFIGS)} (naive first)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--configs", help=f"comma list of {', '.join(CONFIGS)}, naive first (default: all, "
+                        "without fast-bf16 on CPUs that emulate bf16: several times slower than fp32 there)")
     args = parser.parse_args()
+    if args.configs is None:
+        emulated_bf16 = args.device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        args.configs = "naive,fast,fast-nhwc" + ("" if emulated_bf16 else ",fast-bf16")
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):
-            rows += run_case(name, args.images, args.batch_size, Path(tmp) / name, args.configs.split(","))
+            rows += run_case(name, args.images, args.batch_size, Path(tmp) / name, args.configs.split(","),
+                             args.device)
             print(pd.DataFrame(rows).to_string(index=False), flush=True)
 
 
