@@ -42,7 +42,10 @@ def test_unknown_models_are_named_with_suggestions(spec, message):
 
 
 def test_pretrained_weights_offline_give_a_one_line_error_naming_where_to_put_them(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import time by huggingface_hub: patch its constant too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent/hub-cache")
     with pytest.raises(LayercritError) as info:
         resolve_model("timm:resnet10t.c3_in1k", pretrained=True)
