@@ -175,3 +175,30 @@ def test_target_ci_stops_units_early_on_the_same_image_order_and_reports_their_w
     prefix = layercrit.measure(resolved, (data[0][:n], data[1][:n]), layers="layer4.1.conv2", trials=1,
                                batch_size=10)
     assert prefix.criticality.iloc[1] == pytest.approx(rows.criticality.iloc[0], abs=1e-9)
+
+
+class OutOfMemoryAbove(nn.Module):
+    """Stands for a GPU: batches larger than ``limit`` run out of memory."""
+
+    def __init__(self, model, limit):
+        super().__init__()
+        self.model, self.limit = model, limit
+
+    def forward(self, x):
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.model(x)
+
+
+@pytest.mark.parametrize("engine_name", ["fast", "naive"])
+def test_out_of_memory_halves_the_batch_and_gives_the_same_rows(tiny_model, tiny_data, engine_name, caplog):
+    from layercrit.models import ResolvedModel
+
+    wrapped = ResolvedModel(model=OutOfMemoryAbove(tiny_model.model, limit=12),
+                            fresh=lambda: OutOfMemoryAbove(tiny_model.fresh(), limit=12),
+                            preprocessing=tiny_model.preprocessing, spec="test:oom", num_classes=10)
+    tuned = layercrit.measure(wrapped, tiny_data, trials=2, batch_size=48, engine_name=engine_name)
+    small = layercrit.measure(wrapped, tiny_data, trials=2, batch_size=12, engine_name=engine_name)
+    numeric = list(METRIC_COLUMNS)
+    assert (tuned[numeric] - small[numeric]).abs().max().max() < 1e-9
+    assert "batch size down to 12" in caplog.text

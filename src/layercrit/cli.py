@@ -61,7 +61,8 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("engine")
     e.add_argument("--engine", default="fast", choices=["fast", "naive"], help="fast (prefix replay) or naive")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--batch-size", type=int, help="images per forward (default 100 on CPU; on CUDA 500, halved "
+                   "while out of memory)")
     e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     e.add_argument("--max-cache-mb", type=float, default=4096.0, help="memory for recorded clean activations")
     e.add_argument("--compile", action="store_true", help="torch.compile the model (full forwards per unit)")

@@ -121,7 +121,24 @@ def run(
             step = evaluator.replay_chunk
         rows: list[dict] = []
         for chunk in chunks:
-            step(chunk, original, bar)
+            while True:
+                first = not evaluator.original_done
+                try:
+                    step(chunk, original, bar)
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    # Auto-tune to GPU memory: halve the batch and redo the chunk from scratch.
+                    if evaluator.options.batch_size == 1:
+                        raise
+                    evaluator.options = replace(evaluator.options, batch_size=evaluator.options.batch_size // 2)
+                    log.warning("out of GPU memory: batch size down to %d", evaluator.options.batch_size)
+                    torch.cuda.empty_cache()
+                    alpha = options.ci_alpha if options.target_ci else None
+                    for plan in chunk:
+                        plan.fresh_metrics(alpha)
+                    if first:
+                        evaluator.clean_logits, original.metrics = None, PredictionMetrics()
+                        evaluator.original_done = False
             rows += [_row(u, original) for plan in chunk for u in plan.units]
             if on_chunk is not None:
                 on_chunk([_row(original, original), *rows])
@@ -153,6 +170,14 @@ class LayerPlan:
 
     def restore(self, model: nn.Module) -> None:
         self.apply(model, self.trained)
+
+    def fresh_metrics(self, alpha: float | None) -> None:
+        """Start the units' accumulators again (reused units keep sharing their computed unit's)."""
+        by_trial = {}
+        for _, unit in self.computed:
+            unit.metrics = by_trial[unit.trial] = PredictionMetrics(alpha)
+        for unit in self.units:
+            unit.metrics = by_trial[unit.computed_in_trial]
 
 
 def _plan_units(
@@ -213,7 +238,8 @@ class _Evaluator:
         self.options = options
         self.device = device
         self.channels_last = channels_last
-        self.clean_logits: list[torch.Tensor] | None = None  # per batch, kept after the first pass
+        self.clean_logits: torch.Tensor | None = None  # naive path: every image's, kept after the first pass
+        self.original_done = False  # the unmodified model's row is complete
         self.structure: _CallStructure | None = None
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -236,19 +262,21 @@ class _Evaluator:
     def naive_chunk(self, chunk: list[LayerPlan], original: Unit, bar) -> None:
         redecode = self.options.engine == "naive"
         if self.clean_logits is None:
-            self.clean_logits = []
+            clean_batches = []
             for _, images, labels in self.batches(redecode):
                 clean = self.logits(self.inputs(images)).cpu()
-                self.clean_logits.append(clean)
+                clean_batches.append(clean)
                 original.metrics.update(clean, clean, labels)
+            self.clean_logits = torch.cat(clean_batches)
+            self.original_done = True
         for plan in chunk:
             for state, unit in plan.computed:
                 plan.apply(self.model, state)
                 try:
-                    for b, (_, images, labels) in enumerate(self.batches(redecode)):
+                    for part, images, labels in self.batches(redecode):
                         if self.settled(unit):
                             break
-                        unit.metrics.update(self.logits(self.inputs(images)).cpu(), self.clean_logits[b], labels)
+                        unit.metrics.update(self.logits(self.inputs(images)).cpu(), self.clean_logits[part], labels)
                         bar.update(1)
                 finally:
                     plan.restore(self.model)
@@ -279,15 +307,12 @@ class _Evaluator:
 
     def replay_chunk(self, chunk: list[LayerPlan], original: Unit, bar) -> None:
         recorded = sorted({name for plan in chunk for name in plan.replayed})
-        first_chunk = self.clean_logits is None
-        if first_chunk:
-            self.clean_logits = []
+        first_chunk = not self.original_done
         for _, images, labels in self.batches():
             x = self.inputs(images)
             with _recording(self.model, recorded) as outputs:
                 clean = self.logits(x).cpu()
             if first_chunk:
-                self.clean_logits.append(clean)
                 original.metrics.update(clean, clean, labels)
             for plan in chunk:
                 with _replaying(self.model, plan.replayed, outputs):
@@ -303,6 +328,7 @@ class _Evaluator:
             del outputs
             if not first_chunk and all(self.settled(u) for plan in chunk for _, u in plan.computed):
                 break
+        self.original_done = True
 
 
 # ---------------------------------------------------------------- prefix replay

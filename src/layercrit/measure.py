@@ -48,7 +48,7 @@ def measure(
     resize: int | None = None,
     crop: int | None = None,
     interpolation: str | None = None,
-    batch_size: int = 100,
+    batch_size: int | None = None,
     device: str | None = None,
     engine_name: str = "fast",
     precision: str = "fp32",
@@ -79,6 +79,7 @@ def measure(
         groups: reset ``blocks``, ``stages`` or the groups of a YAML/JSON file together, one row per group.
         cumulative: ``prefix`` (row k resets targets 1..k) or ``suffix`` (targets k..L).
         trials: resets per layer (or the trial numbers to run, e.g. ``[2]``). images: subset size (seeded as the paper's loader). seed: data and reset seed.
+        batch_size: images per forward (default 100 on CPU; 500 on CUDA, halved while out of memory).
         engine_name: ``fast`` (prefix replay, default) or ``naive`` (full forward per unit; the oracle).
         resize, crop, interpolation: override the image-folder transform instead of the model's pretrained
             config (``resize=256, crop=224`` is the paper's transform for every model; interpolation then defaults
@@ -107,6 +108,8 @@ def measure(
     if not trial_ids or min(trial_ids) < 0:
         raise LayercritError("--trials must be at least 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if batch_size is None:  # on a GPU, start at the paper's 500 and halve on out-of-memory
+        batch_size = 500 if device.startswith("cuda") else 100
     _check_labels(resolved.model, evalset, device)
     targets = select_targets(resolved.model, layers, groups=groups, cumulative=cumulative)
     if isinstance(reset, Reset) and (reset_options or bn != "keep" or bn_batches is not None):
