@@ -173,9 +173,10 @@ def _image_folder(
     try:
         classes, class_to_idx = find_classes(str(folder))
         samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as error:
+    except FileNotFoundError:
         raise LayercritError(
-            f"no images in {folder}: expected one sub-folder per class holding .jpg/.png files ({error})"
+            f"no images in {folder}: expected one sub-folder per class holding image files "
+            f"({', '.join(IMG_EXTENSIONS)})"
         ) from None
     chosen = [samples[i] for i in subset_indices(len(samples), n, seed)]
     transform = _eval_transform(pre)
