@@ -120,3 +120,17 @@ def test_unknown_layer_pattern_lists_close_matches():
     model = resolve_model("timm:resnet10t", pretrained=False).model
     with pytest.raises(LayercritError, match=r"'layer4\.0\.conv9' matches no module.*close matches: layer4\.0\.conv"):
         select_layers(model, "layer4.0.conv9")
+
+
+def test_trust_checkpoint_reaches_the_zoo(monkeypatch):
+    import layercrit.zoo.paper as paper
+
+    seen = {}
+
+    def fake_resolve(model_id, pretrained=True, *, trust_checkpoint=False):
+        seen.update(model_id=model_id, trust=trust_checkpoint)
+        return resolve_model("timm:resnet10t", pretrained=False)
+
+    monkeypatch.setattr(paper, "resolve", fake_resolve)
+    resolved = resolve_model("zoo:paper/some_model", trust_checkpoint=True)
+    assert seen == {"model_id": "some_model", "trust": True} and resolved.spec == "zoo:paper/some_model"

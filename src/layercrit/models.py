@@ -91,7 +91,7 @@ def resolve_model(
     if spec.startswith("zoo:"):
         from . import zoo
 
-        return zoo.resolve(spec, pretrained=pretrained)
+        return zoo.resolve(spec, pretrained=pretrained, trust_checkpoint=trust_checkpoint)
     if _looks_like_checkpoint(spec):
         if arch is None:
             raise LayercritError(

@@ -2,7 +2,7 @@
 
 Each zoo is a module of this package with two functions:
     entries() -> list[dict]                       one record per model (id, category, display, accuracy, ...)
-    resolve(model_id, pretrained) -> ResolvedModel
+    resolve(model_id, pretrained, *, trust_checkpoint=False) -> ResolvedModel
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ def entries(name: str) -> list[dict]:
     return _zoo(name).entries()
 
 
-def resolve(spec: str, *, pretrained: bool = True) -> ResolvedModel:
-    """Resolve ``zoo:ZOO/ID`` into a model."""
+def resolve(spec: str, *, pretrained: bool = True, trust_checkpoint: bool = False) -> ResolvedModel:
+    """Resolve ``zoo:ZOO/ID`` into a model (``trust_checkpoint``: allow weight files holding pickled objects)."""
     body = spec.removeprefix("zoo:")
     name, _, model_id = body.partition("/")
     if not model_id:
         raise LayercritError(f"zoo spec {spec!r} needs an id: zoo:ZOO/ID (see 'layercrit zoo list')")
-    resolved = _zoo(name).resolve(model_id, pretrained=pretrained)
+    resolved = _zoo(name).resolve(model_id, pretrained=pretrained, trust_checkpoint=trust_checkpoint)
     resolved.spec = spec
     return resolved

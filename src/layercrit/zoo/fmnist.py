@@ -92,9 +92,10 @@ def entries() -> list[dict]:
     return yaml.safe_load(path.read_text())["models"]
 
 
-def resolve(model_id: str, pretrained: bool = True) -> ResolvedModel:
+def resolve(model_id: str, pretrained: bool = True, *, trust_checkpoint: bool = False) -> ResolvedModel:
     """Zoo member ``model_id`` as a :class:`ResolvedModel` (trained weights, or random init if not ``pretrained``).
 
+    ``trust_checkpoint`` is accepted for the zoo interface and unused: the zoo ships safetensors.
     ``fresh`` builds randomly initialised networks of the same architecture (for the rerandomize reset);
     ``metadata`` carries the record's category, display name, accuracy, method and hyperparameters.
     """
