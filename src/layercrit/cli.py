@@ -12,7 +12,10 @@ from .errors import LayercritError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="layercrit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="layercrit",
+        description="Measure how much each layer of a trained vision model matters to its predictions: reset one "
+        "layer at a time, re-evaluate, compare with the unmodified model (criticality = 1 - cos sim of softmax).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:
