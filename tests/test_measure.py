@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,3 +178,10 @@ def test_labels_beyond_the_model_outputs_are_refused(tiny_model):
 def test_zero_trials_is_refused(tiny_model, tiny_data):
     with pytest.raises(LayercritError, match="--trials must be at least 1"):
         layercrit.measure(tiny_model, tiny_data, trials=0)
+
+
+def test_rows_name_the_kernel_size_of_convolutions(tiny_model, tiny_data):
+    df = layercrit.measure(tiny_model, tiny_data, trials=1)
+    kernels = dict(zip(df.layer, df.kernel, strict=True))
+    assert kernels["model.conv1"] == "3x3" and kernels["model.unused"] == "1x1"
+    assert pd.isna(kernels["model.fc"]) and pd.isna(kernels["original"])

@@ -19,7 +19,8 @@ from .models import Preprocessing, ResolvedModel, resolve_model
 from .resets import Reset, get_reset
 
 ID_COLUMNS = ("model_id", "layer", "trial", "reset")
-META_COLUMNS = ("computed_in_trial", "seed", "data_id", "model_spec", "engine", "precision", "layercrit_version")
+META_COLUMNS = ("computed_in_trial", "kernel", "seed", "data_id", "model_spec", "engine", "precision",
+                "layercrit_version")
 COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *META_COLUMNS)
 
 
@@ -130,13 +131,14 @@ def measure(
         "layercrit_version": __version__,
     }
 
+    kernels = {t.name: _kernel(resolved.model, t) for t in targets}  # for display names like conv1:3x3
     finished: list[pd.DataFrame] = []  # earlier variants' rows (interpolate: one variant per alpha)
     for columns, variant in strategy.variants():
         labels = {**meta, "reset": variant.describe(), **columns}
         order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *META_COLUMNS]
 
         def frame(rows: list[dict], labels=labels, order=order) -> pd.DataFrame:
-            return pd.DataFrame([{**labels, **row} for row in rows])[order]
+            return pd.DataFrame([{**labels, **row, "kernel": kernels.get(row["layer"])} for row in rows])[order]
 
         def persist(rows: list[dict], frame=frame) -> None:
             on_rows(pd.concat([*finished, frame(rows)], ignore_index=True))
@@ -170,6 +172,14 @@ def as_resolved(
     if isinstance(model, str):
         return resolve_model(model, arch=arch, pretrained=pretrained)
     raise LayercritError(f"model must be a spec string or an nn.Module, not {type(model).__name__}")
+
+
+def _kernel(model: nn.Module, target: Target) -> str | None:
+    """``"3x3"`` for a single convolution, None for anything else."""
+    if len(target.modules) != 1:
+        return None
+    size = getattr(model.get_submodule(target.modules[0]), "kernel_size", None)
+    return "x".join(map(str, size)) if isinstance(size, tuple) else None
 
 
 def _check_labels(model: nn.Module, evalset: EvalSet, device: str) -> None:
