@@ -92,6 +92,13 @@ def test_checkpoint_with_pickled_objects_needs_trust(tmp_path):
         load_state_dict(path)
 
 
+def test_corrupt_checkpoint_is_not_mistaken_for_one_that_needs_trust(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"garbage, not a checkpoint")
+    with pytest.raises(LayercritError, match="not a PyTorch or safetensors file, or corrupt") as info:
+        load_state_dict(tmp_path / "bad.pth")
+    assert "--trust-checkpoint" not in str(info.value)
+
+
 def test_safetensors_checkpoint_loads(tmp_path):
     from safetensors.torch import save_file
 

@@ -277,12 +277,11 @@ def load_state_dict(path: str | Path, *, trust_checkpoint: bool = False) -> dict
         else:
             state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except Exception as error:  # noqa: BLE001 - any unreadable file is a user error here
-        hint = (
-            " (it holds pickled Python objects: pass --trust-checkpoint if you trust its source)"
-            if "weights_only" in str(error) or "Unpickl" in type(error).__name__
-            else ""
-        )
-        raise LayercritError(f"cannot read checkpoint {path}: {_first_line(error)}{hint}") from error
+        if "Unsupported global" in str(error):  # torch's weights-only unpickler met a Python object
+            raise LayercritError(f"checkpoint {path} holds pickled Python objects besides its weights: pass "
+                                 "--trust-checkpoint if you trust its source") from error
+        raise LayercritError(f"cannot read checkpoint {path}: not a PyTorch or safetensors file, or corrupt "
+                             f"({type(error).__name__})") from error
     for key in _STATE_DICT_KEYS:
         while isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping | nn.Module):
             state = state[key]
