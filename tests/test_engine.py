@@ -27,7 +27,7 @@ def images(size, n=6, chans=3):
 
 def assert_engines_agree(resolved, data, layers="conv,linear", trials=2, batch_size=4):
     """Same memory layout in both (NCHW): prefix replay itself must not change a single bit."""
-    fast = layercrit.measure(resolved, data, layers=layers, trials=trials, batch_size=batch_size, channels_last=False)
+    fast = layercrit.measure(resolved, data, layers=layers, trials=trials, batch_size=batch_size, channels_last=False, fold_bn=False)
     naive = layercrit.measure(resolved, data, layers=layers, trials=trials, batch_size=batch_size,
                               engine_name="naive")
     assert list(fast.layer) == list(naive.layer)
@@ -151,7 +151,7 @@ def test_a_group_of_modules_reset_together_agrees_across_engines():
     rows = {}
     for name in ("fast", "naive"):
         reset = Rerandomize(seed=0, fresh=resolved.fresh)
-        options = engine.EngineOptions(engine=name, batch_size=4, progress=False, channels_last=False)
+        options = engine.EngineOptions(engine=name, batch_size=4, progress=False, channels_last=False, fold_bn=False)
         rows[name] = engine.run(resolved.model, evalset, [block, "model.fc"], reset, [0, 1], options)
     assert [r["layer"] for r in rows["fast"]] == ["original", "layer2.1", "layer2.1", "model.fc", "model.fc"]
     for fast, naive in zip(rows["fast"], rows["naive"], strict=True):

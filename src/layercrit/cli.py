@@ -69,6 +69,8 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     e.add_argument("--max-cache-mb", type=float, default=4096.0, help="memory for recorded clean activations")
     e.add_argument("--compile", action="store_true", help="torch.compile the model (full forwards per unit)")
+    e.add_argument("--exact", action="store_true", help="NCHW layout, BatchNorm not folded: the fast engine then "
+                   "equals the naive one bit for bit (by default they agree to the last bits of fp32)")
     e.add_argument("--target-ci", type=float, help="stop a unit once criticality and top-1 are known to ± this "
                    "(fraction, 95%% confidence sequence valid under optional stopping)")
 
@@ -121,7 +123,8 @@ def _cmd_run(args) -> int:
         images=args.images, model_id=args.model_id, data_root=args.data_root, cache_dir=args.cache_dir,
         use_cache=args.use_cache, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
         device=args.device, engine_name=args.engine, precision=args.precision, max_cache_mb=args.max_cache_mb,
-        compile=args.compile, target_ci=args.target_ci, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out),
+        compile=args.compile, channels_last=False if args.exact else None, fold_bn=False if args.exact else None,
+        target_ci=args.target_ci, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out),
     )
     csv_path, _ = write_results(df, out)
     for reset, rows in df.groupby("reset", sort=False):  # interpolate: one summary per alpha

@@ -10,6 +10,10 @@ Two paths, same numbers:
   only the part of the network from the reset layer on is computed. The kernels that do run are the same as in
   the naive path, on the same inputs, so results are identical, not just close.
 
+By default the fast engine also runs convolutions in NHWC layout and folds each eval-mode BatchNorm into the
+convolution before it (:mod:`layercrit.folding`); both change fp32 results in the last bits only. With both off
+(``--exact``), the fast engine's results equal the naive engine's bit for bit.
+
 Prefix replay works on the eager model, so it needs no tracing and handles any architecture. A module is
 replayed only when it is safe: called exactly once per forward, finished before the reset layer (or its nearest
 called ancestor) started, and its output does not alias its input (in-place activations, views, Identity).
@@ -28,6 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .data import EvalSet, to_model_input
+from .folding import find_pairs, folded_batchnorm
 from .layers import Target
 from .metrics import PredictionMetrics
 from .resets import ModelState, Reset, load_in_place, snapshot
@@ -47,6 +52,7 @@ class EngineOptions:
     device: str = "cpu"
     precision: str = "fp32"
     channels_last: bool | None = None  # None: on for the fast engine, off for the naive one
+    fold_bn: bool | None = None  # None: on for the fast engine (without --compile), off for the naive one
     max_cache_mb: float = 4096.0
     compile: bool = False
     progress: bool = True
@@ -107,12 +113,17 @@ def run(
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if options.compile else model
     evaluator = _Evaluator(model, forward, evalset, options, device, channels_last)
+    # Folding eval-mode BatchNorm into the convolution before it, like NHWC, changes fp32 results in the last bits
+    # only; --compile does its own rewriting, and the naive engine stays the paper's method unless asked.
+    fold_bn = options.fold_bn if options.fold_bn is not None else options.engine == "fast" and not options.compile
 
     original = Unit(layer=None, trial=0, computed_in_trial=0)
     targets = [t if isinstance(t, Target) else Target(t, [t]) for t in layers]
     plans = _plan_units(model, targets, reset, trials, alpha=options.ci_alpha if options.target_ci else None)
     n_computed = sum(len(plan.computed) for plan in plans)
-    with _progress(options.progress, n_computed, len(evalset), options.batch_size) as bar:
+    evaluator.pairs = find_pairs(model, evaluator.sample()) if fold_bn else []  # after planning (recalibration)
+    with _progress(options.progress, n_computed, len(evalset), options.batch_size) as bar, \
+            folded_batchnorm(model, evaluator.pairs):
         if options.engine == "naive" or options.compile:
             chunks: Iterator[list[LayerPlan]] = ([plan] for plan in plans)
             step = evaluator.naive_chunk
@@ -241,10 +252,15 @@ class _Evaluator:
         self.clean_logits: torch.Tensor | None = None  # naive path: every image's, kept after the first pass
         self.original_done = False  # the unmodified model's row is complete
         self.structure: _CallStructure | None = None
+        self.pairs: list[tuple[str, str]] = []  # (conv, BatchNorm) folded together
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         x = to_model_input(images.to(self.device, non_blocking=True))
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def sample(self) -> torch.Tensor:
+        """Two images as model input, for probing the model's structure."""
+        return self.inputs(next(iter(self.batches()))[1][:2])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         dtype = PRECISIONS[self.options.precision]
@@ -289,13 +305,12 @@ class _Evaluator:
     # -- fast: batch-outer with prefix replay
     def chunk(self, plans: list[LayerPlan]) -> Iterator[list[LayerPlan]]:
         """Group consecutive layers so that the recorded outputs of one batch stay under ``max_cache_mb``."""
-        first_images = next(iter(self.batches()))[1][:2]
-        self.structure = _CallStructure.probe(self.model, self.inputs(first_images))
+        self.structure = _CallStructure.probe(self.model, self.sample())
         budget = self.options.max_cache_mb * 2**20 / self.options.batch_size
         current: list[LayerPlan] = []
         recorded: set[str] = set()
         for plan in plans:
-            plan.replayed = self.structure.replayable_before(sorted(plan.trained))
+            plan.replayed = self.structure.replayable_before(self.computing(plan.trained))
             merged = recorded | set(plan.replayed)
             if current and self.structure.bytes_per_image(merged) > budget:
                 yield current
@@ -304,6 +319,15 @@ class _Evaluator:
             recorded = merged
         if current:
             yield current
+
+    def computing(self, changed) -> list[str]:
+        """The modules whose computation a reset of ``changed`` alters: with BatchNorm folded into the convolution
+        before it, a changed BatchNorm changes what that convolution computes (so it must not be replayed)."""
+        names = set(changed)
+        for conv, norm in self.pairs:
+            if any(norm == name or norm.startswith(name + ".") for name in changed):
+                names.add(conv)
+        return sorted(names)
 
     def replay_chunk(self, chunk: list[LayerPlan], original: Unit, bar) -> None:
         recorded = sorted({name for plan in chunk for name in plan.replayed})
@@ -456,12 +480,15 @@ def _replaying(model: nn.Module, names: Sequence[str], outputs: dict[str, object
     try:
         for name in names:
             module = model.get_submodule(name)
+            patched.append((module, module.__dict__.get("forward")))  # folded BatchNorm patches forwards too
             module.forward = lambda *args, _value=outputs[name], **kwargs: _clone(_value)
-            patched.append(module)
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for module, previous in reversed(patched):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
 
 
 @contextlib.contextmanager

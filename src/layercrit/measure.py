@@ -56,6 +56,7 @@ def measure(
     max_cache_mb: float = 4096.0,
     compile: bool = False,
     channels_last: bool | None = None,
+    fold_bn: bool | None = None,
     target_ci: float | None = None,
     progress: bool = False,
     on_rows: Callable[[pd.DataFrame], None] | None = None,
@@ -87,6 +88,9 @@ def measure(
             to bilinear, as in the paper).
         channels_last: run convolutions in NHWC layout (default: on for the fast engine, off for the naive one);
             it changes fp32 results in the last bits only (see BENCHMARKS.md).
+        fold_bn: fold each eval-mode BatchNorm into the convolution before it (default: on for the fast engine
+            without ``compile``, off for the naive one); last bits only, like ``channels_last``. With both off the
+            fast engine's results equal the naive engine's bit for bit.
         target_ci: stop evaluating a (layer, trial) once the 95% confidence sequences of its criticality and top-1
             (fractions) are narrower than ± this; rows then report their own ``n_images``, ``criticality_ci`` and
             ``top1_ci``. Images are always taken in the same order, so rows stay comparable.
@@ -120,7 +124,7 @@ def measure(
     strategy.bind(resolved.model, evalset.images, batch_size)
     options = engine.EngineOptions(engine=engine_name, batch_size=batch_size, device=device, precision=precision,
                                    max_cache_mb=max_cache_mb, compile=compile, progress=progress,
-                                   channels_last=channels_last, target_ci=target_ci)
+                                   channels_last=channels_last, fold_bn=fold_bn, target_ci=target_ci)
     meta = {
         "model_id": model_id or resolved.spec,
         "seed": seed,

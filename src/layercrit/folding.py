@@ -1,0 +1,180 @@
+"""Fold eval-mode BatchNorm into the convolution before it (the fast engine's default).
+
+In eval mode a BatchNorm is a fixed affine map per channel, so ``bn(conv(x))`` is one convolution whose weights are
+scaled by ``γ/√(σ²+ε)`` and whose bias is shifted: the standard inference rewrite. It saves a full memory pass per
+BatchNorm (about a sixth of a ResNet-50 forward on a CPU) and changes results only in the last bits of fp32.
+
+A pair is folded only when one watched forward shows it is safe: the convolution's output goes to the BatchNorm
+and to nothing else, each runs once, the BatchNorm uses running statistics, and both compute what stock PyTorch
+modules compute (``nn.Conv1/2/3d``; ``nn.BatchNorm*d``, or timm's ``BatchNormAct2d``, whose activation is kept).
+The fused weights are recomputed whenever any tensor of either module changes (PyTorch's version counters), so a
+reset of the convolution, of the BatchNorm, or of its statistics takes effect like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+log = logging.getLogger(__name__)
+
+_PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+def _foldable_conv(module: nn.Module) -> bool:
+    return type(module).forward in _PLAIN_CONV_FORWARDS
+
+
+def _foldable_norm(module: nn.Module) -> bool:
+    if not isinstance(module, _BatchNorm) or module.running_mean is None or module.running_var is None:
+        return False
+    return type(module).forward is _BatchNorm.forward or _is_timm_norm_act(module)
+
+
+def _is_timm_norm_act(module: nn.Module) -> bool:
+    return type(module).__name__ == "BatchNormAct2d" and hasattr(module, "drop") and hasattr(module, "act")
+
+
+class _WatchUses(TorchFunctionMode):
+    """Notes every convolution output that some torch function uses outside the BatchNorm that consumes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id → (conv name, tensor kept alive: ids stay unique)
+        self.consumer: dict[str, str] = {}  # conv name → the BatchNorm that took its output as input
+        self.running: list[str] = []  # BatchNorms whose forward is running
+        self.used_elsewhere: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in tree_flatten((args, kwargs))[0]:
+            if isinstance(value, torch.Tensor) and id(value) in self.outputs:
+                conv = self.outputs[id(value)][0]
+                if self.consumer.get(conv) not in self.running:
+                    self.used_elsewhere.add(conv)
+        return func(*args, **kwargs)
+
+
+def find_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
+    """The (convolution, BatchNorm) pairs of ``model`` that can be folded, found by watching one forward on ``x``."""
+    modules = dict(model.named_modules())
+    convs = {name for name, m in modules.items() if _foldable_conv(m)}
+    norms = {name for name, m in modules.items() if _foldable_norm(m) and not m.training}
+    if not convs or not norms:
+        return []
+    watch = _WatchUses()
+    calls: dict[str, int] = {}
+    handles = []
+
+    def count(name):
+        def hook(module, args):
+            calls[name] = calls.get(name, 0) + 1
+        return hook
+
+    def conv_done(name):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                watch.outputs[id(output)] = (name, output)
+        return hook
+
+    def norm_starts(name):
+        def hook(module, args):
+            source = watch.outputs.get(id(args[0])) if args else None
+            if source is not None and source[0] not in watch.consumer:
+                watch.consumer[source[0]] = name
+            watch.running.append(name)
+        return hook
+
+    def norm_done(module, args, output):
+        watch.running.pop()
+
+    for name in convs:
+        handles += [modules[name].register_forward_pre_hook(count(name)),
+                    modules[name].register_forward_hook(conv_done(name))]
+    for name in norms:
+        handles += [modules[name].register_forward_pre_hook(count(name)),
+                    modules[name].register_forward_pre_hook(norm_starts(name)),
+                    modules[name].register_forward_hook(norm_done)]
+    try:
+        with torch.no_grad(), watch:
+            output = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    returned = {id(t) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)}
+    returned_convs = {watch.outputs[i][0] for i in returned if i in watch.outputs}
+    return sorted(
+        (conv, norm) for conv, norm in watch.consumer.items()
+        if calls.get(conv) == 1 and calls.get(norm) == 1 and conv not in watch.used_elsewhere
+        and conv not in returned_convs
+    )
+
+
+@dataclass
+class _FoldedPair:
+    conv: nn.Module
+    norm: _BatchNorm
+    key: tuple = ()
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        norm = self.norm
+        return [t for t in (self.conv.weight, self.conv.bias, norm.running_mean, norm.running_var, norm.weight,
+                            norm.bias) if t is not None]
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple((id(t), t._version) for t in self.tensors())
+        if key != self.key:  # a reset changed the convolution or the BatchNorm: fold again
+            norm, weight = self.norm, self.conv.weight
+            with torch.no_grad():
+                fused_weight, fused_bias = fuse_conv_bn_weights(weight, self.conv.bias, norm.running_mean,
+                                                                norm.running_var, norm.eps, norm.weight, norm.bias)
+            layout = torch.channels_last if weight.dim() == 4 and weight.is_contiguous(
+                memory_format=torch.channels_last) and not weight.is_contiguous() else torch.contiguous_format
+            self.weight = fused_weight.detach().contiguous(memory_format=layout)
+            self.bias = fused_bias.detach()
+            self.key = key
+        return self.weight, self.bias
+
+    def conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm.training:  # not eval mode: the BatchNorm normalises with batch statistics, nothing to fold
+            return type(self.conv).forward(self.conv, x)
+        weight, bias = self.fused()
+        return self.conv._conv_forward(x, weight, bias)
+
+    def norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        if norm.training:
+            return type(norm).forward(norm, x)
+        return norm.act(norm.drop(x)) if _is_timm_norm_act(norm) else x
+
+
+@contextlib.contextmanager
+def folded_batchnorm(model: nn.Module, pairs: list[tuple[str, str]]) -> Iterator[int]:
+    """Within the block, every (conv, BatchNorm) pair in ``pairs`` computes as one folded convolution."""
+    patched = []
+    try:
+        for conv_name, norm_name in pairs:
+            pair = _FoldedPair(model.get_submodule(conv_name), model.get_submodule(norm_name))
+            for module, forward in ((pair.conv, pair.conv_forward), (pair.norm, pair.norm_forward)):
+                patched.append((module, module.__dict__.get("forward")))
+                module.forward = forward
+        if pairs:
+            log.info("folded %d BatchNorm layers into the convolutions before them", len(pairs))
+        yield len(pairs)
+    finally:
+        for module, previous in reversed(patched):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
