@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import layercrit
-from layercrit.engine import _CallStructure
+from layercrit.engine import _CallStructure, _out_of_place
 from layercrit.metrics import METRIC_COLUMNS
 from layercrit.models import Preprocessing, wrap_module
 
@@ -103,6 +103,55 @@ def test_replay_skips_everything_before_the_reset_layer():
     assert "model.act1" not in replayed  # in-place ReLU: its output aliases its input
 
 
+def test_in_place_activations_run_out_of_place_during_replay_so_they_replay_too_and_are_restored():
+    resolved = timm_model("resnet18", zero_init_last=False)
+    with _out_of_place(resolved.model):
+        structure = _CallStructure.probe(resolved.model, torch.rand(2, 3, 32, 32))
+        assert "model.act1" in structure.replayable_before(["model.layer3.1.conv1"])
+    assert resolved.model.model.act1.inplace is True
+    assert "model.layer1.0.bn2" in structure.mutated  # `x += shortcut` changes it in place: replayed from copies
+    assert "model.layer1" not in structure.mutated  # a block's output is only read: replayed as recorded
+    assert_engines_agree(resolved, images(32), layers="layer1.1.conv2,layer2.0.*,fc")
+
+
+class ChangesEarlyOutput(nn.Module):
+    """Parent code changes a module's output in place, always (`always`) or only once `late` is reset to zero."""
+
+    def __init__(self, always: bool):
+        super().__init__()
+        self.always = always
+        self.early = nn.Conv2d(3, 4, 3)
+        self.late = nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 10)
+        with torch.no_grad():
+            self.late.weight.copy_(-self.late.weight.abs() - 0.01)  # trained: negative sum; zeroed: sum 0
+
+    def forward(self, x):
+        y = self.early(x)
+        z = self.late(y)
+        if self.always or self.late.weight.sum() >= 0:
+            y.mul_(3)
+        return self.head((z + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("always", [True, False])
+def test_recorded_outputs_changed_in_place_are_replayed_from_copies_never_reused(always, caplog):
+    torch.manual_seed(0)
+    resolved = wrap_module(ChangesEarlyOutput(always).eval(), fresh=lambda: ChangesEarlyOutput(always),
+                           preprocessing=PRE)
+    structure = _CallStructure.probe(resolved.model, torch.rand(2, 3, 8, 8))
+    assert ("model.early" in structure.mutated) is always  # seen in the probe, or only under the reset
+    data = images(8, n=12)
+    with caplog.at_level("INFO", logger="layercrit.engine"):
+        fast = layercrit.measure(resolved, data, layers="late", reset="zero", trials=1, batch_size=4,
+                                 channels_last=False, fold_bn=False)
+    naive = layercrit.measure(resolved, data, layers="late", reset="zero", trials=1, batch_size=4,
+                              engine_name="naive")
+    assert fast[list(METRIC_COLUMNS)].equals(naive[list(METRIC_COLUMNS)])
+    assert fast.criticality.iloc[1] > 0
+    assert ("changed in place downstream" in caplog.text) is (not always)  # caught at run time, chunk redone
+
+
 def test_small_cache_budget_splits_layers_into_chunks_with_identical_results():
     resolved = timm_model("resnet18", zero_init_last=False)
     data = images(32)
@@ -122,7 +171,7 @@ def test_resets_take_effect_under_torch_compile(tiny_model, tiny_data):
     assert row.criticality == pytest.approx(eager[eager.layer == "model.fc"].criticality.item(), abs=1e-5)
 
 
-def test_default_nhwc_layout_changes_fp32_results_only_in_the_last_bits():
+def test_default_nhwc_layout_and_folded_batchnorm_change_fp32_results_only_in_the_last_bits():
     resolved = timm_model("resnet18", zero_init_last=False)
     data = images(32, n=16)
     default = layercrit.measure(resolved, data, trials=1, batch_size=8)

@@ -122,9 +122,10 @@ def run(
     plans = _plan_units(model, targets, reset, trials, alpha=options.ci_alpha if options.target_ci else None)
     n_computed = sum(len(plan.computed) for plan in plans)
     evaluator.pairs = find_pairs(model, evaluator.sample()) if fold_bn else []  # after planning (recalibration)
+    replay = options.engine == "fast" and not options.compile
     with _progress(options.progress, n_computed, len(evalset), options.batch_size) as bar, \
-            folded_batchnorm(model, evaluator.pairs):
-        if options.engine == "naive" or options.compile:
+            folded_batchnorm(model, evaluator.pairs), _out_of_place(model, enabled=replay):
+        if not replay:
             chunks: Iterator[list[LayerPlan]] = ([plan] for plan in plans)
             step = evaluator.naive_chunk
         else:
@@ -137,6 +138,10 @@ def run(
                 try:
                     step(chunk, original, bar)
                     break
+                except _RecordChanged as changed:
+                    # A recorded output was modified in place after all: copy it from now on, redo the chunk.
+                    log.info("%s: its output is changed in place downstream; replaying copies of it", changed)
+                    evaluator.structure.mutated |= changed.names
                 except torch.cuda.OutOfMemoryError:
                     # Auto-tune to GPU memory: halve the batch and redo the chunk from scratch.
                     if evaluator.options.batch_size == 1:
@@ -144,12 +149,13 @@ def run(
                     evaluator.options = replace(evaluator.options, batch_size=evaluator.options.batch_size // 2)
                     log.warning("out of GPU memory: batch size down to %d", evaluator.options.batch_size)
                     torch.cuda.empty_cache()
-                    alpha = options.ci_alpha if options.target_ci else None
-                    for plan in chunk:
-                        plan.fresh_metrics(alpha)
-                    if first:
-                        evaluator.clean_logits, original.metrics = None, PredictionMetrics()
-                        evaluator.original_done = False
+                # Reached only after one of those: redo the chunk from scratch.
+                alpha = options.ci_alpha if options.target_ci else None
+                for plan in chunk:
+                    plan.fresh_metrics(alpha)
+                if first:
+                    evaluator.clean_logits, original.metrics = None, PredictionMetrics()
+                    evaluator.original_done = False
             rows += [_row(u, original) for plan in chunk for u in plan.units]
             if on_chunk is not None:
                 on_chunk([_row(original, original), *rows])
@@ -332,20 +338,24 @@ class _Evaluator:
     def replay_chunk(self, chunk: list[LayerPlan], original: Unit, bar) -> None:
         recorded = sorted({name for plan in chunk for name in plan.replayed})
         first_chunk = not self.original_done
+        mutated = self.structure.mutated
         for _, images, labels in self.batches():
             x = self.inputs(images)
-            with _recording(self.model, recorded) as outputs:
+            with _recording(self.model, recorded, copy=mutated) as outputs:
                 clean = self.logits(x).cpu()
+            outputs.check()
             if first_chunk:
                 original.metrics.update(clean, clean, labels)
             for plan in chunk:
-                with _replaying(self.model, plan.replayed, outputs):
+                with _replaying(self.model, plan.replayed, outputs, copy=mutated):
                     try:
                         for state, unit in plan.computed:
                             if self.settled(unit):
                                 continue
                             plan.apply(self.model, state)
-                            unit.metrics.update(self.logits(x).cpu(), clean, labels)
+                            logits = self.logits(x).cpu()
+                            outputs.check()  # before trusting the rows or reusing the records
+                            unit.metrics.update(logits, clean, labels)
                             bar.update(1)
                     finally:
                         plan.restore(self.model)
@@ -369,6 +379,7 @@ class _CallStructure:
     bytes: dict[str, int]
     children: dict[str, list[str]]
     shared_params: set[str]
+    mutated: set[str]  # modules whose output is changed in place after they return (e.g. `x += shortcut`)
 
     @classmethod
     def probe(cls, model: nn.Module, x: torch.Tensor) -> _CallStructure:
@@ -377,6 +388,7 @@ class _CallStructure:
         calls: dict[str, int] = {}
         aliasing: set[str] = set()
         sizes: dict[str, int] = {}
+        returned: dict[str, list[tuple[torch.Tensor, int]]] = {}  # each output and its version when returned
         clock = iter(range(10**9))
         handles = []
 
@@ -393,6 +405,7 @@ class _CallStructure:
                 outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
                 if any(t.untyped_storage().data_ptr() in ins for t in outs):
                     aliasing.add(name)
+                returned[name] = [(t, t._version) for t in outs]
                 sizes[name] = sum(t.numel() * t.element_size() for t in outs) // max(len(x), 1)
             return hook
 
@@ -414,7 +427,8 @@ class _CallStructure:
             for param in module.parameters(recurse=False):
                 owners.setdefault(id(param), []).append(name)
         shared = {n for names in owners.values() if len(set(names)) > 1 for n in names}
-        return cls(start, end, calls, aliasing, sizes, children, shared)
+        mutated = {name for name, outs in returned.items() if any(t._version != v for t, v in outs)}
+        return cls(start, end, calls, aliasing, sizes, children, shared, mutated)
 
     def replayable_before(self, changed: Sequence[str]) -> list[str]:
         """Modules whose recorded clean output can stand in for computing them while ``changed`` are reset."""
@@ -459,13 +473,46 @@ def _clone(output):
     return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, output)
 
 
+def _containers(output):
+    """The same tensors in new containers (a caller may append to a returned list, but not to our record)."""
+    return tree_map(lambda t: t, output)
+
+
+class _RecordChanged(Exception):
+    def __init__(self, names: set[str]):
+        super().__init__(", ".join(sorted(names)))
+        self.names = names
+
+
+class _Records(dict):
+    """Recorded clean outputs by module name. Outputs that nothing changes in place are kept, not copied; their
+    version counters are checked after every forward, so a record that did change is never used again."""
+
+    def __init__(self):
+        super().__init__()
+        self.versions: dict[str, list[tuple[torch.Tensor, int]]] = {}
+
+    def keep(self, name: str, output, copy: bool) -> None:
+        self[name] = _clone(output) if copy else _containers(output)
+        if not copy:
+            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+            self.versions[name] = [(t, t._version) for t in tensors]
+
+    def check(self) -> None:
+        changed = {n for n, outs in self.versions.items() if any(t._version != v for t, v in outs)}
+        if changed:
+            raise _RecordChanged(changed)
+
+
 @contextlib.contextmanager
-def _recording(model: nn.Module, names: Sequence[str]):
-    outputs: dict[str, object] = {}
+def _recording(model: nn.Module, names: Sequence[str], copy: set[str]):
+    """Record the outputs of ``names`` in the forwards run inside; copy those in ``copy`` at once (something
+    changes them in place later in the forward)."""
+    outputs = _Records()
     handles = []
     for name in names:
         def hook(module, args, output, name=name):
-            outputs[name] = _clone(output)  # now, before any later in-place op changes it
+            outputs.keep(name, output, copy=name in copy)
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     try:
         yield outputs
@@ -475,13 +522,16 @@ def _recording(model: nn.Module, names: Sequence[str]):
 
 
 @contextlib.contextmanager
-def _replaying(model: nn.Module, names: Sequence[str], outputs: dict[str, object]):
+def _replaying(model: nn.Module, names: Sequence[str], outputs: _Records, copy: set[str]):
+    """Within the block, the modules ``names`` return their recorded output instead of computing (a fresh copy
+    for those in ``copy``, whose output the forward changes in place)."""
     patched = []
     try:
         for name in names:
             module = model.get_submodule(name)
             patched.append((module, module.__dict__.get("forward")))  # folded BatchNorm patches forwards too
-            module.forward = lambda *args, _value=outputs[name], **kwargs: _clone(_value)
+            fresh = _clone if name in copy else _containers
+            module.forward = lambda *args, _value=outputs[name], _fresh=fresh, **kwargs: _fresh(_value)
         yield
     finally:
         for module, previous in reversed(patched):
@@ -489,6 +539,20 @@ def _replaying(model: nn.Module, names: Sequence[str], outputs: dict[str, object
                 del module.forward
             else:
                 module.forward = previous
+
+
+@contextlib.contextmanager
+def _out_of_place(model: nn.Module, enabled: bool = True):
+    """Activations and dropouts set to compute out of place (same values): an in-place ReLU changes its input,
+    which would make its input's recorded output unusable for replay and the ReLU itself unreplayable."""
+    switched = [m for m in model.modules() if enabled and getattr(m, "inplace", None) is True]
+    try:
+        for module in switched:
+            module.inplace = False
+        yield
+    finally:
+        for module in switched:
+            module.inplace = True
 
 
 @contextlib.contextmanager
