@@ -115,6 +115,22 @@ def test_run_on_a_checkpoint_reproduces_the_papers_method_layer_for_layer(tmp_pa
     assert "most critical layers" in out and "results:" in out
 
 
+def test_exact_makes_the_fast_engine_equal_the_naive_engine_bit_for_bit(tmp_path, capsys, checkpoint):
+    from layercrit.metrics import METRIC_COLUMNS
+
+    folder = make_image_folder(tmp_path / "val", n_per_class=4, size=(64, 48))
+    tables = {}
+    for name, flags in (("exact", ["--exact"]), ("naive", ["--engine", "naive"])):
+        code, _, err = run_cli(capsys, "run", "--model", checkpoint, "--arch", "timm:resnet10t", "--data", folder,
+                               "--images", 8, "--batch-size", 4, "--resize", 40, "--crop", 32, "--trials", 2,
+                               "--out", tmp_path / name, "--quiet", "--cache-dir", tmp_path / "cache", *flags)
+        assert code == 0, err
+        tables[name] = pd.read_csv(tmp_path / name / "results.csv")
+    metrics = list(METRIC_COLUMNS)
+    assert tables["exact"][metrics].equals(tables["naive"][metrics])
+    assert tables["exact"].criticality.iloc[1:].max() > 0
+
+
 def _assert_one_line_error(code, err, *fragments):
     assert code == 2
     lines = err.strip().splitlines()
