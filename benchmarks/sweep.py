@@ -7,7 +7,8 @@ The naive engine is the paper's method: for every (layer, trial) a full forward 
 the JPEG files. The fast engine decodes once (cold disk cache, its time included) and replays the clean prefix:
 ``exact`` alone (bit-identical to naive), ``nhwc`` in NHWC layout, ``fast`` (the default) with BatchNorm also folded
 into the convolution before it. Prints seconds, images/s (image-forwards per second over the whole sweep), the ratio
-to naive, the FLOP bound of prefix replay (naive's conv/linear FLOPs over replay's), the peak RSS during each run,
+to naive (also in CPU seconds of the process, ``x_naive_cpu``, which a busy shared host disturbs less), the FLOP
+bound of prefix replay (naive's conv/linear FLOPs over replay's), the peak RSS during each run,
 and the largest difference of any metric from the naive run, relative to the metric's size where that is above 1
 (``max_rel_diff``), of top-1 (``d_top1``, points) and of the cosine similarity (``d_cos``).
 """
@@ -124,7 +125,7 @@ def run_case(name: str, images: int | None, batch_size: int, workdir: Path, conf
         arch = spec.removeprefix("timm:")
         torch.manual_seed(0)
         resolved.model.model = timm.create_model(arch, zero_init_last=False).eval()
-    frames, seconds, peaks = {}, {}, {}
+    frames, seconds, cpu_seconds, peaks = {}, {}, {}, {}
     n_layers = len(layercrit.select_layers(resolved.model, "conv,linear"))
     res = resolved.preprocessing.crop or 28
     bound = replay_flop_bound(resolved.model, torch.rand(1, resolved.preprocessing.in_chans, res, res))
@@ -133,13 +134,14 @@ def run_case(name: str, images: int | None, batch_size: int, workdir: Path, conf
             engine, precision, channels_last, fold_bn = CONFIGS[config]
             cache = Path(tempfile.mkdtemp(dir=workdir))  # cold: decoding is inside the fast engine's time
             with PeakRSS() as rss:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 frames[config] = layercrit.measure(
                     resolved, data, trials=trials, images=n_images, batch_size=batch_size, engine_name=engine,
                     precision=precision, cache_dir=cache, device=device, channels_last=channels_last,
                     fold_bn=fold_bn)
-                elapsed = time.perf_counter() - start
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             seconds[config] = min(seconds.get(config, elapsed), elapsed)
+            cpu_seconds[config] = min(cpu_seconds.get(config, cpu), cpu)
             peaks[config] = max(peaks.get(config, 0), rss.peak)
     rows = []
     naive = frames["naive"]
@@ -156,6 +158,7 @@ def run_case(name: str, images: int | None, batch_size: int, workdir: Path, conf
             "seconds": round(seconds[config], 1), "images/s": round((len(df) - 1) * n_images / seconds[config], 1),
             "peak_rss_gb": round(peaks[config] / 2**30, 2), "flop_bound": round(bound, 2),
             "x_naive": round(seconds["naive"] / seconds[config], 2),
+            "cpu_s": round(cpu_seconds[config], 1), "x_naive_cpu": round(cpu_seconds["naive"] / cpu_seconds[config], 2),
             "max_rel_diff": f"{relative:.2g}", "d_top1": round(diff["top1_acc"].max(), 3),
             "d_cos": f"{diff['pred_cos_sim'].max():.2g}",
         })

@@ -251,3 +251,13 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_rows(tiny_model, tiny
     numeric = list(METRIC_COLUMNS)
     assert (tuned[numeric] - small[numeric]).abs().max().max() < 1e-9
     assert "batch size down to 12" in caplog.text
+
+
+def test_the_callers_model_is_left_in_its_layout_so_a_later_naive_run_is_still_the_papers_nchw():
+    resolved = timm_model("resnet18", zero_init_last=False)
+    data = images(32)
+    naive_first = layercrit.measure(resolved, data, layers="layer2.0.conv1,fc", trials=1, engine_name="naive")
+    layercrit.measure(resolved, data, layers="layer2.0.conv1,fc", trials=1)  # NHWC inside
+    assert all(p.is_contiguous() for p in resolved.model.parameters())
+    naive_again = layercrit.measure(resolved, data, layers="layer2.0.conv1,fc", trials=1, engine_name="naive")
+    assert naive_again[list(METRIC_COLUMNS)].equals(naive_first[list(METRIC_COLUMNS)])

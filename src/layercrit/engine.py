@@ -16,8 +16,10 @@ convolution before it (:mod:`layercrit.folding`); both change fp32 results in th
 
 Prefix replay works on the eager model, so it needs no tracing and handles any architecture. A module is
 replayed only when it is safe: called exactly once per forward, finished before the reset layer (or its nearest
-called ancestor) started, and its output does not alias its input (in-place activations, views, Identity).
-Layers whose parameters are shared with another module run full forwards.
+called ancestor) started, and its output does not alias its input (views, Identity; in-place activations are
+switched to out of place for the run). Layers whose parameters are shared with another module run full forwards.
+Recorded outputs are replayed without copying unless something changes them in place; version counters catch
+any such change, and the chunk is then redone with copies.
 """
 
 from __future__ import annotations
@@ -109,8 +111,11 @@ def run(
     # NHWC convolutions are faster on CPUs (oneDNN) and GPUs alike; they change fp32 results only in the last bits,
     # so the naive engine (the paper's method, our oracle) keeps PyTorch's default NCHW layout unless asked.
     channels_last = options.channels_last if options.channels_last is not None else options.engine == "fast"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    with _memory_format(model, channels_last):  # the caller's model is left in the layout it came in
+        return _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last)
+
+
+def _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last) -> list[dict]:
     forward = torch.compile(model) if options.compile else model
     evaluator = _Evaluator(model, forward, evalset, options, device, channels_last)
     # Folding eval-mode BatchNorm into the convolution before it, like NHWC, changes fp32 results in the last bits
@@ -542,13 +547,31 @@ def _replaying(model: nn.Module, names: Sequence[str], outputs: _Records, copy: 
 
 
 @contextlib.contextmanager
+def _memory_format(model: nn.Module, channels_last: bool):
+    """Within the block the model's weights are NHWC (if asked); afterwards they are as they were."""
+    if not channels_last:
+        yield
+        return
+    was_contiguous = all(p.is_contiguous() for p in model.parameters() if p.dim() == 4)
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        if was_contiguous:
+            model.to(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
 def _out_of_place(model: nn.Module, enabled: bool = True):
     """Activations and dropouts set to compute out of place (same values): an in-place ReLU changes its input,
     which would make its input's recorded output unusable for replay and the ReLU itself unreplayable."""
-    switched = [m for m in model.modules() if enabled and getattr(m, "inplace", None) is True]
+    switched = []
     try:
-        for module in switched:
-            module.inplace = False
+        for module in model.modules() if enabled else ():
+            if getattr(module, "inplace", None) is True:
+                with contextlib.suppress(AttributeError):  # a read-only property: leave the module as it is
+                    module.inplace = False
+                    switched.append(module)
         yield
     finally:
         for module in switched:
