@@ -109,9 +109,9 @@ def test_densenet_folds_only_the_norms_that_follow_a_conv_not_those_after_a_conc
     assert "features.denseblock1.denselayer2.norm1" not in pairs.values()  # its input is a concatenation
 
 
-def assert_default_engine_matches_naive(resolved, data, **options):
-    fast = layercrit.measure(resolved, data, trials=2, batch_size=4, **options)  # NHWC + folded BatchNorm
-    naive = layercrit.measure(resolved, data, trials=2, batch_size=4, engine_name="naive", **options)
+def assert_default_engine_matches_naive(resolved, data, batch_size=4, **options):
+    fast = layercrit.measure(resolved, data, trials=2, batch_size=batch_size, **options)  # NHWC + folded BatchNorm
+    naive = layercrit.measure(resolved, data, trials=2, batch_size=batch_size, engine_name="naive", **options)
     assert list(fast.layer) == list(naive.layer)
     for column in ("top1_acc", "top5_acc", "agreement"):
         assert (fast[column] - naive[column]).abs().max() == 0, column
@@ -132,5 +132,6 @@ def test_resets_of_convolutions_and_of_batchnorms_take_effect_through_the_fold()
 def test_batchnorm_statistics_reset_and_recalibrated_take_effect_through_the_fold():
     resolved = timm_model("resnet18", zero_init_last=False)
     for bn, batches in (("reset", None), ("recalibrate", 1)):
-        assert_default_engine_matches_naive(resolved, images(), layers="layer1.0.conv1,layer2.1.conv2",
-                                            bn=bn, bn_batches=batches)
+        # 8 images per batch: statistics re-estimated from only 4 would amplify rounding beyond 1e-5 in cosine
+        assert_default_engine_matches_naive(resolved, images(n=16), batch_size=8,
+                                            layers="layer1.0.conv1,layer2.1.conv2", bn=bn, bn_batches=batches)
