@@ -147,7 +147,7 @@ def measure_config(name: str, config: str, data: str, n_images: int, batch_size:
 
 def run_case(name: str, images: int | None, batch_size: int, workdir: Path, config_names: list[str],
              device: str = "cpu", repeat: int = 1) -> list[dict]:
-    spec, data, n_images, trials, pretrained = CASES[name]
+    _, data, n_images, trials, _ = CASES[name]
     n_images = images or n_images
     workdir.mkdir(parents=True, exist_ok=True)
     if data == "jpeg224":

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .data import EvalSet, to_model_input
-from .folding import find_pairs, folded_batchnorm
+from .folding import find_pairs, folded_batchnorm, patched_forwards
 from .layers import Target
 from .metrics import PredictionMetrics
 from .resets import ModelState, Reset, load_in_place, snapshot
@@ -555,24 +555,14 @@ def _recording(model: nn.Module, names: Sequence[str], copy: set[str]):
             handle.remove()
 
 
-@contextlib.contextmanager
 def _replaying(model: nn.Module, names: Sequence[str], outputs: _Records, copy: set[str]):
     """Within the block, the modules ``names`` return their recorded output instead of computing (a fresh copy
     for those in ``copy``, whose output the forward changes in place)."""
-    patched = []
-    try:
-        for name in names:
-            module = model.get_submodule(name)
-            patched.append((module, module.__dict__.get("forward")))  # folded BatchNorm patches forwards too
-            fresh = _clone if name in copy else _containers
-            module.forward = lambda *args, _value=outputs[name], _fresh=fresh, **kwargs: _fresh(_value)
-        yield
-    finally:
-        for module, previous in reversed(patched):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
+    def recorded(name):
+        value, fresh = outputs[name], _clone if name in copy else _containers
+        return lambda *args, **kwargs: fresh(value)
+
+    return patched_forwards([(model.get_submodule(name), recorded(name)) for name in names])
 
 
 @contextlib.contextmanager

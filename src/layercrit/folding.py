@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -160,21 +160,31 @@ class _FoldedPair:
 
 
 @contextlib.contextmanager
-def folded_batchnorm(model: nn.Module, pairs: list[tuple[str, str]]) -> Iterator[int]:
-    """Within the block, every (conv, BatchNorm) pair in ``pairs`` computes as one folded convolution."""
+def patched_forwards(replacements: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Within the block each module's ``forward`` is the given function; afterwards whatever it was before
+    (patches nest: replay patches forwards that folding already patched)."""
     patched = []
     try:
-        for conv_name, norm_name in pairs:
-            pair = _FoldedPair(model.get_submodule(conv_name), model.get_submodule(norm_name))
-            for module, forward in ((pair.conv, pair.conv_forward), (pair.norm, pair.norm_forward)):
-                patched.append((module, module.__dict__.get("forward")))
-                module.forward = forward
-        if pairs:
-            log.info("folded %d BatchNorm layers into the convolutions before them", len(pairs))
-        yield len(pairs)
+        for module, forward in replacements:
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = forward
+        yield
     finally:
         for module, previous in reversed(patched):
             if previous is None:
                 del module.forward
             else:
                 module.forward = previous
+
+
+@contextlib.contextmanager
+def folded_batchnorm(model: nn.Module, pairs: list[tuple[str, str]]) -> Iterator[int]:
+    """Within the block, every (conv, BatchNorm) pair in ``pairs`` computes as one folded convolution."""
+    replacements = []
+    for conv_name, norm_name in pairs:
+        pair = _FoldedPair(model.get_submodule(conv_name), model.get_submodule(norm_name))
+        replacements += [(pair.conv, pair.conv_forward), (pair.norm, pair.norm_forward)]
+    with patched_forwards(replacements):
+        if pairs:
+            log.info("folded %d BatchNorm layers into the convolutions before them", len(pairs))
+        yield len(pairs)
