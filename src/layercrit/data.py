@@ -14,9 +14,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -114,15 +116,28 @@ def load_data(
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST."""
+    """Read an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST.
+
+    A damaged file (truncated or corrupt gzip, wrong header, less or more data than the header says) raises
+    :class:`LayercritError` naming the file and what is wrong with it.
+    """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, bad CRC or deflate data
+        raise LayercritError(f"{path} cannot be read ({error.__class__.__name__}: {error})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise LayercritError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise LayercritError(f"{path} ends inside its IDX header")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    if len(data) - offset != math.prod(dims):
+        raise LayercritError(f"{path} holds {len(data) - offset} bytes of data where its IDX header {dims} says "
+                             f"{math.prod(dims)}")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 
 def fashion_mnist_files(split: str = "test", root: str | None = None) -> tuple[Path, Path]:
@@ -144,9 +159,18 @@ def fashion_mnist_files(split: str = "test", root: str | None = None) -> tuple[P
 def load_fashion_mnist(split: str = "test", root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split as (uint8 N×1×28×28, int64 labels)."""
     image_file, label_file = fashion_mnist_files(split, root)
-    images = torch.from_numpy(read_idx(image_file).copy()).unsqueeze(1)
-    labels = torch.from_numpy(read_idx(label_file).astype(np.int64))
-    return images, labels
+    fix = ("reinstall it with 'apt-get install --reinstall dataset-fashion-mnist' "
+           "or pass --data-root DIR holding good copies of the IDX .gz files")
+    try:
+        images, labels = read_idx(image_file), read_idx(label_file)
+    except LayercritError as error:
+        raise LayercritError(f"{error}: {fix}") from None
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise LayercritError(f"{image_file} holds images of shape {images.shape}, not N×28×28: {fix}")
+    if labels.ndim != 1 or len(labels) != len(images) or labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+        raise LayercritError(f"{label_file} does not hold one label in 0..9 for each of the {len(images)} images "
+                             f"of {image_file.name}: {fix}")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
 def _fashion_mnist(root: str | None, n: int | None, seed: int) -> EvalSet:
