@@ -9,6 +9,9 @@ import torch
 
 from layercrit.data import load_data, load_fashion_mnist
 from layercrit.errors import LayercritError
+from layercrit.models import Preprocessing
+
+from .test_data import make_image_folder
 
 
 def one_line_error(excinfo) -> str:
@@ -82,3 +85,64 @@ def test_labels_that_do_not_match_the_images_are_a_one_line_error(tmp_path, n_la
     message = one_line_error(excinfo)
     assert message.startswith(str(tmp_path / "t10k-labels-idx1-ubyte.gz"))
     assert "one label in 0..9 for each of the 6 images" in message and "dataset-fashion-mnist" in message
+
+
+# ---------------------------------------------------------------- image folders: links and empty classes
+
+
+def folder_evalset(folder, **options):
+    return load_data(str(folder), preprocessing=Preprocessing(resize=16, crop=12), images=None, use_cache=False,
+                     **options)
+
+
+def same_evalset(a, b):
+    return a.data_id == b.data_id and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_symlink_loop_in_a_class_folder_counts_each_image_once(tmp_path):
+    folder = make_image_folder(tmp_path / "val", n_per_class=3, size=(16, 16))
+    without_loop = folder_evalset(folder)
+    (folder / "cat" / "loop").symlink_to("..")
+    (folder / "dog" / "self").symlink_to(".")
+    with_loops = folder_evalset(folder)
+    assert len(with_loops) == 9 and sorted(with_loops.labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert same_evalset(with_loops, without_loop)
+
+
+def test_link_to_another_class_folder_does_not_relabel_its_images(tmp_path):
+    folder = make_image_folder(tmp_path / "val", n_per_class=2, size=(16, 16))
+    reference = folder_evalset(folder)
+    (folder / "cat" / "dogs").symlink_to(folder / "dog")
+    (folder / "eel" / "outside").symlink_to(tmp_path)  # the folder holding the data folder
+    assert same_evalset(folder_evalset(folder), reference)
+
+
+def test_linked_folders_are_followed_once_each(tmp_path):
+    elsewhere = make_image_folder(tmp_path / "disk2", n_per_class=2, classes=("cat", "extra"), size=(16, 16))
+    folder = make_image_folder(tmp_path / "val", n_per_class=2, classes=("dog",), size=(16, 16))
+    (folder / "cat").symlink_to(elsewhere / "cat")  # ImageNet copies often link class folders from elsewhere
+    (folder / "dog" / "more").symlink_to(elsewhere / "extra")
+    (folder / "dog" / "more-again").symlink_to(elsewhere / "extra")
+    evalset = folder_evalset(folder)
+    assert list(evalset.classes) == ["cat", "dog"]
+    assert sorted(evalset.labels.tolist()) == [0, 0, 1, 1, 1, 1]
+
+
+def test_empty_class_folders_keep_their_label_indices_and_are_named_in_a_warning(tmp_path, caplog):
+    folder = make_image_folder(tmp_path / "val", n_per_class=2, classes=("a", "c", "e"), size=(16, 16))
+    for name in ("b", "d", "f", "g", "h", "i", "j"):
+        (folder / name).mkdir()
+    (folder / "b" / "notes.txt").write_text("not an image")
+    evalset = folder_evalset(folder)
+    assert list(evalset.classes) == ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
+    assert sorted(evalset.labels.tolist()) == [0, 0, 2, 2, 4, 4]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"7 of the 10 class folders in {folder} hold no images (b, d, f, g, h, ...)" in warning
+
+
+def test_folder_whose_class_folders_are_all_empty_is_refused(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+    with pytest.raises(LayercritError) as excinfo:
+        folder_evalset(tmp_path / "val")
+    assert one_line_error(excinfo).startswith(f"no images in {tmp_path / 'val'}: expected one sub-folder per class")

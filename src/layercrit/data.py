@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,6 +30,8 @@ import torch
 
 from .errors import LayercritError
 from .models import Preprocessing
+
+log = logging.getLogger(__name__)
 
 FASHION_MNIST_ROOTS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -192,16 +195,7 @@ def _image_folder(
     folder: Path, pre: Preprocessing, n: int | None, seed: int, *,
     cache_dir: str | Path | None, use_cache: bool, skip_bad_images: bool,
 ) -> EvalSet:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
-    try:
-        classes, class_to_idx = find_classes(str(folder))
-        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError:
-        raise LayercritError(
-            f"no images in {folder}: expected one sub-folder per class holding image files "
-            f"({', '.join(IMG_EXTENSIONS)})"
-        ) from None
+    classes, samples = _find_samples(folder)
     chosen = [samples[i] for i in subset_indices(len(samples), n, seed)]
     transform = _eval_transform(pre)
     key = _fingerprint(folder, chosen, pre, seed)
@@ -222,6 +216,66 @@ def _image_folder(
             _write_cache(cache, images, labels, skipped, description)
     return EvalSet(images=images, labels=labels, data_id=data_id, description=description,
                    classes=classes, n_skipped=skipped, decode=None if skipped else decode)
+
+
+def _find_samples(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class names (sorted folder names) and the ``(path, class index)`` samples, in ``ImageFolder``'s order.
+
+    A class folder without images keeps its index, so labels stay aligned with the model's outputs (a subset of
+    ImageNet val); it is warned about. Only a folder with no images at all is refused.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
+    try:
+        classes, _ = find_classes(str(folder))
+    except FileNotFoundError:
+        classes = []
+    root = os.path.realpath(folder)
+    class_dirs = {os.path.realpath(folder / name) for name in classes}
+    samples, empty = [], []
+    for index, name in enumerate(classes):
+        paths = _class_images(str(folder / name), root, class_dirs, IMG_EXTENSIONS)
+        samples.extend((path, index) for path in paths)
+        if not paths:
+            empty.append(name)
+    if not samples:
+        raise LayercritError(f"no images in {folder}: expected one sub-folder per class holding image files "
+                             f"({', '.join(IMG_EXTENSIONS)})")
+    if empty:
+        log.warning("%d of the %d class folders in %s hold no images (%s%s): their labels are kept, no image has them",
+                    len(empty), len(classes), folder, ", ".join(empty[:5]), ", ..." if len(empty) > 5 else "")
+    return classes, samples
+
+
+def _class_images(class_dir: str, root: str, class_dirs: set[str], extensions: tuple[str, ...]) -> list[str]:
+    """The image files under one class folder, sorted as torchvision's ``make_dataset`` sorts them.
+
+    torchvision walks with ``os.walk(followlinks=True)``, so a link loop such as ``cat/loop -> ..`` repeats the
+    whole data folder under ``cat`` until the OS refuses (9 files became 369 samples, most of them mislabelled).
+    Here a directory, linked or not, is walked only when it leads somewhere new: not one this class already
+    walked, not another class folder (its images have their own label) and not the data folder or a folder
+    above it. Links are still followed once, because ImageNet copies are often class folders linked from
+    elsewhere. Real directories are taken before links at each level, so the paths stay the same when a link
+    is added.
+    """
+
+    def encloses_root(real: str) -> bool:
+        return os.path.commonpath([real, root]) == real
+
+    if encloses_root(os.path.realpath(class_dir)):
+        return []
+    walked = {os.path.realpath(class_dir)}
+    found = []
+    for here, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        kept = []
+        for name in sorted(dirnames, key=lambda name: (os.path.islink(os.path.join(here, name)), name)):
+            real = os.path.realpath(os.path.join(here, name))
+            if real not in walked and real not in class_dirs and not encloses_root(real):
+                walked.add(real)
+                kept.append(name)
+        dirnames[:] = sorted(kept)
+        found.append((here, sorted(name for name in filenames if name.lower().endswith(extensions))))
+    return [os.path.join(here, name) for here, names in sorted(found) for name in names]
 
 
 def _eval_transform(pre: Preprocessing):
