@@ -2,6 +2,8 @@
 
 import gzip
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -146,3 +148,33 @@ def test_folder_whose_class_folders_are_all_empty_is_refused(tmp_path):
     with pytest.raises(LayercritError) as excinfo:
         folder_evalset(tmp_path / "val")
     assert one_line_error(excinfo).startswith(f"no images in {tmp_path / 'val'}: expected one sub-folder per class")
+
+
+# ---------------------------------------------------------------- images that must not be decoded
+
+
+def write_png_header(path, width, height):
+    """A PNG that declares ``width``×``height`` grey pixels: PIL refuses it on open, before decoding anything."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_one_line_corrupt_image_error(tmp_path):
+    folder = make_image_folder(tmp_path / "val", n_per_class=2, size=(16, 16))
+    write_png_header(folder / "dog" / "bomb.png", 20_000, 10_000)  # 2e8 pixels, over twice PIL's limit
+    with pytest.raises(LayercritError) as excinfo:
+        folder_evalset(folder)
+    message = one_line_error(excinfo)
+    assert message.startswith(f"corrupt image {folder / 'dog' / 'bomb.png'} (DecompressionBombError)")
+    assert message.endswith("--skip-bad-images")
+
+
+def test_skip_bad_images_skips_a_decompression_bomb(tmp_path):
+    folder = make_image_folder(tmp_path / "val", n_per_class=2, size=(16, 16))
+    write_png_header(folder / "dog" / "bomb.png", 20_000, 10_000)
+    evalset = folder_evalset(folder, skip_bad_images=True)
+    assert len(evalset) == 6 and evalset.n_skipped == 1

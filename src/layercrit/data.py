@@ -300,12 +300,12 @@ def _decode_one(path: str, transform) -> torch.Tensor:
 
 
 def _decode_all(samples, transform, skip_bad_images: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     def attempt(sample):
         try:
             return _decode_one(sample[0], transform)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
             if not skip_bad_images:
                 raise LayercritError(
                     f"corrupt image {sample[0]} ({error.__class__.__name__}): remove it or pass --skip-bad-images"
