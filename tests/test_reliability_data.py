@@ -1,5 +1,6 @@
 """Issue #11, data side: the same images for the same data_id every time, and every bad input a one-line error."""
 
+import errno
 import gzip
 import re
 import struct
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from layercrit import data
 from layercrit.data import load_data, load_fashion_mnist
 from layercrit.errors import LayercritError
 from layercrit.models import Preprocessing
@@ -93,12 +95,13 @@ def test_labels_that_do_not_match_the_images_are_a_one_line_error(tmp_path, n_la
 
 
 def folder_evalset(folder, **options):
-    return load_data(str(folder), preprocessing=Preprocessing(resize=16, crop=12), images=None, use_cache=False,
-                     **options)
+    options = {"use_cache": "cache_dir" in options, **options}
+    return load_data(str(folder), preprocessing=Preprocessing(resize=16, crop=12), images=None, **options)
 
 
 def same_evalset(a, b):
-    return a.data_id == b.data_id and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    return (a.data_id == b.data_id and a.n_skipped == b.n_skipped and torch.equal(a.images, b.images)
+            and torch.equal(a.labels, b.labels))
 
 
 def test_symlink_loop_in_a_class_folder_counts_each_image_once(tmp_path):
@@ -178,3 +181,37 @@ def test_skip_bad_images_skips_a_decompression_bomb(tmp_path):
     write_png_header(folder / "dog" / "bomb.png", 20_000, 10_000)
     evalset = folder_evalset(folder, skip_bad_images=True)
     assert len(evalset) == 6 and evalset.n_skipped == 1
+
+
+# ---------------------------------------------------------------- the decoded-image cache
+
+
+def test_cache_made_with_skip_bad_images_is_not_used_without_it(tmp_path):
+    folder = make_image_folder(tmp_path / "val", n_per_class=2, size=(16, 16))
+    (folder / "dog" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    assert folder_evalset(folder, skip_bad_images=True, cache_dir=tmp_path / "cache").n_skipped == 1
+    with pytest.raises(LayercritError, match=r"corrupt image .*broken\.jpg"):
+        folder_evalset(folder, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("failing, error", [
+    ("numpy.save", OSError(errno.ENOSPC, "No space left on device")),
+    ("numpy.save", OSError(errno.EDQUOT, "Disk quota exceeded")),
+    ("tempfile.mkdtemp", OSError(errno.EROFS, "Read-only file system")),
+    ("os.mkdir", PermissionError(errno.EACCES, "Permission denied")),
+], ids=["disk full", "over quota", "read-only", "permission denied"])
+def test_unwritable_cache_is_warned_about_once_and_the_run_goes_on(tmp_path, monkeypatch, caplog, failing, error):
+    folder = make_image_folder(tmp_path / "val", n_per_class=2, size=(16, 16))
+    reference = folder_evalset(folder)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(data, "_unwritable_caches", set())
+    monkeypatch.setattr(failing, fail)
+    cache = tmp_path / "cache"
+    runs = [folder_evalset(folder, cache_dir=cache) for _ in range(2)]
+    assert all(same_evalset(run, reference) for run in runs)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"cannot write the image cache in {cache / 'evalsets'} ({error.strerror}): going on")
+    assert not [path for path in cache.rglob("*") if path.is_file() or path.name.startswith(".tmp-")]

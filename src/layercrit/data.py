@@ -7,10 +7,14 @@ Specs:
 
 The subset of N images is the one the paper's code evaluates: the first N images of a ``DataLoader(shuffle=True)``
 seeded with ``seed`` (see :func:`subset_indices`).
+
+The disk cache is keyed by everything the decoded images depend on and checked against a checksum whenever it
+is read: a damaged entry is decoded again, a cache that cannot be written is skipped (both with a warning).
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
@@ -198,7 +202,7 @@ def _image_folder(
     classes, samples = _find_samples(folder)
     chosen = [samples[i] for i in subset_indices(len(samples), n, seed)]
     transform = _eval_transform(pre)
-    key = _fingerprint(folder, chosen, pre, seed)
+    key = _fingerprint(folder, chosen, pre, seed, skip_bad_images)
     data_id = f"{folder.name}-n{len(chosen)}-s{seed}-{key[:10]}"
     description = f"{folder}: {len(chosen)} images (seed {seed}), {pre.describe()}"
 
@@ -206,10 +210,9 @@ def _image_folder(
         return torch.stack([_decode_one(chosen[i][0], transform) for i in positions])
 
     cache = _cache_path(cache_dir, key) if use_cache else None
-    if cache is not None and (cache / "images.npy").is_file():
-        images = torch.from_numpy(np.load(cache / "images.npy", mmap_mode="c"))
-        labels = torch.from_numpy(np.load(cache / "labels.npy"))
-        skipped = json.loads((cache / "meta.json").read_text())["n_skipped"]
+    cached = _read_cache(cache) if cache is not None else None
+    if cached is not None:
+        images, labels, skipped = cached
     else:
         images, labels, skipped = _decode_all(chosen, transform, skip_bad_images)
         if cache is not None:
@@ -325,9 +328,10 @@ def _decode_all(samples, transform, skip_bad_images: bool) -> tuple[torch.Tensor
     return images, labels, len(samples) - len(keep)
 
 
-def _fingerprint(folder: Path, chosen, pre: Preprocessing, seed: int) -> str:
+def _fingerprint(folder: Path, chosen, pre: Preprocessing, seed: int, skip_bad_images: bool) -> str:
+    """Everything the decoded images depend on: a cache entry made under other options is never reused."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([pre.resize, pre.crop, pre.interpolation, seed, "v1"]).encode())
+    digest.update(json.dumps([pre.resize, pre.crop, pre.interpolation, seed, skip_bad_images, "v2"]).encode())
     for path, label in chosen:
         stat = os.stat(path)
         digest.update(f"{os.path.relpath(path, folder)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -342,16 +346,81 @@ def _cache_path(cache_dir: str | Path | None, key: str) -> Path:
     return Path(cache_dir or default_cache_dir()) / "evalsets" / key[:32]
 
 
-def _write_cache(target: Path, images: torch.Tensor, labels: torch.Tensor, skipped: int, description: str) -> None:
-    """Write next to the target, then rename: a killed run never leaves a half-written cache entry."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+def _checksum(images: np.ndarray, labels: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{images.dtype.str}{images.shape}{labels.dtype.str}{labels.shape}".encode())
+    digest.update(np.ascontiguousarray(images))
+    digest.update(np.ascontiguousarray(labels))
+    return digest.hexdigest()
+
+
+def _read_cache(entry: Path) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """The cached images, labels and skip count; None when there is no entry or it cannot be used.
+
+    The arrays are checked against the checksum written with them, which reads the images once: a changed
+    byte under an intact header would otherwise give other numbers under the same data_id. A damaged or
+    unreadable entry is warned about and decoded again (and rewritten).
+    """
     try:
+        if not entry.exists():
+            return None
+        meta = json.loads((entry / "meta.json").read_text())
+        if not isinstance(meta, dict) or "checksum" not in meta:
+            raise ValueError("meta.json holds no checksum")
+        images = np.load(entry / "images.npy", mmap_mode="c")
+        labels = np.load(entry / "labels.npy")
+        if meta["checksum"] != _checksum(images, labels):
+            raise ValueError("the images or labels do not match their checksum")
+        return torch.from_numpy(images), torch.from_numpy(labels), int(meta["n_skipped"])
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        if isinstance(error, OSError) and error.filename:
+            problem = f"{Path(error.filename).name}: {error.strerror}"
+        else:
+            problem = f"{error.__class__.__name__}: {error}"
+        log.warning("cannot use the cached images in %s (%s): decoding them again", entry, problem)
+        return None
+
+
+_unwritable_caches: set[Path] = set()  # said once per cache folder, not once per model of a sweep
+
+
+def _write_cache(target: Path, images: torch.Tensor, labels: torch.Tensor, skipped: int, description: str) -> None:
+    """Write next to the target, then rename: a killed run never leaves a half-written cache entry.
+
+    An entry already there is damaged (or :func:`_read_cache` would have used it) and is replaced. The cache
+    only saves time: a disk that is full, over quota, read-only or not ours is warned about and the run goes
+    on without it.
+    """
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         np.save(staging / "images.npy", images.numpy())
         np.save(staging / "labels.npy", labels.numpy())
-        (staging / "meta.json").write_text(json.dumps({"n_skipped": skipped, "description": description}))
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "images.npy").is_file():
-            raise
+        meta = {"n_skipped": skipped, "description": description,
+                "checksum": _checksum(images.numpy(), labels.numpy())}
+        (staging / "meta.json").write_text(json.dumps(meta))
+        _discard(target)
+        try:
+            os.replace(staging, target)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # another run wrote the same entry meanwhile: keep theirs
+    except OSError as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if target.parent not in _unwritable_caches:
+            _unwritable_caches.add(target.parent)
+            log.warning("cannot write the image cache in %s (%s): going on without it; pass --cache-dir DIR "
+                        "for another place, or --no-cache", target.parent, error.strerror or error)
+
+
+def _discard(entry: Path) -> None:
+    """Move an entry aside before deleting it, so that no reader ever sees it half deleted."""
+    aside = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
+    try:
+        os.replace(entry, aside)
+    except FileNotFoundError:
+        pass
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
