@@ -208,12 +208,12 @@ def test_a_group_of_modules_reset_together_agrees_across_engines():
     assert rows["fast"][1]["criticality"] > 0
 
 
-def test_target_ci_stops_units_early_on_the_same_image_order_and_reports_their_width():
+def test_image_target_ci_stops_units_early_on_the_same_image_order_and_reports_their_width():
     resolved = timm_model("resnet18", zero_init_last=False)
     data = images(16, n=120)
     full = layercrit.measure(resolved, data, layers="layer4.1.conv2,fc", trials=1, batch_size=10)
     adaptive = layercrit.measure(resolved, data, layers="layer4.1.conv2,fc", trials=1, batch_size=10,
-                                 target_ci=0.45)
+                                 image_target_ci=0.45)
     rows = adaptive[adaptive.layer != "original"]
     assert (rows.n_images < 120).all() and (rows.n_images % 10 == 0).all()
     assert (rows.criticality_ci <= 0.45).all() and (rows.top1_ci <= 45).all()

@@ -62,7 +62,7 @@ class EngineOptions:
     max_cache_mb: float = 4096.0
     compile: bool = False
     progress: bool = True
-    target_ci: float | None = None  # stop a unit once its criticality and top-1 are known to ± this (fraction)
+    image_target_ci: float | None = None  # stop a unit's images once criticality and top-1 are known to ± this
     ci_alpha: float = 0.05
 
     def __post_init__(self) -> None:
@@ -74,8 +74,8 @@ class EngineOptions:
             raise LayercritError(f"unknown precision {self.precision!r}: one of {', '.join(PRECISIONS)}")
         if self.batch_size < 1:
             raise LayercritError("--batch-size must be at least 1")
-        if self.target_ci is not None and not 0 < self.target_ci < 1:
-            raise LayercritError("--target-ci is a half-width as a fraction, e.g. 0.01 (one point of top-1)")
+        if self.image_target_ci is not None and not 0 < self.image_target_ci < 1:
+            raise LayercritError("image_target_ci is a half-width as a fraction, e.g. 0.01 (one point of top-1)")
 
 
 @dataclass
@@ -129,7 +129,7 @@ def _run(model, evalset, layers, reset, trials, options, on_chunk, device, chann
 
     original = Unit(layer=None, trial=0, computed_in_trial=0)
     targets = [t if isinstance(t, Target) else Target(t, [t]) for t in layers]
-    plans = _plan_units(model, targets, reset, trials, alpha=options.ci_alpha if options.target_ci else None)
+    plans = _plan_units(model, targets, reset, trials, alpha=options.ci_alpha if options.image_target_ci else None)
     n_computed = sum(len(plan.computed) for plan in plans)
     evaluator.pairs = find_pairs(model, evaluator.sample()) if fold_bn else []  # after planning (recalibration)
     replay = options.engine == "fast" and not options.compile
@@ -160,7 +160,7 @@ def _run(model, evalset, layers, reset, trials, options, on_chunk, device, chann
                     log.warning("out of GPU memory: batch size down to %d", evaluator.options.batch_size)
                     torch.cuda.empty_cache()
                 # Reached only after one of those: redo the chunk from scratch.
-                alpha = options.ci_alpha if options.target_ci else None
+                alpha = options.ci_alpha if options.image_target_ci else None
                 for plan in chunk:
                     plan.fresh_metrics(alpha)
                 if first:
@@ -308,8 +308,8 @@ class _Evaluator:
             return self.forward(x).float()
 
     def settled(self, unit: Unit) -> bool:
-        """With --target-ci: the unit's estimates are tight enough; it skips the remaining batches."""
-        return self.options.target_ci is not None and unit.metrics.settled(self.options.target_ci)
+        """With image_target_ci: the unit's estimates are tight enough; it skips the remaining batches."""
+        return self.options.image_target_ci is not None and unit.metrics.settled(self.options.image_target_ci)
 
     def batches(self, redecode: bool = False):
         return self.evalset.batches(self.options.batch_size, redecode=redecode)

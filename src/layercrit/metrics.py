@@ -15,7 +15,7 @@ from .confidence import BettingCS
 
 METRIC_COLUMNS = (
     "top1_acc", "top5_acc", "loss", "recovered_acc", "pred_cos_sim", "pred_l1_err", "pred_l2_err",
-    "pred_ce_loss", "pred_kl", "agreement", "criticality", "nonfinite", "n_images",
+    "pred_ce_loss", "pred_kl", "agreement", "criticality", "criticality_sd", "nonfinite", "n_images",
     "criticality_ci", "top1_ci",
 )
 
@@ -34,7 +34,7 @@ class PredictionMetrics:
     def __init__(self, alpha: float | None = None) -> None:
         self.n = 0
         self.n_finite = 0
-        self.sums = dict.fromkeys(("top1", "top5", "loss", "cos", "l1", "l2", "ce", "kl", "agree"), 0.0)
+        self.sums = dict.fromkeys(("top1", "top5", "loss", "cos", "crit_sq", "l1", "l2", "ce", "kl", "agree"), 0.0)
         # With --target-ci: confidence sequences for per-image criticality and top-1 (see confidence.py).
         self.sequences = (BettingCS(alpha), BettingCS(alpha)) if alpha else None
 
@@ -60,6 +60,8 @@ class PredictionMetrics:
         s["top1"] += hit[:, 0].sum().item()
         s["top5"] += hit.any(dim=1).sum().item()
         s["cos"] += torch.where(finite, cos, worst["cos"]).sum().item()
+        per_image_criticality = torch.where(finite, 1 - cos, 1.0).clamp(0, 1)
+        s["crit_sq"] += per_image_criticality.square().sum().item()
         s["l1"] += torch.where(finite, l1, worst["l1"]).sum().item()
         s["l2"] += torch.where(finite, l2, worst["l2"]).sum().item()
         s["agree"] += (agree & finite).sum().item()
@@ -74,7 +76,6 @@ class PredictionMetrics:
         self.n += len(labels)
         self.n_finite += int(finite.sum().item())
         if self.sequences is not None:
-            per_image_criticality = torch.where(finite, 1 - cos, 1.0).clamp(0, 1)
             self.sequences[0].update(per_image_criticality.cpu().numpy())
             self.sequences[1].update(hit[:, 0].double().cpu().numpy())
 
@@ -94,6 +95,8 @@ class PredictionMetrics:
             "pred_kl": s["kl"] / nf if self.n_finite else float("nan"),
             "agreement": s["agree"] / n,
             "criticality": 1.0 - cos,
+            # spread of the per-image criticality over this evaluation's images (the sequential design's σ_w)
+            "criticality_sd": math.sqrt(max(s["crit_sq"] / n - (1.0 - cos) ** 2, 0.0)),
             "nonfinite": self.n - self.n_finite,
             "n_images": self.n,
             "criticality_ci": self.sequences[0].half_width if self.sequences else float("nan"),

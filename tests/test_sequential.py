@@ -1,0 +1,89 @@
+"""The sequential design through measure(): blocks, stopping, determinism, and the rows it leaves."""
+
+import pytest
+import torch
+
+import layercrit
+from layercrit.estimate import layer_table
+from layercrit.sequential import SequentialDesign
+
+
+@pytest.fixture
+def pool():
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (600, 1, 16, 16), dtype=torch.uint8, generator=generator)
+    return images, torch.randint(0, 10, (600,), generator=generator)
+
+
+def sequential(model, data, **options):
+    options = {"layers": "conv1,conv2,fc", "trials": 3, "target_ci": 0.05, "max_trials": 15, "images": None,
+               "batch_size": 64, **options}
+    return layercrit.measure(model, data, **options)
+
+
+def test_each_trial_sees_its_own_block_the_same_for_every_layer(tiny_model, pool):
+    df = sequential(tiny_model, pool, images_per_trial=40)
+    rows = df[df.layer != "original"]
+    pilot = SequentialDesign(0.05).pilot_size(600)  # 200: three pilot blocks cover the pool
+    offsets = rows.groupby("trial").image_offset.unique()
+    assert all(len(o) == 1 for o in offsets)  # every layer's trial t is on the same block
+    assert [o[0] for o in offsets][:5] == [0, pilot, 2 * pilot, 3 * pilot, 3 * pilot + 40]
+    assert rows[rows.trial < 3].n_images.eq(pilot).all() and rows[rows.trial >= 3].n_images.eq(40).all()
+
+
+def test_layers_stop_at_the_target_or_say_they_hit_the_cap(tiny_model, pool):
+    df = sequential(tiny_model, pool, images_per_trial=40)
+    table = layer_table(df).set_index("layer")
+    assert set(table.index) == {"model.conv1", "model.conv2", "model.fc"}
+    for _, layer in table.iterrows():
+        assert (layer.criticality_ci == pytest.approx(0.05) and not layer.capped) or \
+            (layer.capped and layer.trials == 15 and layer.criticality_ci > 0.05)
+    assert (table.trials >= 10).all() | (table.trials == 15).all()
+    rows = df[df.layer != "original"]
+    assert rows.ci_looks.eq(len(SequentialDesign(0.05, max_trials=15).looks)).all()
+    assert rows.target_ci.eq(0.05).all()
+
+
+def test_a_layers_trials_do_not_depend_on_which_other_layers_run(tiny_model, pool):
+    together = sequential(tiny_model, pool, images_per_trial=40)
+    alone = sequential(tiny_model, pool, images_per_trial=40, layers="conv2")
+    columns = ["trial", "image_offset", "n_images", "criticality", "top1_acc"]
+    a = together[together.layer == "model.conv2"][columns].reset_index(drop=True)
+    b = alone[alone.layer == "model.conv2"][columns].reset_index(drop=True)
+    assert a.equals(b)
+
+
+def test_the_same_spec_gives_the_same_rows(tiny_model, pool):
+    first, second = sequential(tiny_model, pool), sequential(tiny_model, pool)
+    assert first.drop(columns="layercrit_version").equals(second.drop(columns="layercrit_version"))
+    # Cochran's rule chose the block size from the pilot: every post-pilot trial has the same size
+    post = first[(first.layer != "original") & (first.trial >= 3)]
+    assert post.n_images.nunique() <= 1
+
+
+def test_the_original_row_pools_every_block_evaluated(tiny_model, pool):
+    df = sequential(tiny_model, pool, images_per_trial=40)
+    original = df[df.layer == "original"].iloc[0]
+    trials = int(df.trial.max()) + 1
+    assert original.n_images == 3 * 200 + (trials - 3) * 40
+    full = layercrit.measure(tiny_model, pool, layers="fc", trials=1, images=None)
+    assert original.top1_acc == pytest.approx(full[full.layer == "original"].top1_acc.item(), abs=15)
+
+
+def test_the_fixed_design_rows_say_so(tiny_model, pool):
+    df = layercrit.measure(tiny_model, pool, layers="fc", trials=2, images=100)
+    rows = df[df.layer != "original"]
+    assert rows.image_offset.eq(0).all() and rows.ci_looks.eq(1).all() and not rows.capped.any()
+    assert rows.target_ci.isna().all()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"target_ci": 1.5}, "target_ci"),
+    ({"target_ci": 0.05, "trials": 1}, "trials >= 2"),
+    ({"target_ci": 0.05, "max_trials": 2}, "max_trials"),
+    ({"target_ci": 0.05, "images_per_trial": 0}, "images_per_trial"),
+    ({"target_ci": 0.05, "trials": [1, 2]}, "trials as a number"),
+])
+def test_bad_design_options_are_one_line_errors(tiny_model, pool, options, message):
+    with pytest.raises(layercrit.LayercritError, match=message):
+        layercrit.measure(tiny_model, pool, layers="fc", images=None, **options)
