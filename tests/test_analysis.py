@@ -453,3 +453,21 @@ def test_cli_analyze_reports_user_mistakes_in_one_line(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nothing.csv"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err == f"layercrit: error: results not found: {tmp_path / 'nothing.csv'}\n"
+
+
+def test_layer_and_model_tables_carry_95_percent_intervals_over_resets_in_percent():
+    rows = results({"m": {"model.conv1": [0.9, 0.8, 0.7], "model.fc": [0.5, 0.5, 0.2]}})
+    layers = analysis.layer_criticality(rows).set_index("layer")
+    t = stats.t.ppf(0.975, 2)
+    assert layers.loc["model.conv1", "criticality_ci"] == pytest.approx(100 * t * 0.1 / np.sqrt(3))
+    models = analysis.model_criticality(rows)
+    per_trial = 100 * (1 - np.array([0.7, 0.65, 0.45]))  # both layers' criticality averaged at each trial
+    assert models.avg_criticality_ci.item() == pytest.approx(t * per_trial.std(ddof=1) / np.sqrt(3))
+
+
+def test_sequential_rows_report_the_fixed_width_target_unless_capped():
+    rows = results({"m": {"model.conv1": [0.90, 0.91, 0.90, 0.91], "model.fc": [0.1, 0.9, 0.2, 0.8]}})
+    rows = rows.assign(target_ci=0.03, ci_looks=3, capped=rows.layer == "model.fc", n_images=50)
+    layers = analysis.layer_criticality(rows).set_index("layer")
+    assert layers.loc["model.conv1", "criticality_ci"] == pytest.approx(3.0)
+    assert layers.loc["model.fc", "criticality_ci"] > 3.0 and layers.loc["model.fc", "capped"]

@@ -146,3 +146,11 @@ def test_save_writes_a_png_of_the_figure_size_and_a_pdf(matrix, tmp_path):
     width, height = fig.get_size_inches() * 100
     assert Image.open(png).size == (round(width), round(height))
     assert pdf.read_bytes().startswith(b"%PDF")
+
+
+def test_heatmap_marks_uncertain_cells_with_a_dot_at_their_centre(matrix):
+    uncertain = pd.DataFrame([[True, False, False, False], [False, False, False, True], [False] * 4])
+    ax = axis(plots.heatmap(matrix, uncertain=uncertain), "heatmap")
+    dots = next(c for c in ax.collections if c.get_label() == "uncertain")
+    np.testing.assert_allclose(dots.get_offsets(), [[0.5, 0.5], [3.5, 1.5]])
+    assert not any(c.get_label() == "uncertain" for c in axis(plots.heatmap(matrix), "heatmap").collections)

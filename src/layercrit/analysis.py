@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 from scipy import stats as scipy_stats
 
-from . import plots, report
+from . import estimate, plots, report
 from .errors import LayercritError
 from .results import read_table, write_table
 
@@ -32,6 +32,7 @@ ORIGINAL = "original"
 OTHER = "other"
 BASELINE_CATEGORY = "baseline"
 MIN_CORRELATION_MODELS = 3
+CI_THRESHOLD = 5.0  # heatmap cells with a wider 95% interval (± percentage points) are marked
 
 # name -> (results column, what the criticality is). Criticality = 100 × (1 − column) for every metric.
 METRICS: dict[str, tuple[str, str]] = {
@@ -311,7 +312,9 @@ def layer_criticality(
     Returns:
         Columns ``model_id, layer, layer_display, depth`` (index in the network order over all models),
         ``relative_depth`` (0 = the model's first measured layer, 1 = its last), ``criticality_mean,
-        criticality_std, trials``; models in order of appearance, layers in network order.
+        criticality_std, trials``, ``criticality_ci`` (half-width of the 95% interval of the mean over resets,
+        see :mod:`layercrit.estimate`) and ``capped`` (the sequential design hit its trial cap); models in order of
+        appearance, layers in network order.
     """
     rows = _measurements(results, metric, reset)
     depth = {name: i for i, name in enumerate(layer_order(rows))}
@@ -325,9 +328,26 @@ def layer_criticality(
     table["relative_depth"] = (position / (count - 1).clip(lower=1)).astype(float)
     kernels = _kernels(rows, layer_info)
     table["layer_display"] = [display_layer(name, kernels.get(name)) for name in table["layer"]]
+    intervals = _estimates(rows, metric, estimate.layer_table, by=["model_id"])
+    table = table.merge(intervals[["model_id", "layer", "criticality_ci", "capped"]], on=["model_id", "layer"],
+                        how="left")
     columns = ["model_id", "layer", "layer_display", "depth", "relative_depth", "criticality_mean",
-               "criticality_std", "trials"]
+               "criticality_std", "criticality_ci", "trials", "capped"]
     return table[columns].reset_index(drop=True)
+
+
+def _estimates(rows: pd.DataFrame, metric: str, table, by: list[str]) -> pd.DataFrame:
+    """``estimate.layer_table`` / ``model_table`` of the metric's criticality, with the interval in percent."""
+    value = "criticality" if metric == "cos" else "_value"  # the sequential design's ±target is on cos criticality
+    estimates = table(rows.assign(**{value: rows["_crit"] / 100.0}), by, value=value)
+    return estimates.assign(criticality_ci=100.0 * estimates["criticality_ci"])
+
+
+def model_intervals(results: pd.DataFrame, metric: str = "cos", *, reset: str | None = None) -> pd.Series:
+    """Per model_id: half-width (percent) of the 95% interval of its average criticality over layers
+    (:func:`layercrit.estimate.model_table`)."""
+    table = _estimates(_measurements(results, metric, reset), metric, estimate.model_table, by=["model_id"])
+    return table.set_index("model_id")["criticality_ci"]
 
 
 def interpolation_curves(results: pd.DataFrame, metric: str = "cos") -> pd.DataFrame:
@@ -392,17 +412,20 @@ def model_criticality(
 
     Returns:
         Columns ``model_id, display, category, accuracy`` (percent), ``accuracy_source, avg_criticality`` (mean
-        over layers of the per-layer mean, %), ``std_over_layers, layers, budget, norm, is_baseline`` and any
+        over layers of the per-layer mean, %), ``avg_criticality_ci`` (95% half-width, %), ``std_over_layers, layers, budget, norm, is_baseline`` and any
         other metadata fields; baseline first, then models grouped by category in metadata order.
     """
-    return _summarize(layer_criticality(results, metric, reset=reset), results, load_meta(meta), baseline)
+    return _summarize(layer_criticality(results, metric, reset=reset), results, load_meta(meta), baseline,
+                      model_intervals(results, metric, reset=reset))
 
 
-def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
+def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, baseline: str | None,
+               intervals: pd.Series) -> pd.DataFrame:
     meta = _with_embedded_meta(meta, results)
     per_model = layers.groupby("model_id", sort=False)["criticality_mean"]
     models = pd.DataFrame({"avg_criticality": per_model.mean(), "std_over_layers": per_model.std(ddof=0),
                            "layers": per_model.count()}).reset_index()
+    models.insert(2, "avg_criticality_ci", models["model_id"].map(intervals))
     models = models.merge(meta, on="model_id", how="left")
     models["category"] = [str(c) if pd.notna(c) else OTHER for c in models["category"]]
     models["display"] = [str(d) if pd.notna(d) else m for d, m in zip(models["display"], models["model_id"], strict=True)]
@@ -417,8 +440,8 @@ def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, 
     baseline = _resolve_baseline(baseline, models)
     models["is_baseline"] = models["model_id"] == baseline
     models = _presentation_order(models, list(meta["model_id"]))
-    first = ["model_id", "display", "category", "accuracy", "accuracy_source", "avg_criticality", "std_over_layers",
-             "layers", "budget", "norm", "is_baseline"]
+    first = ["model_id", "display", "category", "accuracy", "accuracy_source", "avg_criticality",
+             "avg_criticality_ci", "std_over_layers", "layers", "budget", "norm", "is_baseline"]
     return models[first + [c for c in models.columns if c not in first]]
 
 
@@ -532,7 +555,8 @@ def depth_profile(layers: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
 
 FIGURE_CAPTIONS = {
     "heatmap": "Layer criticality (mean over trials) per model and layer; margins: mean ± std over layers (right) "
-               "and over models (bottom).",
+               "and over models (bottom); a dot marks a cell whose 95% interval over resets is wider than "
+               "±{ci_threshold:g} points.",
     "heatmap_std": "Standard deviation of the criticality over trials.",
     "heatmap_delta": "Criticality minus the baseline's, per layer.",
     "accuracy_vs_criticality": "Average criticality vs accuracy, by category; legend: rank correlations over all "
@@ -551,6 +575,7 @@ def analyze(
     metric: str = "cos",
     reset: str | None = None,
     layer_info: Mapping[str, Any] | None = None,
+    ci_threshold: float = CI_THRESHOLD,
 ) -> dict[str, Any]:
     """Write every table, figure and ``report.html`` for ``results`` into ``out_dir``.
 
@@ -560,6 +585,7 @@ def analyze(
         out_dir: created if needed. Tables are written first, then figures (PNG and PDF), then the report.
         meta, baseline: as in :func:`model_criticality`; ``metric``, ``reset``, ``layer_info`` as in
             :func:`layer_criticality`.
+        ci_threshold: heatmap cells whose 95% interval is wider than ± this (percentage points) are marked.
 
     Returns:
         ``{"layers", "models", "correlations", "profile"}`` DataFrames, ``"stats"`` (what ``stats.json`` holds)
@@ -567,7 +593,7 @@ def analyze(
     """
     frame = load_results(results)
     layers = layer_criticality(frame, metric, reset=reset, layer_info=layer_info)
-    models = _summarize(layers, frame, load_meta(meta), baseline)
+    models = _summarize(layers, frame, load_meta(meta), baseline, model_intervals(frame, metric, reset=reset))
     correlation = correlations(models)
     profile = depth_profile(layers, models)
     baseline_id = next(iter(models.loc[models["is_baseline"], "model_id"]), None)
@@ -579,7 +605,7 @@ def analyze(
         "correlations": write_table(correlation, out / "correlations.csv"),
         "depth_profile": write_table(profile, out / "depth_profile.csv"),
     }
-    figures, skipped = _figures(layers, models, correlation, profile, metric)
+    figures, skipped = _figures(layers, models, correlation, profile, metric, ci_threshold)
     stats = {
         "metric": metric,
         "criticality": METRICS[metric][1],
@@ -597,7 +623,7 @@ def analyze(
         out / "report.html",
         title="Layer criticality",
         summary=_summary_lines(stats),
-        figures=[(FIGURE_CAPTIONS[name], paths[name][0]) for name in figures],
+        figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold), paths[name][0]) for name in figures],
         tables=[("Rank correlation of average criticality with accuracy", correlation),
                 ("Models", models), ("Criticality over relative depth", profile), ("Layers", layers)],
     )
@@ -605,7 +631,7 @@ def analyze(
             "paths": paths}
 
 
-def _figures(layers, models, correlation, profile, metric) -> tuple[dict[str, Any], dict[str, str]]:
+def _figures(layers, models, correlation, profile, metric, ci_threshold) -> tuple[dict[str, Any], dict[str, str]]:
     """The figures that the data supports, and why the others were left out."""
     label = AXIS_LABELS[metric]
     average = f"Avg. {label[0].lower()}{label[1:]}"
@@ -615,8 +641,10 @@ def _figures(layers, models, correlation, profile, metric) -> tuple[dict[str, An
     std = criticality_matrix(layers, models, "criticality_std").set_axis(mean.index, axis=0).set_axis(mean.columns,
                                                                                                      axis=1)
     categories = list(models["category"])
+    widths = criticality_matrix(layers, models, "criticality_ci").to_numpy()
+    uncertain = pd.DataFrame(~(widths <= ci_threshold) & np.isfinite(mean.to_numpy()))
     figures = {
-        "heatmap": plots.heatmap(mean, categories=categories, label=label),
+        "heatmap": plots.heatmap(mean, categories=categories, label=label, uncertain=uncertain),
         "heatmap_std": plots.heatmap(std, categories=categories, label="Std. over trials [%]", cmap="Reds",
                                      vmax=None),
     }

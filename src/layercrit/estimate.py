@@ -80,35 +80,37 @@ def images_per_trial(within_var: Sequence[float], between_var: Sequence[float], 
     return int(min(highest, max(lowest, round(math.sqrt(overhead * within / between)))))
 
 
-def layer_table(rows: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
+def layer_table(rows: pd.DataFrame, by: Sequence[str] | None = None, *, value: str = "criticality") -> pd.DataFrame:
     """Per layer: ``criticality`` (mean over reset draws, fraction), ``criticality_ci`` (95% half-width),
     ``trials`` (reset draws), ``images`` (image-forwards spent on the layer), and ``capped`` (the sequential
     design stopped at its trial cap before reaching its target).
 
     ``by`` are the grouping columns above ``layer`` (default: those of ``model_id``, ``reset``, ``alpha`` present).
-    Layers keep the order of their first row.
+    ``value`` is the column to estimate (another metric, in its own units: the sequential design's ±target
+    applies to ``criticality`` only). Layers keep the order of their first row. Results without the design
+    columns (the paper's CSV) are read as the fixed design.
     """
     by = _grouping(rows, by)
     out = []
     for key, group in rows[rows.layer != "original"].groupby([*by, "layer"], sort=False, dropna=False):
         drawn = _draws(group)
-        width = half_width(drawn.criticality, _looks(group))
+        width = half_width(drawn[value], _looks(group))
         if len(drawn) == 1 and len(group) > 1:
             width = 0.0  # a deterministic reset: every trial is this one computation
-        if "target_ci" in group and group.target_ci.notna().any():
+        if value == "criticality" and "target_ci" in group and group.target_ci.notna().any():
             width = max(width, float(group.target_ci.max()))  # a fixed-width sequential interval: ± the target
         out.append({
             **dict(zip([*by, "layer"], key, strict=True)),
-            "criticality": float(drawn.criticality.mean()),
+            "criticality": float(drawn[value].mean()),
             "criticality_ci": width,
             "trials": len(drawn),
-            "images": int(drawn.n_images.sum()),
+            "images": int(drawn.n_images.sum()) if "n_images" in drawn else None,
             "capped": bool(group.capped.fillna(False).astype(bool).any()) if "capped" in group else False,
         })
     return pd.DataFrame(out, columns=[*by, "layer", "criticality", "criticality_ci", "trials", "images", "capped"])
 
 
-def model_table(rows: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
+def model_table(rows: pd.DataFrame, by: Sequence[str] | None = None, *, value: str = "criticality") -> pd.DataFrame:
     """Per model: mean criticality over its layers (fraction) with a 95% half-width.
 
     Fixed design: the t-interval over trials of the per-trial average over layers (every layer's trial ``t`` sees
@@ -118,16 +120,17 @@ def model_table(rows: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataF
     by = _grouping(rows, by)
     out = []
     for key, group in rows[rows.layer != "original"].groupby(by, sort=False, dropna=False):
-        layers = layer_table(group, by)
+        layers = layer_table(group, by, value=value)
         if _looks(group) > 1:
             width = float(layers.criticality_ci.mean())
         elif layers.criticality_ci.max() > 0:
-            width = half_width(group.groupby("trial").criticality.mean())
+            width = half_width(group.groupby("trial")[value].mean())
         else:
             width = float(layers.criticality_ci.max())  # 0 (deterministic) or NaN (one trial)
         out.append({**dict(zip(by, key, strict=True)),
                     "criticality": float(layers.criticality.mean()), "criticality_ci": width,
-                    "layers": len(layers), "trials": int(layers.trials.min()), "images": int(layers.images.sum())})
+                    "layers": len(layers), "trials": int(layers.trials.min()),
+                    "images": int(layers.images.sum()) if layers.images.notna().all() else None})
     return pd.DataFrame(out)
 
 

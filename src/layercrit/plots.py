@@ -43,6 +43,7 @@ def heatmap(
     vmin: float | None = 0.0,
     vmax: float | None = 100.0,
     margins: bool = True,
+    uncertain: pd.DataFrame | None = None,
 ) -> Figure:
     """Rows × columns of ``matrix`` as coloured cells, the paper's main figure.
 
@@ -52,6 +53,8 @@ def heatmap(
         categories: one category per row; draws a coloured band per run of equal categories left of the rows.
         label: colour bar label. cmap, vmin, vmax: colour scale (``None`` = the data's extreme).
         margins: per-row (right) and per-column (bottom) mean ± std of the values (population std).
+        uncertain: booleans shaped like ``matrix``; a dot marks each True cell (e.g. an interval wider than a
+            threshold, which the caption should state).
 
     Returns:
         The figure; axes labelled ``heatmap`` (and ``categories`` when given).
@@ -80,6 +83,9 @@ def heatmap(
     ax.tick_params(axis="y", length=0)
     if margins:
         _margins(ax, values)
+    if uncertain is not None:
+        rows, cols = np.nonzero(uncertain.to_numpy(dtype=bool))
+        ax.scatter(cols + 0.5, rows + 0.5, s=3, c="white", edgecolors="black", linewidths=0.3, label="uncertain")
     if categories is not None:
         ax.tick_params(axis="y", labelleft=False)
         bands.tick_params(axis="y", labelleft=True, length=0, labelsize=SMALL)
