@@ -155,15 +155,13 @@ def test_rerandomize_trial_draws_the_same_weights_in_two_processes():
     assert not torch.equal(other_trial, w.float())
 
 
-def test_nonfinite_logits_count_as_wrong_and_keep_similarities_defined(tiny_model, tiny_data):
-    with torch.no_grad():
-        tiny_model.model.model.fc.bias[3] = float("nan")
-    try:
-        df = layercrit.measure(tiny_model, tiny_data, layers="conv1", reset="zero", trials=1)
-    finally:
-        with torch.no_grad():
-            tiny_model.model.model.fc.bias[3] = 0.0
-    row = df[df.layer == "model.conv1"].iloc[0]
+def test_nonfinite_logits_count_as_wrong_and_keep_similarities_defined(tiny_model, tiny_data, tmp_path):
+    state = {k: v.clone() for k, v in tiny_model.model.model.state_dict().items()}
+    state["fc.bias"][3] = float("nan")  # the reset, not the trained model, gives NaN logits
+    torch.save(state, tmp_path / "nan.pth")
+    df = layercrit.measure(tiny_model, tiny_data, layers="fc", reset="reinit",
+                           reset_options={"checkpoint": tmp_path / "nan.pth"}, trials=1)
+    row = df[df.layer == "model.fc"].iloc[0]
     assert row.nonfinite == 48 and row.top1_acc == 0
     assert row.pred_cos_sim == 0 and row.pred_l1_err == pytest.approx(2.0)
     assert np.isnan(row.loss)

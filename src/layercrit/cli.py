@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from .errors import LayercritError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="layercrit",
         description="Measure how much each layer of a trained vision model matters to its predictions: reset one "
         "layer at a time, re-evaluate, compare with the unmodified model (criticality = 1 - cos sim of softmax).")
@@ -20,16 +20,53 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return args.func(args) or 0
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(message)s")
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
+        return code
     except LayercritError as error:
         print(f"layercrit: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("layercrit: interrupted; finished results are on disk", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Python's documented way (see "Note on SIGPIPE" in the signal module): send what is left to devnull so
+        # the flush at exit does not fail again, and exit as a process ended by SIGPIPE does (128 + 13).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line like every other user mistake (``layercrit: error: ...``, exit status 2)."""
+
+    def error(self, message: str):
+        raise LayercritError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a count that must be at least 1 (``--images -5`` would mean "all but five")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"give a number of 0 or more, not {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------- shared options
@@ -40,7 +77,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, help="timm:NAME[.TAG] | torchvision:NAME[:WEIGHTS] | zoo:ZOO/ID | CKPT")
     g.add_argument("--arch", help="architecture of a checkpoint: timm:NAME | torchvision:NAME | layercrit:NAME")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init instead of weights")
-    g.add_argument("--num-classes", type=int, help="classes of a checkpoint's head (default: read from the file)")
+    g.add_argument("--num-classes", type=_positive_int, help="classes of a checkpoint's head (default: read from the file)")
     g.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints holding pickled objects")
     g.add_argument("--model-id", help="name for the model in results (default: the spec)")
 
@@ -51,7 +88,7 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reset", default="rerandomize",
                    help="rerandomize | zero | reinit --init CKPT | rewind --to CKPT | noise --scale S | "
                         "interpolate --alpha A[,A2,...] [--base RESET]")
-    g.add_argument("--trials", type=int, default=3, help="resets per layer (default 3)")
+    g.add_argument("--trials", type=_positive_int, default=3, help="resets per layer (default 3)")
     g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the random resets")
     g.add_argument("--init", "--to", dest="checkpoint", help="checkpoint for reinit (--init) / rewind (--to)")
     g.add_argument("--scale", type=float, help="noise: std as a multiple of each tensor's std")
@@ -64,10 +101,10 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("engine")
     e.add_argument("--engine", default="fast", choices=["fast", "naive"], help="fast (prefix replay) or naive")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    e.add_argument("--batch-size", type=int, help="images per forward (default 100 on CPU; on CUDA 500, halved "
+    e.add_argument("--batch-size", type=_positive_int, help="images per forward (default 100 on CPU; on CUDA 500, halved "
                    "while out of memory)")
     e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    e.add_argument("--max-cache-mb", type=float, default=4096.0, help="memory for recorded clean activations")
+    e.add_argument("--max-cache-mb", type=_non_negative_float, default=4096.0, help="memory for recorded clean activations")
     e.add_argument("--compile", action="store_true", help="torch.compile the model (full forwards per unit)")
     e.add_argument("--exact", action="store_true", help="NCHW layout, BatchNorm not folded: the fast engine then "
                    "equals the naive one bit for bit (by default they agree to the last bits of fp32)")
@@ -79,12 +116,12 @@ def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, help="image folder (ImageNet-val layout) or 'fashion-mnist'")
     g.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
-    g.add_argument("--images", type=int, default=10_000, help="images to evaluate (default 10000, as the paper)")
+    g.add_argument("--images", type=_positive_int, default=10_000, help="images to evaluate (default 10000, as the paper)")
     g.add_argument("--cache-dir", help="where decoded evaluation sets are kept (default ~/.cache/layercrit)")
     g.add_argument("--no-cache", dest="use_cache", action="store_false", help="decode without the disk cache")
     g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) images that fail to decode")
-    g.add_argument("--resize", type=int, help="resize shorter side to N (default: the model's config, or 256)")
-    g.add_argument("--crop", type=int, help="center crop N (default: the model's config, or 224)")
+    g.add_argument("--resize", type=_positive_int, help="resize shorter side to N (default: the model's config, or 256)")
+    g.add_argument("--crop", type=_positive_int, help="center crop N (default: the model's config, or 224)")
     g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"],
                    help="resize interpolation when --resize/--crop are given (default bilinear)")
 
@@ -103,15 +140,16 @@ def _add_run(sub) -> None:
 
 
 def _cmd_run(args) -> int:
-    from .measure import measure, override_transform
+    from .measure import check_device, measure, override_transform
     from .models import resolve_model
-    from .results import write_results
+    from .results import check_output_folder, write_results
 
-    out = Path(args.out)
-    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained,
-                             num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
+    check_device(args.device, "--device")
+    out = check_output_folder(args.out)
+    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained, num_classes=args.num_classes,
+                             trust_checkpoint=args.trust_checkpoint, seed=args.seed, model_id=args.model_id)
+    # run.json goes with the results it describes: a run that fails before its first results leaves the folder as is
+    run = {k: v for k, v in vars(args).items() if k != "func"}
     if args.resize or args.crop or args.interpolation:
         resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
     print(f"model: {resolved.spec}; preprocessing: {resolved.preprocessing.describe()}")
@@ -124,9 +162,9 @@ def _cmd_run(args) -> int:
         use_cache=args.use_cache, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
         device=args.device, engine_name=args.engine, precision=args.precision, max_cache_mb=args.max_cache_mb,
         compile=args.compile, channels_last=False if args.exact else None, fold_bn=False if args.exact else None,
-        target_ci=args.target_ci, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out),
+        target_ci=args.target_ci, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out, run),
     )
-    csv_path, _ = write_results(df, out)
+    csv_path, _ = write_results(df, out, run)
     for reset, rows in df.groupby("reset", sort=False):  # interpolate: one summary per alpha
         if df.reset.nunique() > 1:
             print(f"reset {reset}:")
@@ -176,9 +214,9 @@ def _add_zoo(sub) -> None:
     train.add_argument("--methods", nargs="+", help="ids, methods or categories to train (default: all)")
     train.add_argument("--out", default="runs/zoo-fmnist", help="zoo folder to write (default runs/zoo-fmnist)")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    train.add_argument("--threads", type=int, help="CPU threads for torch (the shipped zoo used 1)")
+    train.add_argument("--threads", type=_positive_int, help="CPU threads for torch (the shipped zoo used 1)")
     train.add_argument("--seed", type=int, default=0, help="seed of init, batch order and augmentation")
-    train.add_argument("--test-images", type=int, help="evaluate on the first N test images (default all 10000)")
+    train.add_argument("--test-images", type=_positive_int, help="evaluate on the first N test images (default all 10000)")
     train.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
     train.set_defaults(func=_cmd_zoo_train)
     fetch = zoo_sub.add_parser("download", help="put a zoo's weights into their caches (e.g. before going offline)")
@@ -201,8 +239,10 @@ def _cmd_zoo_list(args) -> int:
 def _cmd_zoo_train(args) -> int:
     import torch
 
+    from .measure import check_device
     from .zoo.fmnist import train_zoo
 
+    check_device(args.device, "--device")
     if args.threads:
         torch.set_num_threads(args.threads)
     train_zoo(args.out, methods=args.methods, device=args.device, seed=args.seed, test_images=args.test_images,
@@ -261,7 +301,7 @@ def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="measure every model of a YAML config, resumably, into a SQLite store")
     p.add_argument("config", help="sweep config (YAML): data, images, seed, layers, reset, trials, models, ...")
     p.add_argument("--store", help="SQLite store (default runs/CONFIG_NAME.sqlite); a rerun resumes it")
-    p.add_argument("--workers", type=int, help="worker processes / Ray actors (default: one per GPU, else 1 local "
+    p.add_argument("--workers", type=_positive_int, help="worker processes / Ray actors (default: one per GPU, else 1 local "
                                                "process or one Ray actor per CPU)")
     p.add_argument("--backend", default="local", choices=["local", "ray"], help="local processes or Ray")
     p.add_argument("--address", help="Ray cluster to join, e.g. ray://head:10001 (default: start a local Ray)")
@@ -273,9 +313,9 @@ def _add_sweep(sub) -> None:
     g = p.add_argument_group("overrides of the config")
     g.add_argument("--data", help="image folder (ImageNet-val layout) or 'fashion-mnist'")
     g.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
-    g.add_argument("--images", type=int, help="images to evaluate")
+    g.add_argument("--images", type=_positive_int, help="images to evaluate")
     g.add_argument("--cache-dir", help="where decoded evaluation sets are kept")
-    g.add_argument("--batch-size", type=int, help="images per forward (halved automatically when out of memory)")
+    g.add_argument("--batch-size", type=_positive_int, help="images per forward (halved automatically when out of memory)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU per worker when there are GPUs)")
     p.set_defaults(func=_cmd_sweep)
 
@@ -347,10 +387,10 @@ def _cmd_export(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="measure the bundled Fashion-MNIST zoo: results, heatmap and report in minutes")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--images", type=int, default=None, help="test images per model (default: sized for < 5 min)")
-    p.add_argument("--trials", type=int, default=3, help="rerandomizations per layer (default 3)")
+    p.add_argument("--images", type=_positive_int, default=None, help="test images per model (default: sized for < 5 min)")
+    p.add_argument("--trials", type=_positive_int, default=3, help="rerandomizations per layer (default 3)")
     p.add_argument("--models", nargs="+", help="zoo ids to measure (default: the whole zoo)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
     p.add_argument("--progress", action="store_true", help="show a progress bar per model")
@@ -359,7 +399,9 @@ def _add_demo(sub) -> None:
 
 def _cmd_demo(args) -> int:
     from .demo import DEMO_IMAGES, format_summary, run_demo
+    from .measure import check_device
 
+    check_device(args.device, "--device")
     result = run_demo(args.out, images=args.images or DEMO_IMAGES, trials=args.trials, models=args.models,
                       batch_size=args.batch_size, device=args.device, data_root=args.data_root,
                       progress=args.progress)
@@ -383,28 +425,29 @@ def _add_module_criticality(sub) -> None:
     g.add_argument("--groups", help="treat blocks | stages | FILE groups as the modules")
     g.add_argument("--alphas", help="alpha grid, comma separated (default 0,0.1,...,1)")
     g.add_argument("--sigmas", help="noise std grid, comma separated (default 13 values from 1e-4 to 1)")
-    g.add_argument("--draws", type=int, default=5, help="noise draws per grid point (default 5)")
+    g.add_argument("--draws", type=_positive_int, default=5, help="noise draws per grid point (default 5)")
     g.add_argument("--criterion", default="error", choices=["error", "loss"], help="top-1 error (default) or loss")
     g.add_argument("--epsilon", type=float, help="bound on the expected criterion (default: trained + tolerance)")
     g.add_argument("--tolerance", type=float, default=0.05, help="default epsilon = trained value + this (0.05)")
     g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the noise")
     e = p.add_argument_group("engine")
     e.add_argument("--engine", default="fast", choices=["fast", "naive"])
-    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--batch-size", type=_positive_int, default=100)
     e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--out", required=True, help="output folder for module_criticality.csv and evaluations.csv")
     p.set_defaults(func=_cmd_module_criticality)
 
 
 def _cmd_module_criticality(args) -> int:
-    from .measure import override_transform
+    from .measure import check_device, override_transform
     from .models import resolve_model
     from .module_criticality import DEFAULT_ALPHAS, DEFAULT_SIGMAS, module_criticality
-    from .results import write_table
+    from .results import check_output_folder, write_table
 
-    out = Path(args.out)
-    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained,
-                             num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
+    check_device(args.device, "--device")
+    out = check_output_folder(args.out)
+    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained, num_classes=args.num_classes,
+                             trust_checkpoint=args.trust_checkpoint, seed=args.seed, model_id=args.model_id)
     if args.resize or args.crop or args.interpolation:
         resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
     table = module_criticality(

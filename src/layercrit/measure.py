@@ -102,17 +102,19 @@ def measure(
     """
     from . import __version__
 
-    resolved = as_resolved(model, fresh_model, arch=arch, pretrained=pretrained)
+    check_sizes(images=images, batch_size=batch_size, max_cache_mb=max_cache_mb)
+    device = check_device(device)
+    resolved = as_resolved(model, fresh_model, arch=arch, pretrained=pretrained, seed=seed, model_id=model_id)
     if resize is not None or crop is not None or interpolation is not None:
         resolved.preprocessing = override_transform(resolved.preprocessing, resize, crop, interpolation)
     if isinstance(data, tuple):
         data = EvalSet.from_tensors(*data)
     evalset = load_data(data, preprocessing=resolved.preprocessing, images=images, seed=seed, root=data_root,
                         cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images)
+    _check_channels(resolved.preprocessing, evalset)
     trial_ids = list(range(trials)) if isinstance(trials, int) else list(trials)
     if not trial_ids or min(trial_ids) < 0:
         raise LayercritError("--trials must be at least 1")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if batch_size is None:  # on a GPU, start at the paper's 500 and halve on out-of-memory
         batch_size = 500 if device.startswith("cuda") else 100
     _check_labels(resolved.model, evalset, device)
@@ -125,6 +127,7 @@ def measure(
     options = engine.EngineOptions(engine=engine_name, batch_size=batch_size, device=device, precision=precision,
                                    max_cache_mb=max_cache_mb, compile=compile, progress=progress,
                                    channels_last=channels_last, fold_bn=fold_bn, target_ci=target_ci)
+    _check_finite(resolved.model, evalset, options)
     meta = {
         "model_id": model_id or resolved.spec,
         "seed": seed,
@@ -166,15 +169,18 @@ def as_resolved(
     *,
     arch: str | None = None,
     pretrained: bool = True,
+    seed: int | None = None,
+    model_id: str | None = None,
 ) -> ResolvedModel:
-    """A :class:`ResolvedModel` from any ``model`` that :func:`measure` takes (a spec, an ``nn.Module``, ...)."""
+    """A :class:`ResolvedModel` from any ``model`` that :func:`measure` takes (a spec, an ``nn.Module``, ...); a
+    spec is built under the seed of (seed, model_id), as :func:`~layercrit.models.resolve_model` does."""
     if isinstance(model, ResolvedModel):
         return model
     if isinstance(model, nn.Module):
         return ResolvedModel(model=model.eval(), fresh=fresh_model, preprocessing=Preprocessing(source="caller's model"),
                              spec=f"python:{type(model).__name__}", num_classes=0)
     if isinstance(model, str):
-        return resolve_model(model, arch=arch, pretrained=pretrained)
+        return resolve_model(model, arch=arch, pretrained=pretrained, seed=seed, model_id=model_id)
     raise LayercritError(f"model must be a spec string or an nn.Module, not {type(model).__name__}")
 
 
@@ -184,6 +190,75 @@ def _kernel(model: nn.Module, target: Target) -> str | None:
         return None
     size = getattr(model.get_submodule(target.modules[0]), "kernel_size", None)
     return "x".join(map(str, size)) if isinstance(size, tuple) else None
+
+
+def check_sizes(*, images: int | None = None, batch_size: int | None = None, max_cache_mb: float = 0.0) -> None:
+    """Refuse counts that would silently mean something else (``images=-5``: all but five) or fail deep inside."""
+    if images is not None and images < 1:
+        raise LayercritError(f"images={images}: give a number of images of at least 1 (None for all of them)")
+    if batch_size is not None and batch_size < 1:
+        raise LayercritError(f"batch_size={batch_size}: give at least 1 image per forward")
+    if max_cache_mb < 0:
+        raise LayercritError(f"max_cache_mb={max_cache_mb}: give a memory budget of 0 MB or more")
+
+
+def check_device(device: str | None, name: str = "device") -> str:
+    """``device``, or cuda when available and else cpu; a device this machine lacks is refused, naming those it has."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:  # not a device string at all, e.g. "tpu7"
+        parsed = None
+    if parsed is None or not _present(parsed):
+        gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        mps = ["mps"] if torch.backends.mps.is_available() else []
+        raise LayercritError(f"{name} {device!r} is not available on this machine: use one of "
+                             f"{', '.join(['cpu', *gpus, *mps])}")
+    return device
+
+
+def _present(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if backend is None or not hasattr(backend, "device_count") or not backend.device_count():
+        return False
+    return device.index is None or device.index < backend.device_count()
+
+
+def _check_channels(pre: Preprocessing, evalset: EvalSet) -> None:
+    """A model's input channels against the decoded images' (greyscale images feed RGB models, expanded)."""
+    channels = evalset.images.shape[1]
+    if channels != pre.in_chans and not (channels == 1 and pre.in_chans == 3):
+        raise LayercritError(f"the model takes {pre.in_chans}-channel input but the data has {channels}-channel "
+                             f"images: use data with {pre.in_chans}-channel images (e.g. fashion-mnist for a "
+                             "1-channel model) or a model for this data")
+
+
+def _check_finite(model: nn.Module, evalset: EvalSet, options: engine.EngineOptions) -> None:
+    """Refuse, before any work, a model whose unmodified outputs are not finite (broken weights): every row would
+    compare against NaN. One clean pass at the run's precision; out of GPU memory it halves the batch size, as the
+    engine would."""
+    device = torch.device(options.device)
+    dtype = engine.PRECISIONS[options.precision]
+    model = model.eval().to(device)
+    while True:
+        try:
+            broken = 0
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                for _, images, _ in evalset.batches(options.batch_size):
+                    logits = model(to_model_input(images).to(device)).float()
+                    broken += int((~torch.isfinite(logits).all(dim=-1)).sum())
+            break
+        except torch.cuda.OutOfMemoryError:
+            if options.batch_size == 1:
+                raise
+            options.batch_size //= 2
+            torch.cuda.empty_cache()
+    if broken:
+        raise LayercritError(f"the unmodified model gives non-finite outputs for {broken} of {len(evalset)} images "
+                             "(broken weights?)")
 
 
 def _check_labels(model: nn.Module, evalset: EvalSet, device: str) -> None:

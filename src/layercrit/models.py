@@ -15,6 +15,7 @@ Specs:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -86,8 +87,20 @@ def resolve_model(
     pretrained: bool = True,
     num_classes: int | None = None,
     trust_checkpoint: bool = False,
+    seed: int | None = None,
+    model_id: str | None = None,
 ) -> ResolvedModel:
-    """Resolve a model spec (see the module docstring) into a :class:`ResolvedModel` in eval mode."""
+    """Resolve a model spec (see the module docstring) into a :class:`ResolvedModel` in eval mode.
+
+    With ``seed``, the model is built with torch's RNG seeded by (seed, ``model_id``, default the spec), so a random
+    init (``pretrained=False``, or a new head) is the same in every process, run and sweep; the caller's RNG state
+    is left as it was.
+    """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_seed(seed, model_id or spec))
+            return resolve_model(spec, arch=arch, pretrained=pretrained, num_classes=num_classes,
+                                 trust_checkpoint=trust_checkpoint)
     if spec.startswith("zoo:"):
         from . import zoo
 
@@ -102,6 +115,12 @@ def resolve_model(
         raise LayercritError(f"--arch is only for checkpoint files, but the model spec {spec!r} is not a file")
     module, pre = build_architecture(spec, pretrained=pretrained, num_classes=num_classes)
     return _finish(module, pre, spec, lambda: build_architecture(spec, pretrained=False, num_classes=num_classes)[0])
+
+
+def model_seed(seed: int, model_id: str) -> int:
+    """The torch seed a model is built under (see :func:`resolve_model`): the same for (seed, id) everywhere."""
+    digest = hashlib.sha256(f"layercrit-model:{seed}:{model_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def build_architecture(

@@ -39,7 +39,7 @@ from torch import nn
 from .data import EvalSet, load_data
 from .errors import LayercritError
 from .layers import DEFAULT_LAYERS, Target, select_targets
-from .measure import as_resolved, measure
+from .measure import as_resolved, check_sizes, measure
 from .models import ResolvedModel
 from .resets import Interpolate, Noise, Reinit
 
@@ -98,7 +98,8 @@ def module_criticality(
         raise LayercritError("module criticality needs sigmas > 0")
     if draws < 1:
         raise LayercritError("module criticality needs at least one noise draw (--draws)")
-    resolved = as_resolved(model)
+    check_sizes(images=images)
+    resolved = as_resolved(model, seed=seed, model_id=model_id)
     evalset = load_data(EvalSet.from_tensors(*data) if isinstance(data, tuple) else data,
                         preprocessing=resolved.preprocessing, images=images, seed=seed, root=data_root,
                         cache_dir=cache_dir)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -14,30 +17,83 @@ from .errors import LayercritError
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
     """Write ``df`` as CSV or Parquet (by suffix) via a temporary file and an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.suffix not in (".csv", ".parquet"):
+        raise LayercritError(f"unknown table format {path.suffix!r}: use .csv or .parquet")
+    _write_together({path: df})
+    return path
+
+
+def write_results(df: pd.DataFrame, out_dir: str | Path, run: Mapping | None = None) -> tuple[Path, Path]:
+    """``OUT/results.csv`` and ``OUT/results.parquet``, and ``OUT/run.json`` (``run``: the options that made them).
+
+    All files are written in full beside their targets and only then renamed into place: a failed write (a full
+    disk) leaves the previous files as they were, a killed one leaves every file whole (at worst, killed between
+    the renames, results.csv one write ahead of the others), and run.json describes the results next to it.
+    """
+    out_dir = Path(out_dir)
+    files: dict[Path, pd.DataFrame | Mapping] = {out_dir / "results.csv": df, out_dir / "results.parquet": df}
+    if run is not None:
+        files[out_dir / "run.json"] = run
+    _write_together(files)
+    return out_dir / "results.csv", out_dir / "results.parquet"
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Create ``folder`` and prove that it takes files, so a file in the way or a read-only disk fails before any
+    work rather than after it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LayercritError(f"output folder {folder} is an existing file: give a folder (it is created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.unlink(_temporary_file(folder, ".layercrit-probe"))
+    except OSError as error:
+        raise _write_error(folder, error) from error
+    return folder
+
+
+def _write_together(files: Mapping[Path, pd.DataFrame | Mapping]) -> None:
+    """Write every file beside its target, then rename them all into place; any OSError is a one-line error."""
+    staged: dict[Path, str] = {}
+    try:
+        for path, content in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged[path] = _temporary_file(path.parent, f".{path.name}")
+            _WRITERS[path.suffix](content, staged[path])
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    except OSError as error:
+        raise _write_error(path, error) from error
+    finally:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _temporary_file(folder: Path, prefix: str) -> str:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{prefix}.", suffix=".tmp")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared
-    try:
-        if path.suffix == ".parquet":
-            df.to_parquet(tmp, index=False)
-        elif path.suffix == ".csv":
-            df.to_csv(tmp, index=False)
-        else:
-            raise LayercritError(f"unknown table format {path.suffix!r}: use .csv or .parquet")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return tmp
 
 
-def write_results(df: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:
-    """``OUT/results.csv`` and ``OUT/results.parquet``."""
-    out_dir = Path(out_dir)
-    return write_table(df, out_dir / "results.csv"), write_table(df, out_dir / "results.parquet")
+def _write_json(content: Mapping, path: str) -> None:
+    Path(path).write_text(json.dumps(content, indent=2))
+
+
+_WRITERS = {
+    ".csv": lambda df, path: df.to_csv(path, index=False),
+    ".parquet": lambda df, path: df.to_parquet(path, index=False),
+    ".json": _write_json,
+}
+
+
+def _write_error(path: Path, error: OSError) -> LayercritError:
+    reason = error.strerror or type(error).__name__
+    fix = "free some space" if error.errno == errno.ENOSPC else "choose a folder you can write to"
+    return LayercritError(f"cannot write {path}: {reason}; {fix} (files written there before are intact)")
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -51,11 +107,19 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise LayercritError(f"results not found: {path}")
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
-    if path.suffix in (".sqlite", ".db"):
+        table = pd.read_parquet(path)
+    elif path.suffix == ".csv":
+        try:
+            table = pd.read_csv(path)
+        except pd.errors.EmptyDataError:  # 0 bytes: not even a header
+            table = pd.DataFrame()
+    elif path.suffix in (".sqlite", ".db"):
         from .store import export_frame  # only SQLite users pay for importing the store
 
-        return export_frame(path)
-    raise LayercritError(f"cannot read {path}: expected .csv, .parquet, .sqlite or a run folder")
+        table = export_frame(path)
+    else:
+        raise LayercritError(f"cannot read {path}: expected .csv, .parquet, .sqlite or a run folder")
+    if table.empty:
+        raise LayercritError(f"{path} holds no results rows: give the results of a run that finished at least one "
+                             "chunk of layers")
+    return table

@@ -25,7 +25,6 @@ Config (YAML)::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -224,12 +223,9 @@ def plan_units(model_id: str, layers: Sequence[str], config: SweepConfig) -> lis
 
 def resolve_entry(entry: ModelEntry, seed: int) -> ResolvedModel:
     """Resolve a model entry with the torch RNG seeded by (seed, id), so a randomly initialised model (or head)
-    is the same in every process."""
-    digest = hashlib.sha256(f"layercrit-model:{seed}:{entry.id}".encode()).digest()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int.from_bytes(digest[:4], "little"))
-        return resolve_model(entry.spec, arch=entry.arch, pretrained=entry.pretrained,
-                             num_classes=entry.num_classes, trust_checkpoint=entry.trust_checkpoint)
+    is the same in every process, and as ``layercrit run --seed SEED --model-id ID`` builds it."""
+    return resolve_model(entry.spec, arch=entry.arch, pretrained=entry.pretrained, num_classes=entry.num_classes,
+                         trust_checkpoint=entry.trust_checkpoint, seed=seed, model_id=entry.id)
 
 
 # ---------------------------------------------------------------- planning and the driver
@@ -446,6 +442,8 @@ class SweepWorker:
                                max_cache_mb=config.max_cache_mb, progress=False)
                 break
             except Exception as error:
+                if isinstance(error, LayercritError):  # the model's own problem, e.g. non-finite outputs unmodified
+                    self._broken[unit.model_id] = str(error)
                 if not _out_of_memory(error):
                     raise
                 if self._batch_size == 1:
@@ -455,11 +453,6 @@ class SweepWorker:
                             self._batch_size)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-        broken = int(rows.loc[rows.layer == "original", "nonfinite"].iloc[0])
-        if broken:
-            self._broken[unit.model_id] = (f"the unmodified model gives non-finite outputs for {broken} of "
-                                           f"{len(evalset)} images (broken weights?)")
-            raise LayercritError(self._broken[unit.model_id])
         return rows
 
     def _load(self, model_id: str) -> tuple[ResolvedModel, EvalSet]:
