@@ -100,13 +100,16 @@ def run(
     trials: Sequence[int],
     options: EngineOptions,
     on_chunk: Callable[[list[dict]], None] | None = None,
+    probes: dict | None = None,
 ) -> list[dict]:
     """Evaluate the unmodified model and every (layer, trial); return one row dict per unit, original first.
 
     ``layers`` are module names or :class:`~layercrit.layers.Target` groups of modules reset together.
 
     ``on_chunk`` receives the rows finished so far (original row included) after every chunk of layers, so a
-    caller can persist them.
+    caller can persist them. ``probes``: a dict the caller keeps between calls on the same model and input size
+    (the sequential design's many small calls), where what the engine learns by probing the model (its call
+    structure, the BatchNorm pairs to fold) is kept instead of probed again.
     """
     device = torch.device(options.device)
     keep_freed_memory()
@@ -117,12 +120,13 @@ def run(
     # so the naive engine (the paper's method, our oracle) keeps PyTorch's default NCHW layout unless asked.
     channels_last = options.channels_last if options.channels_last is not None else options.engine == "fast"
     with _memory_format(model, channels_last):  # the caller's model is left in the layout it came in
-        return _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last)
+        return _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last,
+                    {} if probes is None else probes)
 
 
-def _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last) -> list[dict]:
+def _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last, probes) -> list[dict]:
     forward = torch.compile(model) if options.compile else model
-    evaluator = _Evaluator(model, forward, evalset, options, device, channels_last)
+    evaluator = _Evaluator(model, forward, evalset, options, device, channels_last, probes)
     # Folding eval-mode BatchNorm into the convolution before it, like NHWC, changes fp32 results in the last bits
     # only; --compile does its own rewriting, and the naive engine stays the paper's method unless asked.
     fold_bn = options.fold_bn if options.fold_bn is not None else options.engine == "fast" and not options.compile
@@ -131,7 +135,9 @@ def _run(model, evalset, layers, reset, trials, options, on_chunk, device, chann
     targets = [t if isinstance(t, Target) else Target(t, [t]) for t in layers]
     plans = _plan_units(model, targets, reset, trials, alpha=options.ci_alpha if options.image_target_ci else None)
     n_computed = sum(len(plan.computed) for plan in plans)
-    evaluator.pairs = find_pairs(model, evaluator.sample()) if fold_bn else []  # after planning (recalibration)
+    if fold_bn and "pairs" not in probes:
+        probes["pairs"] = find_pairs(model, evaluator.sample())  # after planning (recalibration)
+    evaluator.pairs = probes["pairs"] if fold_bn else []
     replay = options.engine == "fast" and not options.compile
     with _progress(options.progress, n_computed, len(evalset), options.batch_size) as bar, \
             folded_batchnorm(model, evaluator.pairs), _out_of_place(model, enabled=replay):
@@ -280,8 +286,10 @@ def _row(unit: Unit, original: Unit) -> dict:
 
 
 class _Evaluator:
-    def __init__(self, model, forward, evalset: EvalSet, options: EngineOptions, device, channels_last: bool):
+    def __init__(self, model, forward, evalset: EvalSet, options: EngineOptions, device, channels_last: bool,
+                 probes: dict):
         self.model = model
+        self.probes = probes
         self.forward = forward
         if device.type == "cuda" and options.engine != "naive":
             evalset = replace(evalset, images=evalset.images.to(device))  # decoded once, kept on the GPU
@@ -345,7 +353,9 @@ class _Evaluator:
     # -- fast: batch-outer with prefix replay
     def chunk(self, plans: list[LayerPlan]) -> Iterator[list[LayerPlan]]:
         """Group consecutive layers so that the recorded outputs of one batch stay under ``max_cache_mb``."""
-        self.structure = _CallStructure.probe(self.model, self.sample())
+        if "structure" not in self.probes:
+            self.probes["structure"] = _CallStructure.probe(self.model, self.sample())
+        self.structure = self.probes["structure"]
         budget = self.options.max_cache_mb * 2**20 / self.options.batch_size
         current: list[LayerPlan] = []
         recorded: set[str] = set()

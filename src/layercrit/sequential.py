@@ -118,11 +118,13 @@ def run(
     originals: dict[int, dict] = {}  # the unmodified model on each block, by offset
     rows: list[dict] = []
     quiet = replace(options, progress=False)
+    probes: dict = {}  # the model's structure, probed in the first call and kept for the others
     bar = tqdm(desc="trials", unit="trial", disable=not options.progress, total=design.max_trials)
 
     def evaluate(layers: list[str], trial: int, offset: int, positions: list[int]) -> list[dict]:
         block = _subset(evalset, positions)
-        original, *measured = engine.run(model, block, [by_name[name] for name in layers], reset, [trial], quiet)
+        original, *measured = engine.run(model, block, [by_name[name] for name in layers], reset, [trial], quiet,
+                                         probes=probes)
         originals.setdefault(offset, original)
         rows.extend(measured)
         if on_chunk is not None:
