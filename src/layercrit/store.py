@@ -1,17 +1,23 @@
 """The sweep store: one SQLite file holding a sweep's config, its models, its work units and their result rows.
 
-A finished unit is committed in one transaction together with its rows, so a process killed at any moment leaves
-either the whole unit or none of it, and a rerun computes only the units that are not done. The unmodified
-model's row (``layer == "original"``) is the same in every unit of a (model, reset) and is stored once. WAL
-journaling lets ``layercrit status`` and ``layercrit export`` read while a sweep writes.
+A finished unit is committed in one transaction together with its rows, so a process killed at any moment (or a
+disk that fills up) leaves either the whole unit or none of it, and a rerun computes only the units that are not
+done. The unmodified model's row (``layer == "original"``) is the same in every unit of a (model, reset) and is
+stored once. WAL journaling lets ``layercrit status`` and ``layercrit export`` read while a sweep writes; they open
+the file read-only, so they work on read-only media and never change a file that is not a store.
+
+A store made before a result column was added gets the column on its next sweep (NULL in the older rows), and the
+schema it records says so: ``{"version": SCHEMA_VERSION, "columns": [...]}`` in the ``meta`` table.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +27,12 @@ from .errors import LayercritError
 from .measure import COLUMNS
 from .metrics import METRIC_COLUMNS
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 2: result columns added by later versions are added to older stores on open
 UNIT_STATES = ("pending", "done", "failed")
 _ROW_KEY = ("model_id", "reset", "layer", "trial")
+_NO_SPACE = ("database or disk is full", "disk I/O error")  # SQLite's words for ENOSPC, and for EFBIG / EDQUOT
 
 
 @dataclass(frozen=True)
@@ -46,69 +55,134 @@ class Store:
     Args:
         path: the SQLite file.
         create: make the file (and its folder) when it does not exist; otherwise a missing store is an error.
+        readonly: open without write access (status, export, a dry run): the file is never changed, and a store
+            on read-only media can be read.
+
+    A file that is not a layercrit store (another program's database, an empty file when reading) is refused,
+    and left as it was. Leaving the ``with`` block on a full disk raises a one-line error saying that the units
+    finished so far are kept.
     """
 
-    def __init__(self, path: str | Path, *, create: bool = False):
+    def __init__(self, path: str | Path, *, create: bool = False, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        if self.path.is_dir():
+            raise LayercritError(f"{self.path} is a folder, not a sweep store: give a file, e.g. {self.path / 'sweep.sqlite'}")
         if not self.path.is_file():
-            if not create:
+            if not create or readonly:
                 raise LayercritError(f"no sweep store at {self.path}: create it with 'layercrit sweep CONFIG --store {self.path}'")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise LayercritError(f"cannot create the folder of the store {self.path}: {error.strerror}") from None
+        self.conn = None
         try:
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")  # a committed unit survives a power cut, not just kill -9
-            self._create_schema()
-        except sqlite3.DatabaseError as error:
-            self.conn.close()
+            if readonly:
+                self.conn = _connect_readonly(self.path)
+                self._schema()
+            else:
+                self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+                self._open_for_writing()
+        except (sqlite3.DatabaseError, LayercritError) as error:
+            if self.conn is not None:
+                self.conn.close()
+            if isinstance(error, LayercritError):
+                raise
+            if _no_space(error):
+                raise self._no_space_error(error) from None
             raise LayercritError(f"{self.path} is not a layercrit sweep store ({error})") from None
-        except LayercritError:
-            self.conn.close()
-            raise
 
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except sqlite3.OperationalError as error:
+            if exc is None:  # otherwise the error that ended the block is the one to report
+                raise self._no_space_error(error) if _no_space(error) else error from None
+        if isinstance(exc, sqlite3.OperationalError) and _no_space(exc):
+            raise self._no_space_error(exc) from None
 
     def close(self) -> None:
-        """Fold the WAL into the main file (so the .sqlite alone is complete) and close."""
+        """Fold the WAL into the main file (so the .sqlite alone is complete) and close. If that fails (a full
+        disk) nothing is lost: the WAL stays beside the file and the next open reads it."""
         try:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if not self.readonly:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self.conn.close()
 
-    def _create_schema(self) -> None:
+    def _no_space_error(self, error: sqlite3.Error) -> LayercritError:
+        hint = "" if "full" in str(error) else " (is the disk full?)"
+        return LayercritError(f"cannot write the sweep store {self.path}: {error}{hint}; the units finished so far "
+                              "are kept: free some space and run the same command again to resume")
+
+    def _schema(self) -> dict | None:
+        """The schema the file records; None for an empty database. Refuses a file that is not a layercrit store,
+        or one of a schema this version cannot read."""
+        tables = [name for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        if not tables and not self.readonly:
+            return None
+        if "meta" not in tables:
+            why = f"it holds tables {', '.join(sorted(tables)[:5])}" if tables else "an empty database"
+            raise LayercritError(f"{self.path} is not a layercrit sweep store ({why}): give a store that "
+                                 "'layercrit sweep' made, or a new path")
+        found = self.get_meta("schema")
+        version = found.get("version") if isinstance(found, dict) else None
+        columns = found.get("columns") if isinstance(found, dict) else None
+        if not (isinstance(version, int) and 1 <= version <= SCHEMA_VERSION and isinstance(columns, list)
+                and set(columns) <= set(COLUMNS)):
+            raise LayercritError(
+                f"{self.path} was written by another layercrit version (schema {version}): "
+                "export it with that version, or start a new store"
+            )
+        return found
+
+    def _open_for_writing(self) -> None:
+        """Check the file before changing anything; then create the tables (in an empty file) or add the result
+        columns the store lacks, and switch to WAL."""
         schema = {"version": SCHEMA_VERSION, "columns": list(COLUMNS)}
-        exists = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
-        if exists:  # readers (status, export) must not take the write lock a running sweep needs
-            found = self.get_meta("schema")
-            if found != schema:
-                version = found.get("version") if isinstance(found, dict) else None
-                raise LayercritError(
-                    f"{self.path} was written by another layercrit version (schema {version}): "
-                    "export it with that version, or start a new store"
-                )
-            return
+        if self._schema() != schema:
+            with self._transaction():  # the write lock: another sweep may be doing the same
+                found = self._schema()
+                if found is None:
+                    self._create_tables()
+                else:
+                    for column in COLUMNS:
+                        if column not in found["columns"]:
+                            self.conn.execute(f'ALTER TABLE rows ADD COLUMN "{column}"')
+                self.set_meta("schema", schema)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")  # a committed unit survives a power cut, not just kill -9
+
+    def _create_tables(self) -> None:
         columns = ", ".join(f'"{c}"' for c in COLUMNS)
         key = ", ".join(f'"{c}"' for c in _ROW_KEY)
-        with self._transaction():
-            for statement in (
-                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-                "CREATE TABLE IF NOT EXISTS models (model_id TEXT PRIMARY KEY, position INTEGER NOT NULL, record TEXT NOT NULL, "
-                "layers TEXT, error TEXT)",
-                "CREATE TABLE IF NOT EXISTS units (model_id TEXT NOT NULL, reset TEXT NOT NULL, trial INTEGER NOT NULL, "
-                "chunk INTEGER NOT NULL, layers TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending', error TEXT, "
-                "detail TEXT, attempts INTEGER NOT NULL DEFAULT 0, seconds REAL, worker TEXT, batch_size INTEGER, "
-                "finished_at TEXT, PRIMARY KEY (model_id, reset, trial, chunk))",
-                f"CREATE TABLE IF NOT EXISTS rows ({columns}, PRIMARY KEY ({key}))",
-            ):
-                self.conn.execute(statement)
-            self.set_meta("schema", schema)
+        for statement in (
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            "CREATE TABLE models (model_id TEXT PRIMARY KEY, position INTEGER NOT NULL, record TEXT NOT NULL, "
+            "layers TEXT, error TEXT)",
+            "CREATE TABLE units (model_id TEXT NOT NULL, reset TEXT NOT NULL, trial INTEGER NOT NULL, "
+            "chunk INTEGER NOT NULL, layers TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending', error TEXT, "
+            "detail TEXT, attempts INTEGER NOT NULL DEFAULT 0, seconds REAL, worker TEXT, batch_size INTEGER, "
+            "finished_at TEXT, PRIMARY KEY (model_id, reset, trial, chunk))",
+            f"CREATE TABLE rows ({columns}, PRIMARY KEY ({key}))",
+        ):
+            self.conn.execute(statement)
 
-    def _transaction(self):
-        return _Transaction(self.conn)
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error): takes the write lock before reading, so a
+        check-then-write cannot race another process."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.conn.in_transaction:  # SQLite rolls back by itself after some errors (a full disk)
+                self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     # ------------------------------------------------------------ meta
 
@@ -196,7 +270,10 @@ class Store:
     def results(self) -> pd.DataFrame:
         """Every stored row (columns :data:`layercrit.measure.COLUMNS`, then each model's metadata), in sweep
         order: model, reset, layer in network order (the original row first), trial."""
-        rows = pd.read_sql_query("SELECT * FROM rows", self.conn)
+        stored = {name for _, name, *_ in self.conn.execute("PRAGMA table_info(rows)")}
+        present = ", ".join(f'"{c}"' for c in COLUMNS if c in stored)
+        # a column added after the store was made is NULL in rows of a store no sweep has opened since
+        rows = pd.read_sql_query(f"SELECT {present} FROM rows", self.conn).reindex(columns=list(COLUMNS))
         for column in METRIC_COLUMNS:  # SQLite stores NaN as NULL: bring it back as a float NaN
             rows[column] = pd.to_numeric(rows[column])
         models = self.conn.execute("SELECT model_id, position, record, layers FROM models").fetchall()
@@ -231,33 +308,44 @@ class Store:
         return counts[["model_id", "units", "done", "failed", "pending", "error"]]
 
 
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error): takes the write lock before reading, so a
-    check-then-write cannot race another process."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
 def _records(rows: pd.DataFrame) -> list[tuple]:
     """Rows as tuples of plain Python values (sqlite3 cannot bind numpy integers)."""
     return [tuple(record[c] for c in COLUMNS) for record in rows[list(COLUMNS)].to_dict("records")]
 
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open ``path`` without write access: ``mode=ro`` (it sees a running sweep's commits), or, when that cannot
+    open the file, ``immutable=1``: a WAL store on read-only media, where SQLite cannot make its -shm index."""
+    uri = path.absolute().as_uri()
+    conn = None
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, timeout=60.0)
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # SQLite opens the file on first use
+        return conn
+    except sqlite3.OperationalError as error:
+        if conn is not None:
+            conn.close()
+        if "unable to open" not in str(error):
+            raise
+    wal = Path(f"{path}-wal")
+    if wal.is_file() and wal.stat().st_size:
+        log.warning("%s is read-only and its WAL (%s) was not folded in: units finished since the store was last "
+                    "closed are not read", path, wal)
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
+
+
+def _no_space(error: sqlite3.Error) -> bool:
+    return isinstance(error, sqlite3.OperationalError) and any(words in str(error) for words in _NO_SPACE)
+
+
 def export_frame(path: str | Path) -> pd.DataFrame:
     """The results table of the sweep store at ``path``: the rows of :func:`layercrit.measure` for every finished
-    unit plus each model's metadata columns (category, display, ...), in sweep order."""
-    with Store(path) as store:
+    unit plus each model's metadata columns (category, display, ...), in sweep order. Opens it read-only."""
+    with Store(path, readonly=True) as store:
         return store.results()
 
 
 def status_frame(path: str | Path) -> pd.DataFrame:
-    """Per model of the sweep store at ``path``: units, done, failed, pending, and the latest error."""
-    with Store(path) as store:
+    """Per model of the sweep store at ``path``: units, done, failed, pending, and the latest error (read-only)."""
+    with Store(path, readonly=True) as store:
         return store.status()

@@ -35,6 +35,8 @@ import sys
 import threading
 import time
 import traceback
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -54,8 +56,11 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
 MEASURED_SETTINGS = ("data", "images", "seed", "layers", "layers_per_unit", "engine", "precision")
-MODEL_KEYS = ("id", "spec", "arch", "pretrained", "num_classes", "trust_checkpoint")
 MEASURED_MODEL_KEYS = ("spec", "arch", "pretrained", "num_classes")
+# Sizes as JSON, YAML aliases expanded (as the store writes them): a config is a page of YAML, a metadata value a
+# name, a number or a note. The bounds stop a few lines of nested aliases from expanding to gigabytes.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_METADATA_BYTES = 64_000
 
 
 # ---------------------------------------------------------------- config
@@ -101,18 +106,22 @@ class SweepConfig:
         """Validate a config mapping; every mistake is a one-line :class:`LayercritError` naming ``source``."""
         if not isinstance(raw, dict):
             raise LayercritError(f"{source} must be a YAML mapping with data, models, ... at the top level")
+        if _json_size(raw, MAX_CONFIG_BYTES, source) > MAX_CONFIG_BYTES:
+            raise LayercritError(f"{source} is over {MAX_CONFIG_BYTES // 1_000_000} MB once its YAML aliases are "
+                                 "expanded: a sweep config lists settings and models, keep it small")
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(raw) - set(known))
         if unknown:
             raise LayercritError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
-        if not raw.get("data"):
+        if raw.get("data") is None or raw.get("data") == "":
             raise LayercritError(f"{source} has no data: add 'data: /path/to/imagenet/val' (or fashion-mnist), or pass --data")
         values = {key: raw[key] for key in known if key in raw}
         values["models"] = _model_entries(raw.get("models"), source)
-        reset = raw.get("reset", list(cls.reset))
-        values["reset"] = tuple(reset if isinstance(reset, list) else [reset])
-        layers = raw.get("layers", cls.layers)
-        values["layers"] = ",".join(layers) if isinstance(layers, list) else layers
+        values["reset"] = tuple(_names(raw.get("reset", list(cls.reset)), f"{source}: reset"))
+        values["layers"] = ",".join(_names(raw.get("layers", cls.layers), f"{source}: layers"))
+        for name, hint in _CONFIG_TYPES.items():
+            if name in values:
+                _check_type(values[name], hint, f"{source}: {name}")
         config = cls(**values)
         config._validate(source)
         return config
@@ -120,14 +129,11 @@ class SweepConfig:
     def _validate(self, source: str) -> None:
         from .engine import EngineOptions
 
-        for name, kind in (("images", int), ("seed", int), ("trials", int), ("layers_per_unit", int),
-                           ("batch_size", int), ("layers", str), ("data", str), ("max_cache_mb", (int, float))):
-            value = getattr(self, name)
-            if not (value is None and name == "images") and (not isinstance(value, kind) or isinstance(value, bool)):
-                raise LayercritError(f"{source}: {name} must be {getattr(kind, '__name__', 'a number')}, not {value!r}")
-        for name in ("images", "trials", "layers_per_unit"):
+        for name in ("images", "trials", "layers_per_unit", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LayercritError(f"{source}: {name} must be at least 1")
+        if self.max_cache_mb < 0:
+            raise LayercritError(f"{source}: max_cache_mb must be at least 0")
         bad = [r for r in self.reset if r not in RESETS]
         if bad or not self.reset:
             raise LayercritError(f"{source}: unknown reset {', '.join(map(repr, bad)) or '(none)'}; use one or a list of {', '.join(RESETS)}")
@@ -157,20 +163,93 @@ def _model_entries(raw, source: str) -> tuple[ModelEntry, ...]:
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or "id" not in item or "spec" not in item:
             raise LayercritError(f"{source}: model #{i + 1} needs an id and a spec, e.g. {{id: r50, spec: torchvision:resnet50}}")
-        model_id = str(item["id"])
+        _check_type(item["id"], str, f"{source}: model #{i + 1}: id")
+        model_id = item["id"]
         if model_id in seen:
             raise LayercritError(f"{source}: model id {model_id!r} appears twice; ids must be unique")
         seen.add(model_id)
-        metadata = {k: v for k, v in item.items() if k not in MODEL_KEYS}
+        where = f"{source}: model {model_id!r}"
+        for key, hint in _MODEL_TYPES.items():
+            if key in item:
+                _check_type(item[key], hint, f"{where}: {key}")
+        if item.get("num_classes") is not None and item["num_classes"] < 1:
+            raise LayercritError(f"{where}: num_classes must be at least 1")
+        metadata = {k: v for k, v in item.items() if k not in _MODEL_TYPES}
         clash = sorted(set(metadata) & set(COLUMNS))
         if clash:
-            raise LayercritError(f"{source}: model {model_id!r} uses result column name(s) {', '.join(clash)} as metadata; rename them")
-        if not isinstance(item.get("pretrained", True), bool):
-            raise LayercritError(f"{source}: model {model_id!r}: pretrained must be true or false")
-        entries.append(ModelEntry(id=model_id, spec=str(item["spec"]), arch=item.get("arch"),
-                                  pretrained=item.get("pretrained", True), num_classes=item.get("num_classes"),
-                                  trust_checkpoint=bool(item.get("trust_checkpoint", False)), metadata=metadata))
+            raise LayercritError(f"{where} uses result column name(s) {', '.join(clash)} as metadata; rename them")
+        for key, value in metadata.items():
+            if _json_size(value, MAX_METADATA_BYTES, f"{where}: {key}") > MAX_METADATA_BYTES:
+                raise LayercritError(f"{where}: metadata {key!r} is over {MAX_METADATA_BYTES // 1000} kB once its "
+                                     "YAML aliases are expanded: keep metadata to names, numbers and short notes")
+        entries.append(ModelEntry(metadata=metadata, **{k: item[k] for k in _MODEL_TYPES if k in item}))
     return tuple(entries)
+
+
+_TYPE_NAMES = {bool: "true or false", int: "int", float: "a number", str: "a string", type(None): "null"}
+_MODEL_TYPES = {name: hint for name, hint in typing.get_type_hints(ModelEntry).items() if name != "metadata"}
+_CONFIG_TYPES = {name: hint for name, hint in typing.get_type_hints(SweepConfig).items()
+                 if name not in ("models", "reset")}  # checked (and normalised) on their own
+
+
+def _check_type(value, hint, where: str) -> None:
+    """Refuse ``value`` unless it has a type of ``hint`` (``int``, ``str | None``, ...) as YAML gives it: a bool
+    is not an int, and ``"false"`` (quoted) is not a bool."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if any(_is_kind(value, kind) for kind in kinds):
+        return
+    quoted = "; write it without quotes" if bool in kinds and isinstance(value, str) else ""
+    raise LayercritError(f"{where} must be {' or '.join(_TYPE_NAMES[k] for k in kinds)}, not {_short(value)}{quoted}")
+
+
+def _is_kind(value, kind: type) -> bool:
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _names(value, where: str) -> list[str]:
+    """A name or a non-empty list of names (``reset``, ``layers``)."""
+    names = value if isinstance(value, list) else [value]
+    if not names or not all(isinstance(name, str) for name in names):
+        raise LayercritError(f"{where} must be a name or a list of names, not {_short(value)}")
+    return names
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _json_size(value, budget: int, where: str) -> int:
+    """About the length of ``value`` as JSON, counted while walking it and given up once over ``budget``.
+
+    A YAML alias is counted each time it is used, as the store will write it, yet the walk takes at most about
+    ``budget`` steps however far the aliases would expand (the "billion laughs"), and never builds the text.
+    Values JSON cannot hold (dates, sets, binary, keys that are not strings) are refused, naming where they are.
+    """
+    size, stack = 0, [(value, "")]
+    while stack and size <= budget:
+        item, at = stack.pop()
+        if isinstance(item, dict):
+            size += 2 + 4 * len(item)
+            for key, sub in item.items():
+                if not isinstance(key, str):
+                    raise LayercritError(f"{where}: key {_short(key)}{' in ' + at if at else ''} is not a string; "
+                                         "quote it")
+                size += len(key)
+                stack.append((sub, f"{at}.{key}" if at else key))
+        elif isinstance(item, list):
+            size += 2 + 2 * len(item)
+            stack.extend((sub, f"{at}[{i}]") for i, sub in enumerate(item))
+        elif isinstance(item, str):
+            size += len(item) + 2
+        elif item is None or isinstance(item, (bool, int, float)):
+            size += len(str(item))
+        else:
+            raise LayercritError(f"{where}: {at or 'the value'} is a {type(item).__name__}, which a sweep store "
+                                 "cannot hold; quote it to keep it as text")
+    return size
 
 
 def load_config(path: str | Path, **overrides) -> SweepConfig:
@@ -180,10 +259,18 @@ def load_config(path: str | Path, **overrides) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise LayercritError(f"sweep config not found: {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise LayercritError(f"{path} is over {MAX_CONFIG_BYTES // 1_000_000} MB: a sweep config lists settings "
+                             "and models, keep it small")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise LayercritError(f"cannot parse {path}: {' '.join(str(error).split())}") from None
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise LayercritError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                             f"{error.start}): save it as UTF-8") from None
+    except OSError as error:
+        raise LayercritError(f"cannot read {path}: {error.strerror}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: an int of >4300 digits
+        raise LayercritError(f"cannot parse {path}: {' '.join(str(error).split()) or 'nested too deeply'}") from None
     if isinstance(raw, dict):
         raw = {**raw, **{key: value for key, value in overrides.items() if value is not None}}
     return SweepConfig.from_dict(raw, source=str(path))
@@ -237,9 +324,10 @@ def plan_sweep(config: SweepConfig, store: str | Path | None = None) -> pd.DataF
     Returns one row per model: ``model_id, spec, layers, units, done, to_run, problem``; ``problem`` says why a
     model cannot be measured (e.g. its weights cannot be downloaded). Writes nothing.
     """
+    check_data(config)
     stored = {}
-    if store is not None and Path(store).is_file():
-        with Store(store) as db:
+    if store is not None and Path(store).exists():
+        with Store(store, readonly=True) as db:
             if db.get_meta("config"):
                 _refuse_conflict(db, config)
             done_units = db.units(("done",))
@@ -289,8 +377,11 @@ def run_sweep(
         raise LayercritError("--address is the Ray cluster to join: use it with --backend ray")
     if workers is not None and workers < 1:
         raise LayercritError("--workers must be at least 1")
-    load_data(config.data, images=1, root=config.data_root, use_cache=False)  # a wrong data path fails here, once
-    with _open_store(config, Path(store), new_store) as db:
+    check_data(config)
+    if new_store:
+        _move_aside(Path(store))
+    with Store(store, create=True) as db:  # a full disk ends the sweep with a one-line error; finished units stay
+        _claim(db, config)
         _plan(config, db)
         units = db.units(("pending", "failed"), models=[m.id for m in config.models])
         if units:
@@ -303,22 +394,25 @@ def run_sweep(
     return export_frame(store)
 
 
-def _open_store(config: SweepConfig, path: Path, new_store: bool) -> Store:
-    if new_store and path.is_file():
+def check_data(config: SweepConfig) -> None:
+    """Fail at once, with the data's own one-line error, when the evaluation data cannot be read."""
+    load_data(config.data, images=1, root=config.data_root, use_cache=False)
+
+
+def _move_aside(path: Path) -> None:
+    if path.is_file():
         with Store(path):  # closing folds the WAL in, so the moved file is complete
             pass
         aside = path.with_name(f"{path.stem}.old-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
         path.rename(aside)
         log.warning("moved the old store %s to %s", path, aside)
-    db = Store(path, create=True)
-    try:
-        if db.get_meta("config"):
-            _refuse_conflict(db, config)
-        db.set_meta("config", config.to_dict())
-    except LayercritError:
-        db.close()
-        raise
-    return db
+
+
+def _claim(db: Store, config: SweepConfig) -> None:
+    """Make ``db`` the store of ``config``, unless it holds results that ``config`` would not be comparable with."""
+    if db.get_meta("config"):
+        _refuse_conflict(db, config)
+    db.set_meta("config", config.to_dict())
 
 
 def _refuse_conflict(db: Store, config: SweepConfig) -> None:
