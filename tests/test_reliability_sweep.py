@@ -3,8 +3,10 @@
 Every config key has the YAML type it means or is refused in one line (a quoted "false" is not false); YAML
 aliases cannot blow a config up; a dry run checks the data; commands that read a store open it read-only, so they
 never change another program's file and work on read-only media; a store path that is a folder and a full disk
-are one-line errors."""
+are one-line errors; rows count the images --skip-bad-images left out, and a store made before that column opens,
+resumes and reads."""
 
+import dataclasses
 import shutil
 import sqlite3
 import subprocess
@@ -15,9 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
+from layercrit import cli, store
 from layercrit.cli import main
+from layercrit.data import EvalSet
 from layercrit.errors import LayercritError
+from layercrit.measure import COLUMNS, measure
 from layercrit.store import Store, export_frame, status_frame
 from layercrit.sweep import load_config, run_sweep
 
@@ -312,3 +318,44 @@ def test_full_disk_is_a_one_line_error_and_keeps_the_finished_units(tmp_path, ro
     with Store(db.path) as reopened:
         assert reopened.units(("done",)) == units[:1]
         assert reopened.results().layer.tolist() == ["original", *units[0].layers]  # none of the failed unit's rows
+
+
+# ---------------------------------------------------------------- skipped images
+
+
+def test_rows_and_the_run_summary_count_the_images_left_out(tiny_model, tiny_data, capsys):
+    evalset = dataclasses.replace(EvalSet.from_tensors(*tiny_data), n_skipped=3)
+    rows = measure(tiny_model, evalset, layers="conv", trials=1, images=None, batch_size=16)
+    assert rows.n_skipped.tolist() == [3] * len(rows)
+    cli.print_summary(rows)
+    assert "on 48 images (3 unreadable images skipped)" in capsys.readouterr().out
+    cli.print_summary(rows.assign(n_skipped=0))
+    assert "skipped" not in capsys.readouterr().out
+
+
+def test_store_made_before_a_column_was_added_opens_resumes_and_reads(tmp_path, rows_of, monkeypatch):  # noqa: F811
+    old_columns = tuple(c for c in COLUMNS if c != "n_skipped")
+    with monkeypatch.context() as old_version:
+        old_version.setattr(store, "COLUMNS", old_columns)
+        old_version.setattr(store, "SCHEMA_VERSION", 1)
+        db, units = planned_store(tmp_path / "old.sqlite")
+        db.record_done(units[0], rows_of(units[0]), seconds=0.1, worker="w", batch_size=16)
+        db.close()
+    path = db.path
+    schema = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+    assert yaml.safe_load(schema) == {"version": 1, "columns": list(old_columns)}
+
+    before = path.read_bytes()
+    read = export_frame(path)  # a reader does not upgrade the file
+    assert list(read.columns) == [*COLUMNS, "category"]
+    assert read.n_skipped.isna().all()
+    assert path.read_bytes() == before
+
+    with Store(path) as db:  # a sweep opening it adds the column and resumes
+        assert db.units(("pending",)) == units[1:]
+        db.record_done(units[1], rows_of(units[1]), seconds=0.1, worker="w", batch_size=16)
+        assert db.get_meta("schema") == {"version": store.SCHEMA_VERSION, "columns": list(COLUMNS)}
+        table = db.results()
+    by_layer = table.set_index("layer").n_skipped
+    assert by_layer[["original", *units[0].layers]].isna().all()  # rows of the old version: NULL
+    assert by_layer[list(units[1].layers)].tolist() == [0]

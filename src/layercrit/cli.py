@@ -191,8 +191,9 @@ def parse_bn(values: list[str]) -> tuple[str, int | None]:
 
 def print_summary(df) -> None:
     original = df[df.layer == "original"].iloc[0]
+    skipped = int(original.n_skipped)
     print(f"original: top-1 {original.top1_acc:.2f}%  top-5 {original.top5_acc:.2f}%  loss {original.loss:.4f} "
-          f"on {int(original.n_images)} images")
+          f"on {int(original.n_images)} images" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
     layers = df[df.layer != "original"].groupby("layer", sort=False)["criticality"].agg(["mean", "std"])
     if layers.empty:
         return

@@ -19,7 +19,7 @@ from .models import Preprocessing, ResolvedModel, resolve_model
 from .resets import Reset, get_reset
 
 ID_COLUMNS = ("model_id", "layer", "trial", "reset")
-META_COLUMNS = ("computed_in_trial", "kernel", "seed", "data_id", "model_spec", "engine", "precision",
+META_COLUMNS = ("computed_in_trial", "kernel", "seed", "data_id", "n_skipped", "model_spec", "engine", "precision",
                 "layercrit_version")
 COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *META_COLUMNS)
 
@@ -132,6 +132,7 @@ def measure(
         "model_id": model_id or resolved.spec,
         "seed": seed,
         "data_id": evalset.data_id,
+        "n_skipped": evalset.n_skipped,  # images --skip-bad-images left out
         "model_spec": resolved.spec,
         "engine": engine_name,
         "precision": _precision_label(precision, device),
