@@ -108,8 +108,14 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--compile", action="store_true", help="torch.compile the model (full forwards per unit)")
     e.add_argument("--exact", action="store_true", help="NCHW layout, BatchNorm not folded: the fast engine then "
                    "equals the naive one bit for bit (by default they agree to the last bits of fp32)")
-    e.add_argument("--target-ci", type=float, help="stop a unit once criticality and top-1 are known to ± this "
-                   "(fraction, 95%% confidence sequence valid under optional stopping)")
+    g.add_argument("--target-ci", type=float, help="sequential design: estimate each layer's expected criticality "
+                   "over resets and images to ± this (fraction, 95%%), each trial a new reset on its own block of "
+                   "images, trials added where the interval is still wide (default: the paper's fixed design)")
+    g.add_argument("--max-trials", type=int, default=100, help="with --target-ci: most trials per layer (100)")
+    g.add_argument("--images-per-trial", type=int, help="with --target-ci: images per trial after the pilot "
+                   "(default: Cochran's rule on the pilot's variance components)")
+    e.add_argument("--image-target-ci", type=float, help="stop each (layer, trial) early once its criticality and "
+                   "top-1 over images are known to ± this (fraction, 95%% confidence sequence)")
 
 
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -162,7 +168,8 @@ def _cmd_run(args) -> int:
         use_cache=args.use_cache, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
         device=args.device, engine_name=args.engine, precision=args.precision, max_cache_mb=args.max_cache_mb,
         compile=args.compile, channels_last=False if args.exact else None, fold_bn=False if args.exact else None,
-        target_ci=args.target_ci, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out, run),
+        target_ci=args.target_ci, max_trials=args.max_trials, images_per_trial=args.images_per_trial,
+        image_target_ci=args.image_target_ci, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out, run),
     )
     csv_path, _ = write_results(df, out, run)
     for reset, rows in df.groupby("reset", sort=False):  # interpolate: one summary per alpha

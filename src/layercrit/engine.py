@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .data import EvalSet, to_model_input
+from .errors import LayercritError
 from .folding import find_pairs, folded_batchnorm, patched_forwards
 from .layers import Target
 from .metrics import PredictionMetrics
@@ -66,8 +67,6 @@ class EngineOptions:
     ci_alpha: float = 0.05
 
     def __post_init__(self) -> None:
-        from .errors import LayercritError
-
         if self.engine not in ENGINES:
             raise LayercritError(f"unknown engine {self.engine!r}: one of {', '.join(ENGINES)}")
         if self.precision not in PRECISIONS:
@@ -172,12 +171,23 @@ def _run(model, evalset, layers, reset, trials, options, on_chunk, device, chann
                 if first:
                     evaluator.clean_logits, original.metrics = None, PredictionMetrics()
                     evaluator.original_done = False
+            _refuse_nonfinite(original)
             rows += [_row(u, original) for plan in chunk for u in plan.units]
             if on_chunk is not None:
                 on_chunk([_row(original, original), *rows])
         if not plans:
             evaluator.clean_only(original, bar)
+            _refuse_nonfinite(original)
     return [_row(original, original), *rows]
+
+
+def _refuse_nonfinite(original: Unit) -> None:
+    """Every row compares against the unmodified model's outputs: when those are not finite (broken weights),
+    nothing measured means anything. Checked on the first chunk's clean pass, before any row is handed out."""
+    broken = original.metrics.n - original.metrics.n_finite
+    if broken:
+        raise LayercritError(f"the unmodified model gives non-finite outputs for {broken} of {original.metrics.n} "
+                             "images (broken weights?)")
 
 
 _allocator_tuned = False

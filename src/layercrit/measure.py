@@ -10,18 +10,22 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import engine
+from . import engine, sequential
 from .data import EvalSet, load_data, to_model_input
 from .errors import LayercritError
 from .layers import DEFAULT_LAYERS, Target, select_targets
 from .metrics import METRIC_COLUMNS
 from .models import Preprocessing, ResolvedModel, resolve_model
 from .resets import Reset, get_reset
+from .sequential import SequentialDesign
 
 ID_COLUMNS = ("model_id", "layer", "trial", "reset")
 META_COLUMNS = ("computed_in_trial", "kernel", "seed", "data_id", "n_skipped", "model_spec", "engine", "precision",
                 "layercrit_version")
-COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *META_COLUMNS)
+# Which images a trial saw and how its layer's interval was made (see layercrit.estimate): the fixed design's rows
+# all start at image 0 and look once.
+DESIGN_COLUMNS = ("image_offset", "target_ci", "ci_looks", "capped")
+COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS)
 
 
 def measure(
@@ -58,6 +62,9 @@ def measure(
     channels_last: bool | None = None,
     fold_bn: bool | None = None,
     target_ci: float | None = None,
+    max_trials: int = 100,
+    images_per_trial: int | None = None,
+    image_target_ci: float | None = None,
     progress: bool = False,
     on_rows: Callable[[pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
@@ -91,9 +98,14 @@ def measure(
         fold_bn: fold each eval-mode BatchNorm into the convolution before it (default: on for the fast engine
             without ``compile``, off for the naive one); last bits only, like ``channels_last``. With both off the
             fast engine's results equal the naive engine's bit for bit.
-        target_ci: stop evaluating a (layer, trial) once the 95% confidence sequences of its criticality and top-1
-            (fractions) are narrower than ± this; rows then report their own ``n_images``, ``criticality_ci`` and
-            ``top1_ci``. Images are always taken in the same order, so rows stay comparable.
+        target_ci: the sequential design (:mod:`layercrit.sequential`): estimate every layer's expected criticality
+            over resets and images to ± this (fraction) at 95%, each trial a new reset draw on its own block of
+            images, ``trials`` of them at least and ``max_trials`` at most; ``images_per_trial`` sets the block
+            size after the pilot (default: Cochran's rule on the pilot). Default None: the paper's fixed design,
+            every trial on all ``images``.
+        image_target_ci: stop evaluating a (layer, trial) once the 95% confidence sequences of its criticality and
+            top-1 over images (fractions) are narrower than ± this; rows then report their own ``n_images``,
+            ``criticality_ci`` and ``top1_ci``. Images are always taken in the same order.
         on_rows: called with the rows finished so far after each chunk of layers (to persist them).
 
     Returns:
@@ -126,8 +138,12 @@ def measure(
     strategy.bind(resolved.model, evalset.images, batch_size)
     options = engine.EngineOptions(engine=engine_name, batch_size=batch_size, device=device, precision=precision,
                                    max_cache_mb=max_cache_mb, compile=compile, progress=progress,
-                                   channels_last=channels_last, fold_bn=fold_bn, target_ci=target_ci)
-    _check_finite(resolved.model, evalset, options)
+                                   channels_last=channels_last, fold_bn=fold_bn,
+                                   image_target_ci=image_target_ci)
+    design = None if target_ci is None else SequentialDesign(
+        target_ci, min_trials=len(trial_ids), max_trials=max_trials, images_per_trial=images_per_trial)
+    if design is not None and trial_ids != list(range(len(trial_ids))):
+        raise LayercritError("target_ci runs trials 0, 1, 2, ... itself: give trials as a number")
     meta = {
         "model_id": model_id or resolved.spec,
         "seed": seed,
@@ -143,16 +159,22 @@ def measure(
     finished: list[pd.DataFrame] = []  # earlier variants' rows (interpolate: one variant per alpha)
     for columns, variant in strategy.variants():
         labels = {**meta, "reset": variant.describe(), **columns}
-        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *META_COLUMNS]
+        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS]
 
         def frame(rows: list[dict], labels=labels, order=order) -> pd.DataFrame:
-            return pd.DataFrame([{**labels, **row, "kernel": kernels.get(row["layer"])} for row in rows])[order]
+            fixed = {"image_offset": 0, "target_ci": float("nan"), "ci_looks": 1, "capped": False}
+            return pd.DataFrame([{**labels, **fixed, **row, "kernel": kernels.get(row["layer"])}
+                                 for row in rows])[order]
 
         def persist(rows: list[dict], frame=frame) -> None:
             on_rows(pd.concat([*finished, frame(rows)], ignore_index=True))
 
-        rows = engine.run(resolved.model, evalset, targets, variant, trial_ids, options,
-                          on_chunk=persist if on_rows else None)
+        if design is None:
+            rows = engine.run(resolved.model, evalset, targets, variant, trial_ids, options,
+                              on_chunk=persist if on_rows else None)
+        else:
+            rows = sequential.run(resolved.model, evalset, targets, variant, design, options,
+                                  on_chunk=persist if on_rows else None)
         finished.append(frame(rows))
     return pd.concat(finished, ignore_index=True)
 
@@ -235,31 +257,6 @@ def _check_channels(pre: Preprocessing, evalset: EvalSet) -> None:
         raise LayercritError(f"the model takes {pre.in_chans}-channel input but the data has {channels}-channel "
                              f"images: use data with {pre.in_chans}-channel images (e.g. fashion-mnist for a "
                              "1-channel model) or a model for this data")
-
-
-def _check_finite(model: nn.Module, evalset: EvalSet, options: engine.EngineOptions) -> None:
-    """Refuse, before any work, a model whose unmodified outputs are not finite (broken weights): every row would
-    compare against NaN. One clean pass at the run's precision; out of GPU memory it halves the batch size, as the
-    engine would."""
-    device = torch.device(options.device)
-    dtype = engine.PRECISIONS[options.precision]
-    model = model.eval().to(device)
-    while True:
-        try:
-            broken = 0
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                for _, images, _ in evalset.batches(options.batch_size):
-                    logits = model(to_model_input(images).to(device)).float()
-                    broken += int((~torch.isfinite(logits).all(dim=-1)).sum())
-            break
-        except torch.cuda.OutOfMemoryError:
-            if options.batch_size == 1:
-                raise
-            options.batch_size //= 2
-            torch.cuda.empty_cache()
-    if broken:
-        raise LayercritError(f"the unmodified model gives non-finite outputs for {broken} of {len(evalset)} images "
-                             "(broken weights?)")
 
 
 def _check_labels(model: nn.Module, evalset: EvalSet, device: str) -> None:
