@@ -1,5 +1,6 @@
 """The sequential design through measure(): blocks, stopping, determinism, and the rows it leaves."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -87,3 +88,20 @@ def test_the_fixed_design_rows_say_so(tiny_model, pool):
 def test_bad_design_options_are_one_line_errors(tiny_model, pool, options, message):
     with pytest.raises(layercrit.LayercritError, match=message):
         layercrit.measure(tiny_model, pool, layers="fc", images=None, **options)
+
+
+def test_run_writes_layers_csv_and_prints_each_layers_interval(tmp_path, capsys):
+    from layercrit.cli import main
+
+    out = tmp_path / "seq"
+    code = main(["run", "--model", "zoo:fmnist/baseline", "--data", "fashion-mnist", "--images", "300",
+                 "--layers", "conv1,fc", "--target-ci", "0.1", "--max-trials", "12", "--device", "cpu",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    layers = pd.read_csv(out / "layers.csv")
+    assert list(layers.columns[2:]) == ["layer", "criticality", "criticality_ci", "trials", "images", "capped"]
+    assert set(layers.layer) == {"model.conv1", "model.fc"}
+    assert ((layers.criticality_ci <= 0.1 + 1e-12) | layers.capped).all()
+    printed = capsys.readouterr().out
+    for _, layer in layers.iterrows():
+        assert f"{layer.criticality:.4f} ± {layer.criticality_ci:.4f}  ({layer.trials} resets" in printed

@@ -197,16 +197,22 @@ def parse_bn(values: list[str]) -> tuple[str, int | None]:
 
 
 def print_summary(df) -> None:
+    from .estimate import layer_table
+
     original = df[df.layer == "original"].iloc[0]
     skipped = int(original.n_skipped)
     print(f"original: top-1 {original.top1_acc:.2f}%  top-5 {original.top5_acc:.2f}%  loss {original.loss:.4f} "
           f"on {int(original.n_images)} images" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
-    layers = df[df.layer != "original"].groupby("layer", sort=False)["criticality"].agg(["mean", "std"])
+    layers = layer_table(df)
     if layers.empty:
         return
-    print("most critical layers (criticality = 1 - cos sim of softmax, mean ± std over trials):")
-    for name, row in layers.sort_values("mean", ascending=False).head(10).iterrows():
-        print(f"  {name:<40} {row['mean']:.4f} ± {0 if row['std'] != row['std'] else row['std']:.4f}")
+    print("most critical layers (criticality = 1 - cos sim of softmax, fraction; ± 95% interval over resets):")
+    for _, row in layers.sort_values("criticality", ascending=False).head(10).iterrows():
+        capped = "  (hit --max-trials)" if row.capped else ""
+        print(f"  {row.layer:<40} {row.criticality:.4f} ± {row.criticality_ci:.4f}  "
+              f"({row.trials} resets, {row.images} images){capped}")
+    if layers.capped.any():
+        print(f"{int(layers.capped.sum())} layer(s) hit --max-trials before reaching --target-ci; all layers: layers.csv")
 
 
 # ---------------------------------------------------------------- zoo

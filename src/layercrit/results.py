@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import LayercritError
+from .estimate import layer_table
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
@@ -24,14 +25,16 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def write_results(df: pd.DataFrame, out_dir: str | Path, run: Mapping | None = None) -> tuple[Path, Path]:
-    """``OUT/results.csv`` and ``OUT/results.parquet``, and ``OUT/run.json`` (``run``: the options that made them).
+    """``OUT/results.csv`` and ``OUT/results.parquet``, ``OUT/layers.csv`` (each layer's estimate with its 95%
+    interval, :func:`layercrit.estimate.layer_table`) and ``OUT/run.json`` (``run``: the options that made them).
 
     All files are written in full beside their targets and only then renamed into place: a failed write (a full
     disk) leaves the previous files as they were, a killed one leaves every file whole (at worst, killed between
     the renames, results.csv one write ahead of the others), and run.json describes the results next to it.
     """
     out_dir = Path(out_dir)
-    files: dict[Path, pd.DataFrame | Mapping] = {out_dir / "results.csv": df, out_dir / "results.parquet": df}
+    files: dict[Path, pd.DataFrame | Mapping] = {out_dir / "results.csv": df, out_dir / "results.parquet": df,
+                                                  out_dir / "layers.csv": layer_table(df)}
     if run is not None:
         files[out_dir / "run.json"] = run
     _write_together(files)
