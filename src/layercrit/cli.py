@@ -295,6 +295,8 @@ def _add_analyze(sub) -> None:
     p.add_argument("--metric", default="cos", help="cos: 100(1 - cos sim of softmax) (default) | top1: "
                                                    "100(1 - recovered acc.) | agreement: 100(1 - agreement)")
     p.add_argument("--reset", help="analyze only the rows of this reset method (needed when results mix several)")
+    p.add_argument("--ci-threshold", type=float, default=5.0,
+                   help="heatmap cells whose 95%% interval is wider than ± this (points) get a dot (default 5)")
     p.set_defaults(func=_cmd_analyze)
 
 
@@ -302,7 +304,7 @@ def _cmd_analyze(args) -> int:
     from .analysis import analyze, summary
 
     result = analyze(args.results, args.out, meta=args.meta, baseline=args.baseline, metric=args.metric,
-                     reset=args.reset)
+                     reset=args.reset, ci_threshold=args.ci_threshold)
     print(summary(result))
     print(f"tables, figures and report: {result['paths']['report']}")
     return 0
