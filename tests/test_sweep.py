@@ -1,13 +1,9 @@
-"""Sweeps: config checks, units, workers (OOM, broken models), resume after SIGKILL, identical results for any
-number of local workers and for Ray, and the sweep / status / export commands."""
+"""Sweeps: config checks, units, workers (OOM, broken models), identical results for any number of local workers
+and for Ray, and the sweep / status / export commands. Kills, full disks and hostile input: test_faults_sweep.py,
+test_reliability_sweep.py."""
 
-import os
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -215,60 +211,6 @@ def test_rerunning_a_finished_sweep_recomputes_nothing(reference, tmp_path):
     pd.testing.assert_frame_equal(results, expected)
     attempts = sqlite3.connect(copy).execute("SELECT attempts, COUNT(*) FROM units GROUP BY attempts").fetchall()
     assert attempts == [(1, N_UNITS)]
-
-
-def live_processes_in_group(group: int) -> list[int]:
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[2]) == group and fields[0] != "Z":
-                alive.append(int(entry.name))
-    return alive
-
-
-def units_done(store: Path) -> int:
-    try:
-        return sqlite3.connect(store, timeout=1).execute("SELECT COUNT(*) FROM units WHERE status = 'done'").fetchone()[0]
-    except sqlite3.OperationalError:  # not created yet
-        return 0
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
-def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_table(reference, tmp_path):
-    _, _, expected = reference
-    config = write_config(tmp_path / "sweep.yaml")
-    store = tmp_path / "sweep.sqlite"
-    command = [sys.executable, "-m", "layercrit.cli", "sweep", str(config), "--store", str(store), "--quiet"]
-    sweep_process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while units_done(store) < 2 and sweep_process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.kill(sweep_process.pid, signal.SIGKILL)
-        assert sweep_process.wait() == -signal.SIGKILL
-        done_at_kill = units_done(store)
-        assert 2 <= done_at_kill < N_UNITS, "the sweep must be killed mid-way"
-        deadline = time.monotonic() + 15
-        while live_processes_in_group(sweep_process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not live_processes_in_group(sweep_process.pid), "workers must exit when the sweep is killed"
-    finally:
-        if live_processes_in_group(sweep_process.pid):
-            os.killpg(sweep_process.pid, signal.SIGKILL)
-
-    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    resumed = export_frame(store)
-    assert not resumed.duplicated(["model_id", "reset", "layer", "trial"]).any()
-    pd.testing.assert_frame_equal(resumed, expected)
-    attempts = sqlite3.connect(store).execute("SELECT MAX(attempts) FROM units").fetchone()[0]
-    assert attempts == 1, "units finished before the kill are not computed again"
 
 
 def test_conflicting_config_is_refused_and_new_store_moves_the_old_one_aside(reference, tmp_path):

@@ -1,0 +1,183 @@
+"""Faults during a sweep (issue #11): ``kill -9`` at random moments, a disk that fills up mid-sweep, and hostile
+pickles named in the config. A sweep that is killed or runs out of space loses no finished unit, and the rerun
+ends with the table an uninterrupted sweep gives; a checkpoint is only unpickled when the config says
+``trust_checkpoint: true``."""
+
+import os
+import random
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from layercrit.cli import main
+from layercrit.store import export_frame
+from layercrit.sweep import run_sweep
+
+from .test_sweep import N_UNITS, write_config
+
+COMMAND = [sys.executable, "-m", "layercrit.cli", "sweep", "sweep.yaml", "--store", "sweep.sqlite", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory) -> pd.DataFrame:
+    """The table of an uninterrupted sweep of test_sweep's CONFIG (2 models x 2 trials x 4 chunks), one worker."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    return run_sweep(write_config(folder / "sweep.yaml"), folder / "sweep.sqlite", workers=1, progress=False)
+
+
+def units_done(store: Path) -> int:
+    try:
+        with sqlite3.connect(f"{store.absolute().as_uri()}?mode=ro", uri=True, timeout=1) as conn:
+            return conn.execute("SELECT COUNT(*) FROM units WHERE status = 'done'").fetchone()[0]
+    except sqlite3.Error:  # not created yet
+        return 0
+
+
+def max_attempts(store: Path) -> int:
+    with sqlite3.connect(f"{store.absolute().as_uri()}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT MAX(attempts) FROM units").fetchone()[0]
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group and fields[0] != "Z":
+                alive.append(int(entry.name))
+    return alive
+
+
+def kill_sweep(folder: Path, *, after_seconds: float | None = None, after_units: int | None = None) -> None:
+    """Start the sweep in ``folder`` and SIGKILL it after some seconds, or once the store shows some done units;
+    its workers must then exit by themselves."""
+    sweep = subprocess.Popen(COMMAND, cwd=folder, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + (after_seconds if after_seconds is not None else 120)
+        while time.monotonic() < deadline and sweep.poll() is None:
+            if after_units is not None and units_done(folder / "sweep.sqlite") >= after_units:
+                break
+            time.sleep(0.02)
+        os.kill(sweep.pid, signal.SIGKILL)
+        assert sweep.wait() == -signal.SIGKILL, "the sweep must be killed before it finishes"
+        deadline = time.monotonic() + 15
+        while live_processes_in_group(sweep.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not live_processes_in_group(sweep.pid), "workers must exit when the sweep is killed"
+    finally:
+        if live_processes_in_group(sweep.pid):
+            os.killpg(sweep.pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- kill -9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+def test_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_table(expected, tmp_path):
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    write_config(tmp_path / "sweep.yaml")
+    store = tmp_path / "sweep.sqlite"
+    # first while starting up, planning or measuring (the store may not even exist yet), then between units
+    kill_sweep(tmp_path, after_seconds=rng.uniform(0.2, 5.0))
+    kill_sweep(tmp_path, after_units=min(units_done(store) + rng.randint(1, 4), N_UNITS - 3))
+    assert units_done(store) < N_UNITS, f"killed mid-way (seed {seed})"
+
+    rerun = subprocess.run(COMMAND, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, f"seed {seed}: {rerun.stderr}"
+    resumed = export_frame(store)
+    assert not resumed.duplicated(["model_id", "reset", "layer", "trial"]).any()
+    pd.testing.assert_frame_equal(resumed, expected, obj=f"table after kills (seed {seed})")
+    assert max_attempts(store) == 1, "units finished before a kill are not computed again"
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+def small_disk() -> None:
+    """In the sweep's process: no file may grow past 128 KiB (the store fills up after a few units); writes past
+    it fail with EFBIG instead of killing the process with SIGXFSZ."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (128 * 1024, 128 * 1024))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_disk_filling_up_mid_sweep_keeps_finished_units_and_the_rerun_completes(expected, tmp_path):
+    write_config(tmp_path / "sweep.yaml")
+    store = tmp_path / "sweep.sqlite"
+    full = subprocess.run(COMMAND, cwd=tmp_path, preexec_fn=small_disk, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert full.returncode == 2
+    assert len(full.stderr.strip().splitlines()) == 1, full.stderr
+    assert full.stderr.startswith("layercrit: error: cannot write the sweep store sweep.sqlite: ")
+    assert full.stderr.strip().endswith("; the units finished so far are kept: free some space and run the same "
+                                        "command again to resume")
+    kept = units_done(store)
+    assert 0 < kept < N_UNITS, "the disk fills up mid-sweep"
+
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--store", str(store), "--quiet"]) == 0  # space freed
+    pd.testing.assert_frame_equal(export_frame(store), expected)
+    assert max_attempts(store) == 1, "the units finished before the disk filled up are not computed again"
+
+
+# ---------------------------------------------------------------- hostile pickles
+
+
+class Hostile:
+    """Unpickling this runs ``open(marker, "w")``: the stand-in for any code an attacker's checkpoint runs."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture
+def hostile_checkpoint(tmp_path) -> tuple[Path, Path]:
+    """A checkpoint whose unpickling creates a marker file: (checkpoint, marker)."""
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "payload": Hostile(marker)}, tmp_path / "hostile.pth")
+    return tmp_path / "hostile.pth", marker
+
+
+def config_with(tmp_path: Path, checkpoint: Path, trust) -> Path:
+    return write_config(tmp_path / "sweep.yaml", models=[
+        {"id": "evil", "spec": str(checkpoint), "arch": "layercrit:fmnist_resnet8", "trust_checkpoint": trust}])
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("trust", ["false", "no", "False", 0])
+def test_trust_checkpoint_that_is_not_a_yaml_boolean_is_refused_and_the_pickle_never_runs(
+        tmp_path, capsys, hostile_checkpoint, trust, dry_run):
+    checkpoint, marker = hostile_checkpoint
+    config = config_with(tmp_path, checkpoint, trust)
+    store = tmp_path / "sweep.sqlite"
+    assert main(["sweep", str(config), "--store", str(store), *(["--dry-run"] if dry_run else [])]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"layercrit: error: {config}: model 'evil': trust_checkpoint must be true or false, not "
+                     f"{trust!r}{'; write it without quotes' if isinstance(trust, str) else ''}\n")
+    assert not marker.exists()
+    assert not store.exists()
+
+
+def test_hostile_checkpoint_runs_only_when_trust_checkpoint_is_true(tmp_path, capsys, hostile_checkpoint):
+    checkpoint, marker = hostile_checkpoint
+    store = str(tmp_path / "sweep.sqlite")
+    assert main(["sweep", str(config_with(tmp_path, checkpoint, False)), "--store", store, "--dry-run"]) == 1
+    assert "cannot measure evil: " in capsys.readouterr().out
+    assert not marker.exists()
+    assert main(["sweep", str(config_with(tmp_path, checkpoint, True)), "--store", store, "--dry-run"]) == 1
+    assert marker.exists(), "the fixture's pickle does run code when trusted"
