@@ -274,7 +274,8 @@ class Store:
         present = ", ".join(f'"{c}"' for c in COLUMNS if c in stored)
         # a column added after the store was made is NULL in rows of a store no sweep has opened since
         rows = pd.read_sql_query(f"SELECT {present} FROM rows", self.conn).reindex(columns=list(COLUMNS))
-        for column in METRIC_COLUMNS:  # SQLite stores NaN as NULL: bring it back as a float NaN
+        # SQLite stores NaN as NULL: metrics, and columns with no value at all (as a CSV reads them), are floats
+        for column in [*METRIC_COLUMNS, *(c for c in COLUMNS if rows[c].isna().all())]:
             rows[column] = pd.to_numeric(rows[column])
         models = self.conn.execute("SELECT model_id, position, record, layers FROM models").fetchall()
         resets = pd.read_sql_query("SELECT model_id, reset, MIN(rowid) AS reset_rank FROM units "
