@@ -91,6 +91,8 @@ def layer_table(rows: pd.DataFrame, by: Sequence[str] | None = None, *, value: s
     columns (the paper's CSV) are read as the fixed design.
     """
     by = _grouping(rows, by)
+    if value == "criticality" and value not in rows and "pred_cos_sim" in rows:  # the paper's CSV format
+        rows = rows.assign(criticality=1.0 - rows["pred_cos_sim"])
     out = []
     for key, group in rows[rows.layer != "original"].groupby([*by, "layer"], sort=False, dropna=False):
         drawn = _draws(group)
