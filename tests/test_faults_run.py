@@ -156,14 +156,14 @@ def test_a_disk_that_fills_mid_run_keeps_the_finished_chunks(tmp_path, capsys, m
 
     def fills_after_the_first_chunk(self, path, *args, **kwargs):
         writes.append(path)
-        if len(writes) > 1:
+        if len(writes) > 2:  # each chunk writes results.csv and layers.csv
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return to_csv(self, path, *args, **kwargs)
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", fills_after_the_first_chunk)
     code, _, err = run_cli(capsys, *RUN, "--out", out)
     assert_one_line_error(code, err, f"cannot write {out / 'results.csv'}: No space left on device; free some space")
-    assert len(writes) == 2
+    assert len(writes) == 3
     monkeypatch.undo()
     assert assert_leading_rows_of(uninterrupted, out) == 1 + 2  # the original row and the first layer's trials
-    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.parquet", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["layers.csv", "results.csv", "results.parquet", "run.json"]

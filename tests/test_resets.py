@@ -332,10 +332,10 @@ def test_run_command_takes_reset_options_batchnorm_statistics_and_groups(fmnist_
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--bn", "recalibrate", "x"], "--bn recalibrate x: use keep, reset or recalibrate K (K a number of batches)"),
+    (["--bn", "recalibrate", "x"], "--bn='recalibrate x': use keep, reset or recalibrate K (K a number of batches)"),
     (["--reset", "noise"], "reset 'noise' needs either a relative --scale S or an absolute sigma"),
     (["--scale", "0.1"], "reset 'rerandomize' takes no option 'scale' (its options: none)"),
-    (["--reset", "interpolate", "--alpha", "0.5,x"], "--alpha '0.5,x': give numbers, comma separated"),
+    (["--reset", "interpolate", "--alpha", "0.5,x"], "--alpha='0.5,x': give numbers, comma separated"),
     (["--groups", "block"], "--groups 'block' is neither blocks nor stages nor a group file (YAML/JSON)"),
 ])
 def test_run_command_reports_reset_mistakes_in_one_line(fmnist_checkpoints, tmp_path, capsys, argv, message):

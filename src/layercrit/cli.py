@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
         return code
     except LayercritError as error:
-        print(f"layercrit: error: {error}", file=sys.stderr)
+        print(f"layercrit: error: {as_flags(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("layercrit: interrupted; finished results are on disk", file=sys.stderr)
@@ -69,13 +69,23 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def as_flags(message: str) -> str:
+    """The library names its parameters (``bn='x': ...``); on the command line they are flags (``--bn='x': ...``)."""
+    from .spec import FIELDS
+
+    name, equals, _ = message.partition("=")
+    return f"--{name.replace('_', '-')}{equals}{message[len(name) + 1:]}" if equals and name in FIELDS else message
+
+
 # ---------------------------------------------------------------- shared options
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="timm:NAME[.TAG] | torchvision:NAME[:WEIGHTS] | zoo:ZOO/ID | CKPT")
-    g.add_argument("--arch", help="architecture of a checkpoint: timm:NAME | torchvision:NAME | layercrit:NAME")
+    g.add_argument("--model", required=True, help="timm:NAME[.TAG] | hf-hub:ORG/NAME | torchvision:NAME[:WEIGHTS] | "
+                   "zoo:ZOO/ID | MODULE:FACTORY | FILE.py:FACTORY (imports and runs that code) | CKPT")
+    g.add_argument("--arch", help="architecture of a checkpoint: timm:NAME | hf-hub:ORG/NAME | torchvision:NAME | "
+                   "layercrit:NAME | MODULE:FACTORY | FILE.py:FACTORY")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init instead of weights")
     g.add_argument("--num-classes", type=_positive_int, help="classes of a checkpoint's head (default: read from the file)")
     g.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints holding pickled objects")
@@ -120,7 +130,8 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
 
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=required, help="image folder (ImageNet-val layout) or 'fashion-mnist'")
+    g.add_argument("--data", required=required, help="image folder (ImageNet-val layout), 'fashion-mnist' (its test "
+                                                      "set) or 'fashion-mnist-train'")
     g.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
     g.add_argument("--images", type=_positive_int, default=10_000, help="images to evaluate (default 10000, as the paper)")
     g.add_argument("--cache-dir", help="where decoded evaluation sets are kept (default ~/.cache/layercrit)")
@@ -159,18 +170,9 @@ def _cmd_run(args) -> int:
     if args.resize or args.crop or args.interpolation:
         resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
     print(f"model: {resolved.spec}; preprocessing: {resolved.preprocessing.describe()}")
-    bn_mode, bn_batches = parse_bn(args.bn)
-    df = measure(
-        resolved, args.data, layers=args.layers, reset=args.reset, trials=args.trials, seed=args.seed,
-        reset_options=reset_options(args), bn=bn_mode, bn_batches=bn_batches, groups=args.groups,
-        cumulative=args.cumulative,
-        images=args.images, model_id=args.model_id, data_root=args.data_root, cache_dir=args.cache_dir,
-        use_cache=args.use_cache, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
-        device=args.device, engine_name=args.engine, precision=args.precision, max_cache_mb=args.max_cache_mb,
-        compile=args.compile, channels_last=False if args.exact else None, fold_bn=False if args.exact else None,
-        target_ci=args.target_ci, max_trials=args.max_trials, images_per_trial=args.images_per_trial,
-        image_target_ci=args.image_target_ci, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out, run),
-    )
+    experiment = experiment_from_args(args)
+    df = measure(resolved, experiment.data, **experiment.measure_options(trust_checkpoint=args.trust_checkpoint),
+                 model_id=args.model_id, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out, run))
     csv_path, _ = write_results(df, out, run)
     for reset, rows in df.groupby("reset", sort=False):  # interpolate: one summary per alpha
         if df.reset.nunique() > 1:
@@ -180,20 +182,14 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def reset_options(args) -> dict:
-    """The reset's options from --init/--to, --scale, --alpha, --base (only those given)."""
-    options = {"checkpoint": args.checkpoint, "scale": args.scale, "base": args.base,
-               "alpha": _numbers(args.alpha, "--alpha")}
-    if args.checkpoint and args.trust_checkpoint:
-        options["trust_checkpoint"] = True
-    return {k: v for k, v in options.items() if v is not None}
+def experiment_from_args(args):
+    """The :class:`~layercrit.spec.Experiment` that ``run``'s flags describe (``--bn recalibrate 8`` as one
+    string, as a sweep config writes it)."""
+    from .spec import FIELDS, Experiment
 
-
-def parse_bn(values: list[str]) -> tuple[str, int | None]:
-    """``--bn keep`` / ``--bn recalibrate 8`` -> (mode, batches)."""
-    if len(values) > 2 or (len(values) == 2 and not values[1].isdigit()):
-        raise LayercritError(f"--bn {' '.join(values)}: use keep, reset or recalibrate K (K a number of batches)")
-    return values[0], int(values[1]) if len(values) == 2 else None
+    values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    values["bn"] = " ".join(args.bn)
+    return Experiment(**values)
 
 
 def print_summary(df) -> None:
@@ -441,10 +437,15 @@ def _add_module_criticality(sub) -> None:
     g.add_argument("--groups", help="treat blocks | stages | FILE groups as the modules")
     g.add_argument("--alphas", help="alpha grid, comma separated (default 0,0.1,...,1)")
     g.add_argument("--sigmas", help="noise std grid, comma separated (default 13 values from 1e-4 to 1)")
-    g.add_argument("--draws", type=_positive_int, default=5, help="noise draws per grid point (default 5)")
-    g.add_argument("--criterion", default="error", choices=["error", "loss"], help="top-1 error (default) or loss")
-    g.add_argument("--epsilon", type=float, help="bound on the expected criterion (default: trained + tolerance)")
-    g.add_argument("--tolerance", type=float, default=0.05, help="default epsilon = trained value + this (0.05)")
+    g.add_argument("--sigma-scale", default="relative", choices=["relative", "absolute"],
+                   help="relative (default): a module's noise std is sigma x the RMS of its trained weights; "
+                        "absolute: sigma in parameter units")
+    g.add_argument("--draws", type=_positive_int, default=10, help="noise draws per grid point (default 10)")
+    g.add_argument("--criterion", default="loss", choices=["loss", "error"], help="loss (default) or top-1 error")
+    g.add_argument("--epsilon", type=float, help="bound on the expected criterion (default: from --epsilon-rule)")
+    g.add_argument("--epsilon-rule", default="relative", choices=["relative", "additive"],
+                   help="relative (default): epsilon = (1 + tolerance) x trained value; additive: trained + tolerance")
+    g.add_argument("--tolerance", type=float, help="see --epsilon-rule (default 0.01 relative, 0.05 additive)")
     g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the noise")
     e = p.add_argument_group("engine")
     e.add_argument("--engine", default="fast", choices=["fast", "naive"])
@@ -469,14 +470,15 @@ def _cmd_module_criticality(args) -> int:
     table = module_criticality(
         resolved, args.data, init=args.init, layers=args.layers, groups=args.groups,
         alphas=_numbers(args.alphas, "--alphas") or DEFAULT_ALPHAS,
-        sigmas=_numbers(args.sigmas, "--sigmas") or DEFAULT_SIGMAS, draws=args.draws, criterion=args.criterion,
-        epsilon=args.epsilon, tolerance=args.tolerance, seed=args.seed, images=args.images, model_id=args.model_id,
+        sigmas=_numbers(args.sigmas, "--sigmas") or DEFAULT_SIGMAS, sigma_scale=args.sigma_scale, draws=args.draws,
+        criterion=args.criterion, epsilon=args.epsilon, epsilon_rule=args.epsilon_rule, tolerance=args.tolerance,
+        seed=args.seed, images=args.images, model_id=args.model_id,
         trust_checkpoint=args.trust_checkpoint, data_root=args.data_root, cache_dir=args.cache_dir,
         on_evaluations=lambda rows: write_table(rows, out / "evaluations.csv"), batch_size=args.batch_size,
         device=args.device, engine_name=args.engine,
     )
     path = write_table(table, out / "module_criticality.csv")
-    print(table[["layer", "mu", "alpha", "sigma", "distance", "expected"]].to_string(index=False))
+    print(table[["layer", "mu", "alpha", "sigma", "noise_std", "distance", "expected"]].to_string(index=False))
     print(f"epsilon {table.epsilon.iloc[0]:.4f} ({args.criterion}); results: {path}")
     return 0
 
