@@ -2,8 +2,14 @@
 
     import layercrit
     df = layercrit.measure("timm:resnet18", "fashion-mnist", layers="conv,linear", reset="rerandomize", trials=3)
+
+The public names are imported when first used, so that ``import layercrit`` (and ``layercrit --help``) does not
+load torch.
 """
 
+import importlib
+import sys
+import types
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -11,36 +17,45 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+local"
 
-from .data import EvalSet, load_data
 from .errors import LayercritError
-from .layers import select_layers, select_targets
-from .measure import measure
-from .models import ResolvedModel, resolve_model
-from .module_criticality import module_criticality
-from .resets import get_reset
-from .sweep import run_sweep
+
+_PUBLIC = {  # name -> the module that defines it
+    "EvalSet": "data",
+    "ResolvedModel": "models",
+    "analyze": "analysis",
+    "get_reset": "resets",
+    "load_data": "data",
+    "measure": "measure",
+    "module_criticality": "module_criticality",
+    "resolve_model": "models",
+    "run_sweep": "sweep",
+    "select_layers": "layers",
+    "select_targets": "layers",
+}
 
 
 def __getattr__(name: str):
-    if name == "analyze":  # scipy and matplotlib take seconds to import: only when asked for
-        from .analysis import analyze
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'layercrit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return analyze
-    raise AttributeError(f"module 'layercrit' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
 
 
-__all__ = [
-    "EvalSet",
-    "LayercritError",
-    "ResolvedModel",
-    "__version__",
-    "analyze",
-    "get_reset",
-    "load_data",
-    "measure",
-    "module_criticality",
-    "resolve_model",
-    "run_sweep",
-    "select_layers",
-    "select_targets",
-]
+class _Package(types.ModuleType):
+    """Importing submodule ``layercrit.measure`` makes Python set the package's attribute ``measure`` to that
+    module; the function of the same name must stay what ``layercrit.measure`` means."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+__all__ = ["LayercritError", "__version__", *sorted(_PUBLIC)]

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import LayercritError
 
 
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Measure how much each layer of a trained vision model matters to its predictions: reset one "
         "layer at a time, re-evaluate, compare with the unmodified model (criticality = 1 - cos sim of softmax).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
+    parser.add_argument("--version", action="version", version=f"layercrit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:
         add(sub)
@@ -151,7 +153,7 @@ def _add_run(sub) -> None:
     add_model_options(p)
     add_data_options(p)
     add_measure_options(p)
-    p.add_argument("--out", required=True, help="output folder for results.csv / results.parquet")
+    p.add_argument("--out", required=True, help="output folder for results.csv / .parquet / .json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
@@ -178,7 +180,7 @@ def _cmd_run(args) -> int:
         if df.reset.nunique() > 1:
             print(f"reset {reset}:")
         print_summary(rows)
-    print(f"results: {csv_path} and {csv_path.with_suffix('.parquet')}")
+    print(f"results: {csv_path}, {csv_path.with_suffix('.parquet')} and {csv_path.with_suffix('.json')}")
     return 0
 
 
@@ -379,7 +381,7 @@ def print_status(status) -> None:
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a sweep store's results table as CSV or Parquet")
     p.add_argument("store", help="the SQLite store of a sweep")
-    p.add_argument("--out", required=True, help="results.csv or results.parquet")
+    p.add_argument("--out", required=True, help="results.csv, results.parquet or results.json (records)")
     p.set_defaults(func=_cmd_export)
 
 

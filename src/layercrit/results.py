@@ -1,4 +1,4 @@
-"""Reading and writing results tables (CSV / Parquet), atomically: a killed run never leaves a truncated file."""
+"""Reading and writing results tables (CSV / Parquet / JSON records), atomically: a killed run never leaves a truncated file."""
 
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ from .estimate import layer_table
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write ``df`` as CSV or Parquet (by suffix) via a temporary file and an atomic rename."""
+    """Write ``df`` as CSV, Parquet or JSON records (by suffix) via a temporary file and an atomic rename."""
     path = Path(path)
-    if path.suffix not in (".csv", ".parquet"):
-        raise LayercritError(f"unknown table format {path.suffix!r}: use .csv or .parquet")
+    if path.suffix not in (".csv", ".parquet", ".json"):
+        raise LayercritError(f"unknown table format {path.suffix!r}: use .csv, .parquet or .json")
     _write_together({path: df})
     return path
 
 
 def write_results(df: pd.DataFrame, out_dir: str | Path, run: Mapping | None = None) -> tuple[Path, Path]:
-    """``OUT/results.csv`` and ``OUT/results.parquet``, ``OUT/layers.csv`` (each layer's estimate with its 95%
+    """``OUT/results.csv``, ``OUT/results.parquet`` and ``OUT/results.json`` (a list of records), ``OUT/layers.csv`` (each layer's estimate with its 95%
     interval, :func:`layercrit.estimate.layer_table`) and ``OUT/run.json`` (``run``: the options that made them).
 
     All files are written in full beside their targets and only then renamed into place: a failed write (a full
@@ -34,7 +34,7 @@ def write_results(df: pd.DataFrame, out_dir: str | Path, run: Mapping | None = N
     """
     out_dir = Path(out_dir)
     files: dict[Path, pd.DataFrame | Mapping] = {out_dir / "results.csv": df, out_dir / "results.parquet": df,
-                                                  out_dir / "layers.csv": layer_table(df)}
+                                                  out_dir / "results.json": df, out_dir / "layers.csv": layer_table(df)}
     if run is not None:
         files[out_dir / "run.json"] = run
     _write_together(files)
@@ -82,8 +82,11 @@ def _temporary_file(folder: Path, prefix: str) -> str:
     return tmp
 
 
-def _write_json(content: Mapping, path: str) -> None:
-    Path(path).write_text(json.dumps(content, indent=2))
+def _write_json(content: Mapping | pd.DataFrame, path: str) -> None:
+    if isinstance(content, pd.DataFrame):  # one object per row; NaN becomes null
+        content.to_json(path, orient="records", indent=1)
+    else:
+        Path(path).write_text(json.dumps(content, indent=2))
 
 
 _WRITERS = {
@@ -116,12 +119,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
             table = pd.read_csv(path)
         except pd.errors.EmptyDataError:  # 0 bytes: not even a header
             table = pd.DataFrame()
+    elif path.suffix == ".json":
+        table = pd.read_json(path, orient="records")
     elif path.suffix in (".sqlite", ".db"):
         from .store import export_frame  # only SQLite users pay for importing the store
 
         table = export_frame(path)
     else:
-        raise LayercritError(f"cannot read {path}: expected .csv, .parquet, .sqlite or a run folder")
+        raise LayercritError(f"cannot read {path}: expected .csv, .parquet, .json, .sqlite or a run folder")
     if table.empty:
         raise LayercritError(f"{path} holds no results rows: give the results of a run that finished at least one "
                              "chunk of layers")
