@@ -25,6 +25,7 @@ _PUBLIC = {  # name -> the module that defines it
     "analyze": "analysis",
     "get_reset": "resets",
     "load_data": "data",
+    "load_logits": "logits",
     "measure": "measure",
     "module_criticality": "module_criticality",
     "resolve_model": "models",
