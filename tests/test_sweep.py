@@ -68,7 +68,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"imgs": 5}, r"unknown key\(s\) imgs; allowed: data, models, images"),
+    ({"imgs": 5}, r"unknown key\(s\) imgs \(did you mean images\?\); the keys are layercrit run's options"),
     ({"data": None}, r"has no data: add 'data: /path/to/imagenet/val' \(or fashion-mnist\), or pass --data"),
     ({"models": []}, r"has no models: add 'models:' with a list of \{id: NAME, spec: MODEL_SPEC\}"),
     ({"models": [{"id": "x"}]}, r"model #1 needs an id and a spec"),
@@ -276,7 +276,7 @@ def test_status_and_export_commands_show_and_write_the_store(reference, tmp_path
     written = pd.read_csv(tmp_path / "results.csv")
     pd.testing.assert_frame_equal(written, expected, check_dtype=False)
     assert main(["export", str(store), "--out", str(tmp_path / "results.xlsx")]) == 2
-    assert "unknown table format '.xlsx': use .csv or .parquet" in capsys.readouterr().err
+    assert "unknown table format '.xlsx': use .csv, .parquet or .json" in capsys.readouterr().err
 
 
 def test_dry_run_lists_units_and_models_that_cannot_be_built_without_writing(tmp_path, capsys):

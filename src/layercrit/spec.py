@@ -70,7 +70,7 @@ class Experiment:
             "data_root": self.data_root, "cache_dir": self.cache_dir, "use_cache": self.use_cache,
             "skip_bad_images": self.skip_bad_images, "resize": self.resize, "crop": self.crop,
             "interpolation": self.interpolation, "batch_size": self.batch_size, "device": self.device,
-            "engine_name": self.engine, "precision": self.precision, "max_cache_mb": self.max_cache_mb,
+            "engine": self.engine, "precision": self.precision, "max_cache_mb": self.max_cache_mb,
             "compile": self.compile, "channels_last": False if self.exact else None,
             "fold_bn": False if self.exact else None, "target_ci": self.target_ci, "max_trials": self.max_trials,
             "images_per_trial": self.images_per_trial, "image_target_ci": self.image_target_ci,

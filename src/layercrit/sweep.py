@@ -8,7 +8,8 @@ current model and evaluation set between units of that model. Every process buil
 initialisations are seeded by (seed, model id) and resets by (seed, trial), so the results do not depend on the
 backend or the number of workers.
 
-Config (YAML)::
+Config (YAML): the keys of :class:`layercrit.spec.Experiment`, which are ``layercrit run``'s options (dashes as
+underscores: ``target_ci``, ``bn``, ``groups``, ``exact``, ...), plus ``models`` and ``layers_per_unit``::
 
     data: fashion-mnist            # or an image folder (ImageNet-val layout); --data overrides
     images: 10000
@@ -17,14 +18,19 @@ Config (YAML)::
     reset: [rerandomize, zero]     # one or a list
     trials: 3
     layers_per_unit: 16            # layers measured together in one unit
-    engine: fast                   # and precision, batch_size, device, max_cache_mb, data_root, cache_dir
+    engine: fast                   # and every other option of `layercrit run`
     models:
       - {id: a1, spec: timm:resnet50.a1_in1k, category: supervised, display: A1}
       - {id: mine, spec: ckpt.pth, arch: timm:resnet50, pretrained: true, num_classes: 10}
+
+A unit is one trial of a chunk of ``layers_per_unit`` layers. Layer groups (``groups``, ``cumulative``) are one chunk;
+the sequential design (``target_ci``) decides its trials as it goes, so a model and reset is one unit there: it
+gives the rows ``layercrit run`` gives.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -46,16 +52,19 @@ import torch
 
 from .data import EvalSet, load_data
 from .errors import LayercritError
-from .layers import select_layers
-from .measure import COLUMNS, measure
+from .layers import select_targets
+from .measure import COLUMNS, measure, override_transform
 from .models import ResolvedModel, resolve_model
 from .resets import RESETS, get_reset
+from .sequential import SequentialDesign
+from .spec import MEASURED, Experiment
 from .store import Store, Unit, export_frame
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
-MEASURED_SETTINGS = ("data", "images", "seed", "layers", "layers_per_unit", "engine", "precision")
+# what changes the numbers; resets and (fixed design) trials may grow, checked on their own
+MEASURED_SETTINGS = (*(name for name in MEASURED if name not in ("reset", "trials")), "layers_per_unit")
 MEASURED_MODEL_KEYS = ("spec", "arch", "pretrained", "num_classes")
 # Sizes as JSON, YAML aliases expanded (as the store writes them): a config is a page of YAML, a metadata value a
 # name, a number or a note. The bounds stop a few lines of nested aliases from expanding to gigabytes.
@@ -81,25 +90,23 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
-class SweepConfig:
-    """A parsed, validated sweep config (see the module docstring)."""
+class SweepConfig(Experiment):
+    """A parsed, validated sweep config (see the module docstring): an :class:`Experiment` whose ``reset`` may list
+    several methods, the models, and how many layers one unit measures."""
 
-    data: str
-    models: tuple[ModelEntry, ...]
-    images: int | None = 10_000
-    seed: int = 0
-    layers: str = "conv,linear"
+    data: str = ""  # required in a sweep
     reset: tuple[str, ...] = ("rerandomize",)
-    trials: int = 3
+    models: tuple[ModelEntry, ...] = ()
     layers_per_unit: int = 16
-    engine: str = "fast"
-    precision: str = "fp32"
-    batch_size: int = 100
-    device: str | None = None
-    max_cache_mb: float = 4096.0
-    data_root: str | None = None
-    cache_dir: str | None = None
-    skip_bad_images: bool = False
+
+    def experiment(self, reset: str) -> Experiment:
+        """The experiment of one of the sweep's resets."""
+        return Experiment(**{**{name: getattr(self, name) for name in FIELDS}, "reset": reset})
+
+    @property
+    def chunked(self) -> bool:
+        """Units split the layers into chunks and trials (not for groups, cumulative targets or target_ci)."""
+        return not (self.groups or self.cumulative or self.sequential)
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "the sweep config") -> SweepConfig:
@@ -112,13 +119,19 @@ class SweepConfig:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(raw) - set(known))
         if unknown:
-            raise LayercritError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise LayercritError(f"{source}: unknown key(s) {', '.join(unknown)}{hint}; the keys are layercrit run's "
+                                 "options (dashes as underscores), models and layers_per_unit")
         if raw.get("data") is None or raw.get("data") == "":
             raise LayercritError(f"{source} has no data: add 'data: /path/to/imagenet/val' (or fashion-mnist), or pass --data")
         values = {key: raw[key] for key in known if key in raw}
         values["models"] = _model_entries(raw.get("models"), source)
         values["reset"] = tuple(_names(raw.get("reset", list(cls.reset)), f"{source}: reset"))
         values["layers"] = ",".join(_names(raw.get("layers", cls.layers), f"{source}: layers"))
+        for name, sep in (("bn", " "), ("alpha", ",")):  # run's --bn recalibrate 8 and --alpha 0.25,0.5 as lists
+            if isinstance(values.get(name), list):
+                values[name] = sep.join(str(v) for v in values[name])
         for name, hint in _CONFIG_TYPES.items():
             if name in values:
                 _check_type(values[name], hint, f"{source}: {name}")
@@ -129,7 +142,7 @@ class SweepConfig:
     def _validate(self, source: str) -> None:
         from .engine import EngineOptions
 
-        for name in ("images", "trials", "layers_per_unit", "batch_size"):
+        for name in ("images", "trials", "layers_per_unit", "batch_size", "max_trials", "images_per_trial"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LayercritError(f"{source}: {name} must be at least 1")
         if self.max_cache_mb < 0:
@@ -138,12 +151,15 @@ class SweepConfig:
         if bad or not self.reset:
             raise LayercritError(f"{source}: unknown reset {', '.join(map(repr, bad)) or '(none)'}; use one or a list of {', '.join(RESETS)}")
         for name in self.reset:
+            options = self.experiment(name).measure_options()
             try:
-                get_reset(name)
-            except LayercritError as error:  # a reset with required options (reinit, noise, ...)
-                raise LayercritError(f"{source}: {error}; a sweep takes resets without options, "
-                                     "use 'layercrit run' for this one") from None
-        EngineOptions(engine=self.engine, precision=self.precision, batch_size=self.batch_size)
+                get_reset(name, **options["reset_options"], bn=options["bn"], bn_batches=options["bn_batches"])
+            except LayercritError as error:  # a reset missing its options (reinit without checkpoint, ...)
+                raise LayercritError(f"{source}: {error}") from None
+        EngineOptions(engine=self.engine, precision=self.precision, batch_size=self.batch_size or 1)
+        if self.sequential:
+            SequentialDesign(self.target_ci, min_trials=self.trials, max_trials=self.max_trials,
+                             images_per_trial=self.images_per_trial)
 
     def to_dict(self) -> dict:
         """Plain data (for the store), readable back with :meth:`from_dict`."""
@@ -190,6 +206,7 @@ _TYPE_NAMES = {bool: "true or false", int: "int", float: "a number", str: "a str
 _MODEL_TYPES = {name: hint for name, hint in typing.get_type_hints(ModelEntry).items() if name != "metadata"}
 _CONFIG_TYPES = {name: hint for name, hint in typing.get_type_hints(SweepConfig).items()
                  if name not in ("models", "reset")}  # checked (and normalised) on their own
+FIELDS = tuple(f.name for f in fields(Experiment))
 
 
 def _check_type(value, hint, where: str) -> None:
@@ -295,17 +312,20 @@ def conflict(stored: SweepConfig, config: SweepConfig) -> str | None:
     missing = [r for r in stored.reset if r not in config.reset]
     if missing:
         return f"the store has reset {missing[0]!r}, which the config lacks (resets may be added, not removed)"
-    if config.trials < stored.trials:
-        return f"the store has {stored.trials} trials, the config {config.trials} (trials may grow, not shrink)"
+    if config.trials < stored.trials or (config.sequential and config.trials != stored.trials):
+        grow = "the sequential design's pilot must stay" if config.sequential else "trials may grow, not shrink"
+        return f"the store has {stored.trials} trials, the config {config.trials} ({grow})"
     return None
 
 
 def plan_units(model_id: str, layers: Sequence[str], config: SweepConfig) -> list[Unit]:
-    """The units of one model: every reset × trial × chunk of ``layers_per_unit`` consecutive layers."""
-    size = config.layers_per_unit
+    """The units of one model: every reset × trial × chunk of ``layers_per_unit`` consecutive layers (one chunk of
+    every target for groups and cumulative targets; one unit per reset for the sequential design, trial 0)."""
+    size = config.layers_per_unit if config.chunked else max(len(layers), 1)
     chunks = [tuple(layers[i:i + size]) for i in range(0, len(layers), size)]
+    trials = range(1) if config.sequential else range(config.trials)
     return [Unit(model_id, reset, trial, c, chunk)
-            for reset in config.reset for trial in range(config.trials) for c, chunk in enumerate(chunks)]
+            for reset in config.reset for trial in trials for c, chunk in enumerate(chunks)]
 
 
 def resolve_entry(entry: ModelEntry, seed: int) -> ResolvedModel:
@@ -440,7 +460,8 @@ def _plan(config: SweepConfig, db: Store) -> None:
 def _layer_names(entry: ModelEntry, config: SweepConfig) -> tuple[list[str] | None, str | None]:
     try:
         resolved = resolve_entry(entry, config.seed)
-        return select_layers(resolved.model, config.layers), None
+        targets = select_targets(resolved.model, config.layers, groups=config.groups, cumulative=config.cumulative)
+        return [target.name for target in targets], None
     except Exception as error:  # noqa: BLE001 - any model that cannot be built is reported, and the sweep goes on
         return None, _one_line(error)
 
@@ -513,7 +534,7 @@ class SweepWorker:
         self._resolved: ResolvedModel | None = None
         self._evalset: EvalSet | None = None
         self._evalset_for = None  # the preprocessing the evaluation set was decoded with
-        self._batch_size = config.batch_size
+        self._batch_size = config.batch_size or _default_batch_size(self.device)
         self._broken: dict[str, str] = {}
 
     def run(self, unit: Unit) -> Outcome:
@@ -530,10 +551,13 @@ class SweepWorker:
         config = self.config
         while True:
             try:
-                rows = measure(resolved, evalset, layers=list(unit.layers), reset=unit.reset, trials=[unit.trial],
-                               seed=config.seed, model_id=unit.model_id, batch_size=self._batch_size,
-                               device=self.device, engine_name=config.engine, precision=config.precision,
-                               max_cache_mb=config.max_cache_mb, progress=False)
+                options = config.experiment(unit.reset).measure_options()
+                # the evaluation set is decoded already (with the transform set by resize/crop/interpolation)
+                options.update(resize=None, crop=None, interpolation=None, batch_size=self._batch_size,
+                               device=self.device, progress=False)
+                if config.chunked:
+                    options.update(layers=list(unit.layers), trials=[unit.trial])
+                rows = measure(resolved, evalset, model_id=unit.model_id, **options)
                 break
             except Exception as error:
                 if isinstance(error, LayercritError):  # the model's own problem, e.g. non-finite outputs unmodified
@@ -554,21 +578,30 @@ class SweepWorker:
             raise LayercritError(self._broken[model_id])
         if model_id != self._model_id:
             self._model_id, self._resolved = None, None  # free the previous model before building the next
-            self._batch_size = self.config.batch_size
+            self._batch_size = self.config.batch_size or _default_batch_size(self.device)
             config = self.config
             try:
                 resolved = resolve_entry(config.model(model_id), config.seed)
+                if config.resize or config.crop or config.interpolation:
+                    resolved.preprocessing = override_transform(resolved.preprocessing, config.resize, config.crop,
+                                                                config.interpolation)
                 if self._evalset is None or self._evalset_for != resolved.preprocessing:
                     self._evalset = None
                     self._evalset = load_data(config.data, preprocessing=resolved.preprocessing, images=config.images,
                                               seed=config.seed, root=config.data_root, cache_dir=config.cache_dir,
-                                              skip_bad_images=config.skip_bad_images)
+                                              use_cache=config.use_cache, skip_bad_images=config.skip_bad_images)
                     self._evalset_for = resolved.preprocessing
             except Exception as error:
                 self._broken[model_id] = _one_line(error)
                 raise
             self._model_id, self._resolved = model_id, resolved
         return self._resolved, self._evalset
+
+
+def _default_batch_size(device: str | None) -> int:
+    """As measure() chooses: the paper's 500 on a GPU (halved when out of memory), 100 on the CPU."""
+    on_gpu = device.startswith("cuda") if device else torch.cuda.is_available()
+    return 500 if on_gpu else 100
 
 
 def _out_of_memory(error: BaseException) -> bool:
