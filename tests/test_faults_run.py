@@ -166,4 +166,4 @@ def test_a_disk_that_fills_mid_run_keeps_the_finished_chunks(tmp_path, capsys, m
     assert len(writes) == 3
     monkeypatch.undo()
     assert assert_leading_rows_of(uninterrupted, out) == 1 + 2  # the original row and the first layer's trials
-    assert sorted(p.name for p in out.iterdir()) == ["layers.csv", "results.csv", "results.parquet", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["layers.csv", "results.csv", "results.json", "results.parquet", "run.json"]

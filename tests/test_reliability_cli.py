@@ -44,11 +44,11 @@ def outputs(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def finished_run(tmp_path, capsys):
-    """A folder holding a complete run's results.csv, results.parquet, layers.csv and run.json, and their bytes."""
+    """A folder holding a complete run's results.csv, .parquet, .json, layers.csv and run.json, and their bytes."""
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "run", *RESNET8, "--out", out)
     assert code == 0, err
-    assert sorted(outputs(out)) == ["layers.csv", "results.csv", "results.parquet", "run.json"]
+    assert sorted(outputs(out)) == ["layers.csv", "results.csv", "results.json", "results.parquet", "run.json"]
     return out, outputs(out)
 
 

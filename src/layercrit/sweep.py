@@ -555,8 +555,10 @@ class SweepWorker:
                 # the evaluation set is decoded already (with the transform set by resize/crop/interpolation)
                 options.update(resize=None, crop=None, interpolation=None, batch_size=self._batch_size,
                                device=self.device, progress=False)
+                if not config.sequential:
+                    options.update(trials=[unit.trial])
                 if config.chunked:
-                    options.update(layers=list(unit.layers), trials=[unit.trial])
+                    options.update(layers=list(unit.layers))
                 rows = measure(resolved, evalset, model_id=unit.model_id, **options)
                 break
             except Exception as error:

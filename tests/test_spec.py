@@ -1,0 +1,87 @@
+"""One experiment spec: every `run` option is a sweep key of the same name and back, and a sweep of a spec gives
+the rows `run` gives for it."""
+
+import argparse
+
+import pandas as pd
+import pytest
+import yaml
+
+from layercrit import cli
+from layercrit.spec import FIELDS, MEASURED, Experiment
+from layercrit.sweep import SweepConfig, export_frame, run_sweep
+
+RUN_ONLY = {"out", "quiet", "func", "command", "verbose"}  # where a run writes and how it talks
+MODEL_FLAGS = {"model": "spec", "model_id": "id", "arch": "arch", "pretrained": "pretrained",
+               "num_classes": "num_classes", "trust_checkpoint": "trust_checkpoint"}  # run flag -> sweep model key
+SWEEP_ONLY = {"models", "layers_per_unit"}
+
+
+def run_options() -> set[str]:
+    parser = argparse.ArgumentParser()
+    cli._add_run(parser.add_subparsers())
+    run = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    return {action.dest for action in run._actions if action.dest != "help"}
+
+
+def test_every_run_option_is_a_sweep_key_of_the_same_name_and_back():
+    options = run_options() - RUN_ONLY
+    assert options - set(MODEL_FLAGS) == set(FIELDS)
+    sweep_keys = {name for name in SweepConfig.__dataclass_fields__} - SWEEP_ONLY
+    assert sweep_keys == set(FIELDS)
+    assert set(MODEL_FLAGS.values()) <= set(cli_model_keys())
+
+
+def cli_model_keys():
+    from layercrit.sweep import ModelEntry
+
+    return ModelEntry.__dataclass_fields__
+
+
+def test_the_measured_fields_leave_out_only_where_and_how_the_work_runs():
+    assert set(FIELDS) - set(MEASURED) == {"data_root", "cache_dir", "use_cache", "batch_size", "device",
+                                            "max_cache_mb"}
+    assert Experiment(seed=1).spec_id() != Experiment().spec_id()
+    assert Experiment(device="cpu").spec_id() == Experiment().spec_id()
+
+
+def test_run_flags_become_the_experiment():
+    parser = argparse.ArgumentParser()
+    cli._add_run(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["run", "--model", "m", "--data", "d", "--out", "o", "--bn", "recalibrate", "8",
+                              "--target-ci", "0.03", "--init", "c.pth", "--exact"])
+    experiment = cli.experiment_from_args(args)
+    assert experiment == Experiment(data="d", bn="recalibrate 8", target_ci=0.03, checkpoint="c.pth", exact=True)
+    options = experiment.measure_options()
+    assert (options["bn"], options["bn_batches"]) == ("recalibrate", 8)
+    assert options["channels_last"] is False and options["fold_bn"] is False
+    assert options["reset_options"] == {"checkpoint": "c.pth"}
+
+
+@pytest.mark.parametrize("extra, rtol", [
+    ({"target_ci": 0.2, "max_trials": 12, "images_per_trial": 32}, 1e-5),  # the sequential design
+    # groups of layers, BatchNorm statistics re-estimated: a sweep worker runs torch with its own thread count, and
+    # reductions in another order move fp32 results in the last bits, which re-estimated statistics amplify (1
+    # thread against 2 in one process: pred_kl by 3e-4)
+    ({"groups": "blocks", "bn": "recalibrate 2"}, 1e-3),
+])
+def test_a_sweep_gives_the_rows_run_gives_for_the_same_spec(tmp_path, capsys, extra, rtol):
+    spec = {"data": "fashion-mnist", "images": 300, "seed": 0, "layers": "layer1.*,fc", "trials": 3,
+            "batch_size": 100, **extra}
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**spec, "models": [{"id": "m", "spec": "zoo:fmnist/baseline"}]}))
+    run_sweep(SweepConfig.from_dict(yaml.safe_load(config.read_text())), tmp_path / "store.sqlite", progress=False)
+    swept = export_frame(tmp_path / "store.sqlite")
+    flags = [f"--{k.replace('_', '-')}" for k in spec]
+    argv = ["run", "--model", "zoo:fmnist/baseline", "--model-id", "m", "--out", str(tmp_path / "run"), "--quiet",
+            "--device", "cpu"]
+    for flag, value in zip(flags, spec.values(), strict=True):
+        argv += [flag, *str(value).split()]
+    assert cli.main(argv) == 0
+    ran = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    keys = ["layer", "trial"]
+    columns = ["layer", "trial", "n_images", "image_offset", "criticality", "top1_acc", "pred_kl", "capped"]
+    ran = ran.sort_values(keys, kind="stable").reset_index(drop=True)[columns]
+    swept = swept.sort_values(keys, kind="stable").reset_index(drop=True)[columns]
+    pd.testing.assert_frame_equal(ran, swept, check_dtype=False, rtol=rtol)
+    assert len(ran) > 1
