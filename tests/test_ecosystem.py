@@ -7,14 +7,20 @@ import socket
 import threading
 import time
 
+import pandas as pd
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+import layercrit
 from layercrit import hub
+from layercrit.data import subset_indices
 from layercrit.errors import LayercritError
+from layercrit.metrics import METRIC_COLUMNS
 from layercrit.models import build_architecture, resolve_model
+from tests.conftest import TinyCNN
 
 # ---------------------------------------------------------------- Hugging Face Hub, offline
 
@@ -275,3 +281,192 @@ def test_cli_runs_a_factory_named_on_the_command_line(nets_file, tmp_path, capsy
                  "--out", str(tmp_path / "out")])
     assert code == 0 and (tmp_path / "out" / "results.csv").is_file()
     assert "nets.py:build_trained" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- data in the API
+
+
+QUICK = {"layers": "conv1,fc", "trials": 1, "batch_size": 16, "device": "cpu"}
+
+
+def _metrics(df):
+    return df[["layer", "trial", *METRIC_COLUMNS]].reset_index(drop=True)
+
+
+def _same(a, b):
+    pd.testing.assert_frame_equal(_metrics(a), _metrics(b), check_exact=False, rtol=1e-6)
+
+
+class PILImages(Dataset):
+    """What torchvision's datasets yield without a transform: (PIL image, int label)."""
+
+    def __init__(self, images, labels):
+        from PIL import Image
+
+        self.items = [(Image.fromarray(image[0].numpy(), mode="L"), int(label))
+                      for image, label in zip(images, labels, strict=True)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def test_a_dataset_gives_the_seeded_subset_as_every_other_data_source(tiny_model, tiny_data):
+    images, labels = tiny_data
+    chosen = subset_indices(len(labels), 20, seed=5)
+    expected = layercrit.measure(tiny_model, (images[chosen], labels[chosen]), seed=5, **QUICK)
+    _same(layercrit.measure(tiny_model, TensorDataset(images, labels), images=20, seed=5, **QUICK), expected)
+    _same(layercrit.measure(tiny_model, PILImages(images, labels), images=20, seed=5, **QUICK), expected)
+
+
+def test_a_data_loader_gives_its_own_first_images(tiny_model, tiny_data):
+    images, labels = tiny_data
+    loader = DataLoader(TensorDataset(images, labels), batch_size=7)
+    rows = layercrit.measure(tiny_model, loader, images=20, **QUICK)
+    _same(rows, layercrit.measure(tiny_model, (images[:20], labels[:20]), **QUICK))
+    assert rows.n_images.iloc[0] == 20
+
+
+def test_a_data_loader_that_cannot_batch_pil_images_says_what_to_do(tiny_model, tiny_data):
+    with pytest.raises(LayercritError, match="ToTensor transform, or pass the Dataset itself"):
+        layercrit.measure(tiny_model, DataLoader(PILImages(*tiny_data), batch_size=4), images=8, **QUICK)
+
+
+def test_normalised_images_need_normalize_false_and_then_give_the_same_rows(tiny_model, tiny_data):
+    images, labels = tiny_data
+    normalised = (images.float() / 255 - 0.5) / 0.25
+    with pytest.raises(LayercritError, match="pass normalize=False"):
+        layercrit.measure(tiny_model, (normalised, labels), **QUICK)
+    expected = layercrit.measure(tiny_model, tiny_data, **QUICK)
+    _same(layercrit.measure(tiny_model, (normalised, labels), normalize=False, **QUICK), expected)
+    _same(layercrit.measure(tiny_model, TensorDataset(normalised, labels), images=None, normalize=False,
+                            seed=0, **QUICK).iloc[:1], expected.iloc[:1])  # a Dataset: same images, another order
+    assert tiny_model.model.mean.flatten().tolist() == [0.5]  # the caller's model keeps its normalisation
+
+
+def test_a_bare_module_takes_normalised_images_as_they_are(tiny_model, tiny_data):
+    images, labels = tiny_data
+    normalised = (images.float() / 255 - 0.5) / 0.25
+    rows = layercrit.measure(tiny_model.model.model, (normalised, labels), fresh_model=TinyCNN, layers="conv1,fc",
+                             trials=1, batch_size=16, device="cpu")
+    _same(rows.assign(layer=rows.layer.radd("model.").where(rows.layer != "original", "original")),
+          layercrit.measure(tiny_model, tiny_data, **QUICK))
+
+
+def test_mean_and_std_wrap_a_bare_module_as_a_spec_s_wrapper_does(tiny_model, tiny_data):
+    rows = layercrit.measure(tiny_model.model.model, tiny_data, fresh_model=TinyCNN, mean=(0.5,), std=(0.25,), **QUICK)
+    _same(rows, layercrit.measure(tiny_model, tiny_data, **QUICK))
+    with pytest.raises(LayercritError, match="mean and std together"):
+        layercrit.measure(tiny_model, tiny_data, mean=(0.5,), **QUICK)
+
+
+def test_engine_is_the_option_s_name_and_engine_name_still_works_with_a_warning(tiny_model, tiny_data):
+    naive = layercrit.measure(tiny_model, tiny_data, engine="naive", **QUICK)
+    assert set(naive.engine) == {"naive"}
+    with pytest.warns(DeprecationWarning, match="engine="):
+        old = layercrit.measure(tiny_model, tiny_data, engine_name="naive", **QUICK)
+    _same(old, naive)
+
+
+# ---------------------------------------------------------------- command-line conventions
+
+
+def test_version_is_printed(capsys):
+    from layercrit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"layercrit {layercrit.__version__}"
+
+
+def test_help_and_import_load_no_torch():
+    import subprocess
+    import sys
+
+    timing = subprocess.run([sys.executable, "-X", "importtime", "-m", "layercrit.cli", "--help"],
+                            capture_output=True, text=True, check=True)
+    modules = {line.split("|")[-1].strip() for line in timing.stderr.splitlines() if line.startswith("import time")}
+    assert "layercrit.errors" in modules and not modules & {"torch", "pandas", "numpy", "timm"}
+    lazy = subprocess.run([sys.executable, "-c", "import sys, layercrit; assert 'torch' not in sys.modules; "
+                           "import layercrit.measure; print(layercrit.measure.__name__, callable(layercrit.measure))"],
+                          capture_output=True, text=True, check=True)
+    assert lazy.stdout.split() == ["measure", "True"]  # the function, not the submodule of the same name
+
+
+def test_results_are_written_and_read_as_json_records(tmp_path):
+    import json
+
+    from layercrit.results import read_table, write_table
+
+    table = pd.DataFrame({"layer": ["original", "model.fc"], "trial": [0, 1], "criticality": [0.0, float("nan")]})
+    write_table(table, tmp_path / "results.json")
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert records == [{"layer": "original", "trial": 0, "criticality": 0.0},
+                       {"layer": "model.fc", "trial": 1, "criticality": None}]
+    pd.testing.assert_frame_equal(read_table(tmp_path / "results.json"), table)
+
+
+def test_run_writes_results_json_next_to_csv_and_parquet(tiny_model, tiny_data, tmp_path):
+    from layercrit.results import write_results
+
+    rows = layercrit.measure(tiny_model, tiny_data, **QUICK)
+    write_results(rows, tmp_path)
+    from_json = pd.read_json(tmp_path / "results.json", orient="records")
+    assert from_json.layer.tolist() == rows.layer.tolist()
+    assert from_json.criticality.tolist() == pytest.approx(rows.criticality.tolist(), nan_ok=True)
+
+
+# ---------------------------------------------------------------- the paper's extras: data seed, saved logits
+
+
+def test_data_seed_chooses_the_images_and_leaves_the_resets_to_seed(tiny_model, tiny_data):
+    images, labels = tiny_data
+    dataset = TensorDataset(images, labels)
+    chosen = subset_indices(len(labels), 20, seed=7)
+    rows = layercrit.measure(tiny_model, dataset, images=20, seed=0, data_seed=7, **QUICK)
+    _same(rows, layercrit.measure(tiny_model, (images[chosen], labels[chosen]), seed=0, **QUICK))
+    other_resets = layercrit.measure(tiny_model, dataset, images=20, seed=7, **QUICK)
+    assert rows.criticality.iloc[1:].tolist() != pytest.approx(other_resets.criticality.iloc[1:].tolist())
+    _same(layercrit.measure(tiny_model, dataset, images=20, seed=3, data_seed=-1, **QUICK),
+          layercrit.measure(tiny_model, dataset, images=20, seed=3, **QUICK))
+
+
+def test_saved_logits_read_back_per_layer_and_trial_in_image_order(tmp_path):
+    from layercrit.logits import LogitsWriter
+
+    torch.manual_seed(0)
+    clean, reset = torch.randn(10, 5) * 4, torch.randn(10, 5) * 4
+    write = LogitsWriter(tmp_path / "logits")
+    for start in (0, 4, 8):  # batch-outer, as the fast engine evaluates: every unit's batch, then the next batch
+        part = slice(start, min(start + 4, 10))
+        write(None, 0, part, clean[part])
+        write("model.fc", 2, part, reset[part])
+    logits = layercrit.load_logits(tmp_path / "logits")
+    assert set(logits) == {("original", 0), ("model.fc", 2)}
+    assert torch.equal(logits["original", 0], clean.half().float())
+    assert torch.equal(logits["model.fc", 2], reset.half().float())
+    assert {p.suffix for p in (tmp_path / "logits").iterdir()} == {".json", ".pos", ".val"}
+
+
+def test_top_k_logits_keep_the_largest_values_and_their_classes(tmp_path):
+    from layercrit.logits import LogitsWriter
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, -1.0, 4.0, 0.0]])
+    write = LogitsWriter(tmp_path, top_k=2)
+    write("model.conv1", 0, torch.tensor([1, 0]), logits)  # positions need not be in order
+    kept = layercrit.load_logits(tmp_path)["model.conv1", 0]
+    assert kept.values.tolist() == [[5.0, 4.0], [3.0, 2.0]] and kept.indices.tolist() == [[0, 2], [1, 3]]
+
+
+def test_logits_cut_short_by_a_kill_are_a_one_line_error(tmp_path):
+    from layercrit.logits import LogitsWriter
+
+    LogitsWriter(tmp_path)(None, 0, slice(0, 3), torch.zeros(3, 4))
+    with open(tmp_path / "u00000.val", "ab") as f:
+        f.write(b"\0\0")  # half an image more than the positions say
+    with pytest.raises(LayercritError, match="killed while writing; rerun it"):
+        layercrit.load_logits(tmp_path)
+    with pytest.raises(LayercritError, match="not a logits folder"):
+        layercrit.load_logits(tmp_path / "absent")

@@ -4,6 +4,7 @@ Specs:
     DIR             an image folder in ImageNet-val layout (one sub-folder per class, classes sorted), read
                     exactly as torchvision's ``ImageFolder`` with Resize → CenterCrop → ToTensor would
     fashion-mnist   the Fashion-MNIST test set from its IDX ``.gz`` files (Debian's dataset-fashion-mnist)
+    fashion-mnist-train  its training set (module criticality is defined on the training set)
 
 The subset of N images is the one the paper's code evaluates: the first N images of a ``DataLoader(shuffle=True)``
 seeded with ``seed`` (see :func:`subset_indices`).
@@ -68,10 +69,13 @@ class EvalSet:
             yield part, images, self.labels[part]
 
     @classmethod
-    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor, description: str = "tensors") -> EvalSet:
+    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor, description: str = "tensors", *,
+                     check_range: bool = True) -> EvalSet:
+        """``check_range=False`` takes float images in any range (already normalised, for a model that gets them as
+        they are)."""
         if images.ndim != 4 or len(images) != len(labels):
             raise LayercritError(f"images must be N×C×H×W with one label each, got {tuple(images.shape)} and {len(labels)} labels")
-        if images.is_floating_point() and (images.min() < 0 or images.max() > 1):
+        if check_range and images.is_floating_point() and (images.min() < 0 or images.max() > 1):
             raise LayercritError("float images must be in [0, 1] (the model wrapper normalises them)")
         digest = hashlib.sha256(images.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
         return cls(images=images, labels=labels.long(), data_id=f"tensors-{digest}", description=description)
@@ -95,7 +99,7 @@ def subset_indices(n_total: int, n: int | None, seed: int) -> list[int]:
 
 
 def load_data(
-    spec: str | EvalSet,
+    spec: str | EvalSet | torch.utils.data.Dataset | torch.utils.data.DataLoader,
     *,
     preprocessing: Preprocessing | None = None,
     images: int | None = 10_000,
@@ -105,11 +109,21 @@ def load_data(
     use_cache: bool = True,
     skip_bad_images: bool = False,
 ) -> EvalSet:
-    """Resolve a data spec into an :class:`EvalSet` of ``images`` images (all when fewer)."""
+    """Resolve a data spec (or a torch ``Dataset``/``DataLoader``, see :mod:`layercrit.datasets`) into an
+    :class:`EvalSet` of ``images`` images (all when fewer)."""
     if isinstance(spec, EvalSet):
         return spec
+    if not isinstance(spec, str | Path):
+        from .datasets import from_torch, is_torch_data
+
+        if not is_torch_data(spec):
+            raise LayercritError(f"data must be a spec, an EvalSet, (images, labels) tensors, a torch Dataset or a "
+                                 f"DataLoader, not {type(spec).__name__}")
+        return from_torch(spec, preprocessing=preprocessing, images=images, seed=seed)
     if spec in ("fashion-mnist", "fmnist"):
         return _fashion_mnist(root, images, seed)
+    if spec in ("fashion-mnist-train", "fmnist-train"):
+        return _fashion_mnist(root, images, seed, split="train")
     path = Path(spec)
     if not path.exists():
         raise LayercritError(f"data not found: {spec} (give an image folder in ImageNet-val layout, or 'fashion-mnist')")
@@ -180,14 +194,14 @@ def load_fashion_mnist(split: str = "test", root: str | None = None) -> tuple[to
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
-def _fashion_mnist(root: str | None, n: int | None, seed: int) -> EvalSet:
-    images, labels = load_fashion_mnist("test", root)
+def _fashion_mnist(root: str | None, n: int | None, seed: int, split: str = "test") -> EvalSet:
+    images, labels = load_fashion_mnist(split, root)
     chosen = torch.tensor(subset_indices(len(labels), n, seed))
     return EvalSet(
         images=images[chosen],
         labels=labels[chosen],
-        data_id=f"fashion-mnist-test-n{len(chosen)}-s{seed}",
-        description=f"Fashion-MNIST test set, {len(chosen)} images (seed {seed})",
+        data_id=f"fashion-mnist-{split}-n{len(chosen)}-s{seed}",
+        description=f"Fashion-MNIST {split} set, {len(chosen)} images (seed {seed})",
         classes=FASHION_MNIST_CLASSES,
     )
 

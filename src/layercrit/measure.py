@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -10,12 +11,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import engine, sequential
+from . import engine as engines
+from . import sequential
 from .data import EvalSet, load_data, to_model_input
 from .errors import LayercritError
 from .layers import DEFAULT_LAYERS, Target, select_targets
 from .metrics import METRIC_COLUMNS
-from .models import Preprocessing, ResolvedModel, resolve_model
+from .models import Normalized, Preprocessing, ResolvedModel, resolve_model
 from .resets import Reset, get_reset
 from .sequential import SequentialDesign
 
@@ -30,7 +32,7 @@ COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS)
 
 def measure(
     model: str | nn.Module | ResolvedModel,
-    data: str | EvalSet | tuple[torch.Tensor, torch.Tensor],
+    data: str | EvalSet | tuple[torch.Tensor, torch.Tensor] | torch.utils.data.Dataset | torch.utils.data.DataLoader,
     *,
     layers: str | Sequence[str | Target] = DEFAULT_LAYERS,
     reset: str | Reset = "rerandomize",
@@ -41,6 +43,7 @@ def measure(
     cumulative: str | None = None,
     trials: int | Sequence[int] = 3,
     seed: int = 0,
+    data_seed: int | None = None,
     images: int | None = 10_000,
     model_id: str | None = None,
     fresh_model: Callable[[], nn.Module] | None = None,
@@ -55,7 +58,11 @@ def measure(
     interpolation: str | None = None,
     batch_size: int | None = None,
     device: str | None = None,
-    engine_name: str = "fast",
+    engine: str = "fast",
+    engine_name: str | None = None,
+    normalize: bool = True,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     precision: str = "fp32",
     max_cache_mb: float = 4096.0,
     compile: bool = False,
@@ -75,7 +82,14 @@ def measure(
             path with ``arch=``), an ``nn.Module`` taking images in [0, 1] (give ``fresh_model`` to rerandomize
             with the architecture's own init; otherwise each layer's ``reset_parameters()`` is used), or a
             :class:`~layercrit.models.ResolvedModel`.
-        data: ``fashion-mnist``, an image folder, an :class:`EvalSet`, or ``(images, labels)`` tensors.
+        data: ``fashion-mnist``, an image folder, an :class:`EvalSet`, ``(images, labels)`` tensors, or a torch
+            ``Dataset`` / ``DataLoader`` of (image, label), images C×H×W tensors or PIL images
+            (:mod:`layercrit.datasets`; a Dataset gives the seeded subset of ``images``, a DataLoader its first ones).
+        normalize: False when the images are already normalised: the model then gets them as they are (float
+            images in any range are accepted). Default: float images in [0, 1] (or uint8), normalised by the model
+            wrapper with the model's mean/std.
+        mean, std: normalise with these instead of the model's pretrained config (an ``nn.Module`` given without
+            a wrapper is then wrapped, and its layers are named ``model.*``).
         layers: kinds (``conv``, ``linear``, ``bn``, ``ln``) and/or name globs, comma separated; or a list of
             module names and :class:`~layercrit.layers.Target` groups.
         reset: ``rerandomize`` (fresh init, seeded by (seed, trial)), ``zero``, ``reinit``, ``rewind``, ``noise``,
@@ -88,8 +102,10 @@ def measure(
         groups: reset ``blocks``, ``stages`` or the groups of a YAML/JSON file together, one row per group.
         cumulative: ``prefix`` (row k resets targets 1..k) or ``suffix`` (targets k..L).
         trials: resets per layer (or the trial numbers to run, e.g. ``[2]``). images: subset size (seeded as the paper's loader). seed: data and reset seed.
+        data_seed: seed of the image subset alone (the resets keep ``seed``); None or -1: ``seed``, as the paper.
         batch_size: images per forward (default 100 on CPU; 500 on CUDA, halved while out of memory).
-        engine_name: ``fast`` (prefix replay, default) or ``naive`` (full forward per unit; the oracle).
+        engine: ``fast`` (prefix replay, default) or ``naive`` (full forward per unit; the oracle).
+            ``engine_name`` is its former name (deprecated).
         resize, crop, interpolation: override the image-folder transform instead of the model's pretrained
             config (``resize=256, crop=224`` is the paper's transform for every model; interpolation then defaults
             to bilinear, as in the paper).
@@ -117,12 +133,19 @@ def measure(
     check_sizes(images=images, batch_size=batch_size, max_cache_mb=max_cache_mb)
     device = check_device(device)
     resolved = as_resolved(model, fresh_model, arch=arch, pretrained=pretrained, seed=seed, model_id=model_id)
+    if engine_name is not None:
+        warnings.warn("measure(engine_name=...) is now measure(engine=...)", DeprecationWarning, stacklevel=2)
+        engine = engine_name
     if resize is not None or crop is not None or interpolation is not None:
         resolved.preprocessing = override_transform(resolved.preprocessing, resize, crop, interpolation)
+    resolved = normalization(resolved, normalize=normalize, mean=mean, std=std)
     if isinstance(data, tuple):
-        data = EvalSet.from_tensors(*data)
-    evalset = load_data(data, preprocessing=resolved.preprocessing, images=images, seed=seed, root=data_root,
+        data = EvalSet.from_tensors(*data, check_range=False)
+    data_seed = seed if data_seed is None or data_seed == -1 else data_seed
+    evalset = load_data(data, preprocessing=resolved.preprocessing, images=images, seed=data_seed, root=data_root,
                         cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images)
+    if normalize:
+        _check_range(resolved, evalset)
     _check_channels(resolved.preprocessing, evalset)
     trial_ids = list(range(trials)) if isinstance(trials, int) else list(trials)
     if not trial_ids or min(trial_ids) < 0:
@@ -136,7 +159,7 @@ def measure(
     strategy = get_reset(reset, seed=seed, fresh=resolved.fresh, bn=bn, bn_batches=bn_batches,
                          **dict(reset_options or {}))
     strategy.bind(resolved.model, evalset.images, batch_size)
-    options = engine.EngineOptions(engine=engine_name, batch_size=batch_size, device=device, precision=precision,
+    options = engines.EngineOptions(engine=engine, batch_size=batch_size, device=device, precision=precision,
                                    max_cache_mb=max_cache_mb, compile=compile, progress=progress,
                                    channels_last=channels_last, fold_bn=fold_bn,
                                    image_target_ci=image_target_ci)
@@ -150,7 +173,7 @@ def measure(
         "data_id": evalset.data_id,
         "n_skipped": evalset.n_skipped,  # images --skip-bad-images left out
         "model_spec": resolved.spec,
-        "engine": engine_name,
+        "engine": engine,
         "precision": _precision_label(precision, device),
         "layercrit_version": __version__,
     }
@@ -170,7 +193,7 @@ def measure(
             on_rows(pd.concat([*finished, frame(rows)], ignore_index=True))
 
         if design is None:
-            rows = engine.run(resolved.model, evalset, targets, variant, trial_ids, options,
+            rows = engines.run(resolved.model, evalset, targets, variant, trial_ids, options,
                               on_chunk=persist if on_rows else None)
         else:
             rows = sequential.run(resolved.model, evalset, targets, variant, design, options,
@@ -200,11 +223,51 @@ def as_resolved(
     if isinstance(model, ResolvedModel):
         return model
     if isinstance(model, nn.Module):
-        return ResolvedModel(model=model.eval(), fresh=fresh_model, preprocessing=Preprocessing(source="caller's model"),
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        pre = Preprocessing(in_chans=convs[0].in_channels if convs else 3, source="caller's model")
+        return ResolvedModel(model=model.eval(), fresh=fresh_model, preprocessing=pre,
                              spec=f"python:{type(model).__name__}", num_classes=0)
     if isinstance(model, str):
         return resolve_model(model, arch=arch, pretrained=pretrained, seed=seed, model_id=model_id)
     raise LayercritError(f"model must be a spec string or an nn.Module, not {type(model).__name__}")
+
+
+def normalization(resolved: ResolvedModel, *, normalize: bool = True, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None) -> ResolvedModel:
+    """``resolved`` with its input normalisation set: as it is; by ``mean``/``std`` (a bare module gets wrapped);
+    or none (``normalize=False``: the images are already normalised). The trained layers are shared, not copied."""
+    if (mean is None) != (std is None):
+        raise LayercritError("give mean and std together (one value per input channel each)")
+    if not normalize and mean is not None:
+        raise LayercritError("normalize=False feeds the images as they are: give it without mean and std")
+    wrapped = isinstance(resolved.model, Normalized)
+    if mean is None and (normalize or not wrapped):
+        return resolved
+    in_chans = resolved.model.in_chans if wrapped else resolved.preprocessing.in_chans
+    if mean is None:
+        mean, std = (0.0,) * resolved.model.mean.numel(), (1.0,) * resolved.model.mean.numel()
+    if len(mean) != len(std):
+        raise LayercritError(f"mean has {len(mean)} values and std {len(std)}: give one per input channel each")
+    how = f"mean {tuple(mean)}, std {tuple(std)} given by the user" if normalize else "images already normalised"
+    pre = replace(resolved.preprocessing, mean=tuple(mean), std=tuple(std), in_chans=in_chans,
+                  source=f"{resolved.preprocessing.source}; {how}")
+
+    def rewrap(module: nn.Module) -> nn.Module:
+        return Normalized(module.model if wrapped else module, pre.mean, pre.std, pre.in_chans).eval()
+
+    fresh = resolved.fresh
+    return replace(resolved, model=rewrap(resolved.model), preprocessing=pre,
+                   fresh=None if fresh is None else lambda: rewrap(fresh()))
+
+
+def _check_range(resolved: ResolvedModel, evalset: EvalSet) -> None:
+    """Float images outside [0, 1] are already normalised: normalising them again would be silently wrong."""
+    images = evalset.images
+    if isinstance(resolved.model, Normalized) and images.is_floating_point() and len(images):
+        low, high = float(images.min()), float(images.max())
+        if low < 0 or high > 1:
+            raise LayercritError(f"float images in [{low:.2f}, {high:.2f}], but the model wrapper normalises images "
+                                 "in [0, 1]: for images already normalised pass normalize=False")
 
 
 def _kernel(model: nn.Module, target: Target) -> str | None:
