@@ -85,3 +85,16 @@ def test_a_sweep_gives_the_rows_run_gives_for_the_same_spec(tmp_path, capsys, ex
     swept = swept.sort_values(keys, kind="stable").reset_index(drop=True)[columns]
     pd.testing.assert_frame_equal(ran, swept, check_dtype=False, rtol=rtol)
     assert len(ran) > 1
+
+
+def test_data_seed_keeps_the_images_while_the_resets_follow_seed(tiny_model, tiny_data):
+    from layercrit import measure
+
+    generator_images = {seed: measure(tiny_model, "fashion-mnist", layers="fc", trials=1, images=20, seed=seed,
+                                      data_seed=5) for seed in (0, 1)}
+    first, second = generator_images[0], generator_images[1]
+    assert first.data_id.iloc[0] == second.data_id.iloc[0]  # the same images
+    assert first[first.layer == "original"].top1_acc.item() == second[second.layer == "original"].top1_acc.item()
+    assert not first[first.layer != "original"].criticality.equals(second[second.layer != "original"].criticality)
+    plain = measure(tiny_model, "fashion-mnist", layers="fc", trials=1, images=20, seed=5)
+    assert plain.data_id.iloc[0] == first.data_id.iloc[0]

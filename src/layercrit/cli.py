@@ -102,6 +102,8 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
                         "interpolate --alpha A[,A2,...] [--base RESET]")
     g.add_argument("--trials", type=_positive_int, default=3, help="resets per layer (default 3)")
     g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the random resets")
+    g.add_argument("--data-seed", type=int, default=-1, help="seed of the image subset alone, so the same images "
+                   "can be kept while resets vary (default -1: --seed)")
     g.add_argument("--init", "--to", dest="checkpoint", help="checkpoint for reinit (--init) / rewind (--to)")
     g.add_argument("--scale", type=float, help="noise: std as a multiple of each tensor's std")
     g.add_argument("--alpha", help="interpolate: weights of the base reset, comma separated, each in [0, 1]")

@@ -42,6 +42,7 @@ class Experiment:
     bn: str = "keep"  # keep | reset | recalibrate K
     trials: int = 3
     seed: int = 0
+    data_seed: int = -1  # the image subset's own seed; -1: seed, as the paper
     target_ci: float | None = None  # the sequential design
     max_trials: int = 100
     images_per_trial: int | None = None
@@ -66,7 +67,8 @@ class Experiment:
         return {
             "layers": self.layers, "groups": self.groups, "cumulative": self.cumulative, "reset": self.reset,
             "reset_options": {k: v for k, v in reset_options.items() if v is not None}, "bn": bn,
-            "bn_batches": bn_batches, "trials": self.trials, "seed": self.seed, "images": self.images,
+            "bn_batches": bn_batches, "trials": self.trials, "seed": self.seed, "data_seed": self.data_seed,
+            "images": self.images,
             "data_root": self.data_root, "cache_dir": self.cache_dir, "use_cache": self.use_cache,
             "skip_bad_images": self.skip_bad_images, "resize": self.resize, "crop": self.crop,
             "interpolation": self.interpolation, "batch_size": self.batch_size, "device": self.device,

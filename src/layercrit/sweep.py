@@ -590,7 +590,8 @@ class SweepWorker:
                 if self._evalset is None or self._evalset_for != resolved.preprocessing:
                     self._evalset = None
                     self._evalset = load_data(config.data, preprocessing=resolved.preprocessing, images=config.images,
-                                              seed=config.seed, root=config.data_root, cache_dir=config.cache_dir,
+                                              seed=config.seed if config.data_seed == -1 else config.data_seed,
+                                              root=config.data_root, cache_dir=config.cache_dir,
                                               use_cache=config.use_cache, skip_bad_images=config.skip_bad_images)
                     self._evalset_for = resolved.preprocessing
             except Exception as error:
