@@ -470,3 +470,37 @@ def test_logits_cut_short_by_a_kill_are_a_one_line_error(tmp_path):
         layercrit.load_logits(tmp_path)
     with pytest.raises(LayercritError, match="not a logits folder"):
         layercrit.load_logits(tmp_path / "absent")
+
+
+def test_save_logits_keeps_every_evaluation_and_agrees_with_the_rows(tmp_path):
+    import layercrit
+    from layercrit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--model", "zoo:fmnist/baseline", "--data", "fashion-mnist", "--images", "40",
+                 "--layers", "conv1,fc", "--trials", "2", "--device", "cpu", "--save-logits", "--out", str(out),
+                 "--quiet"]) == 0
+    rows = pd.read_csv(out / "results.csv")
+    logits = layercrit.load_logits(out / "logits")
+    assert set(logits) == {("original", 0), ("model.conv1", 0), ("model.conv1", 1), ("model.fc", 0), ("model.fc", 1)}
+    clean = logits["original", 0]
+    assert clean.shape == (40, 10)
+    labels = layercrit.load_data("fashion-mnist", images=40).labels
+    original = rows[rows.layer == "original"].iloc[0]
+    # float16 logits: the top-1 of the kept logits is the row's to within an image of ties
+    assert abs(100 * (clean.argmax(1) == labels).float().mean().item() - original.top1_acc) <= 100 / 40
+    for _, row in rows[rows.layer != "original"].iterrows():
+        kept = logits[row.layer, row.trial]
+        assert abs((kept.argmax(1) == clean.argmax(1)).float().mean().item() - row.agreement) <= 1 / 40
+
+
+def test_save_logits_of_the_sequential_design_are_indexed_by_image_in_the_pool(tmp_path):
+    import layercrit
+
+    rows = layercrit.measure("zoo:fmnist/baseline", "fashion-mnist", images=60, layers="fc", trials=2,
+                             target_ci=0.4, max_trials=3, images_per_trial=10, save_logits=tmp_path / "logits",
+                             device="cpu")
+    logits = layercrit.load_logits(tmp_path / "logits")
+    measured = rows[rows.layer != "original"]
+    assert {(layer, trial) for layer, trial in zip(measured.layer, measured.trial, strict=True)} <= set(logits)
+    assert all(len(logits[row.layer, row.trial]) == row.n_images for _, row in measured.iterrows())

@@ -64,6 +64,8 @@ class EngineOptions:
     compile: bool = False
     progress: bool = True
     image_target_ci: float | None = None  # stop a unit's images once criticality and top-1 are known to ± this
+    # called with (layer or None for the unmodified model, trial, positions, logits) after every evaluated batch
+    on_logits: Callable[[str | None, int, slice, torch.Tensor], None] | None = None
     ci_alpha: float = 0.05
 
     def __post_init__(self) -> None:
@@ -329,6 +331,12 @@ class _Evaluator:
         """With image_target_ci: the unit's estimates are tight enough; it skips the remaining batches."""
         return self.options.image_target_ci is not None and unit.metrics.settled(self.options.image_target_ci)
 
+    def update(self, unit: Unit, logits: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor, part: slice) -> None:
+        """Add a batch to the unit's metrics (and hand its logits to ``on_logits``)."""
+        unit.metrics.update(logits, clean, labels)
+        if self.options.on_logits is not None:
+            self.options.on_logits(unit.layer, unit.computed_in_trial, part, logits)
+
     def batches(self, redecode: bool = False):
         return self.evalset.batches(self.options.batch_size, redecode=redecode)
 
@@ -337,10 +345,10 @@ class _Evaluator:
         redecode = self.options.engine == "naive"
         if self.clean_logits is None:
             clean_batches = []
-            for _, images, labels in self.batches(redecode):
+            for part, images, labels in self.batches(redecode):
                 clean = self.logits(self.inputs(images)).cpu()
                 clean_batches.append(clean)
-                original.metrics.update(clean, clean, labels)
+                self.update(original, clean, clean, labels, part)
             self.clean_logits = torch.cat(clean_batches)
             self.original_done = True
         for plan in chunk:
@@ -350,15 +358,16 @@ class _Evaluator:
                     for part, images, labels in self.batches(redecode):
                         if self.settled(unit):
                             break
-                        unit.metrics.update(self.logits(self.inputs(images)).cpu(), self.clean_logits[part], labels)
+                        logits = self.logits(self.inputs(images)).cpu()
+                        self.update(unit, logits, self.clean_logits[part], labels, part)
                         bar.update(1)
                 finally:
                     plan.restore(self.model)
 
     def clean_only(self, original: Unit, bar) -> None:
-        for _, images, labels in self.batches():
+        for part, images, labels in self.batches():
             clean = self.logits(self.inputs(images)).cpu()
-            original.metrics.update(clean, clean, labels)
+            self.update(original, clean, clean, labels, part)
 
     # -- fast: batch-outer with prefix replay
     def chunk(self, plans: list[LayerPlan]) -> Iterator[list[LayerPlan]]:
@@ -393,13 +402,13 @@ class _Evaluator:
         recorded = sorted({name for plan in chunk for name in plan.replayed})
         first_chunk = not self.original_done
         mutated = self.structure.mutated
-        for _, images, labels in self.batches():
+        for part, images, labels in self.batches():
             x = self.inputs(images)
             with _recording(self.model, recorded, copy=mutated) as outputs:
                 clean = self.logits(x).cpu()
             outputs.check()
             if first_chunk:
-                original.metrics.update(clean, clean, labels)
+                self.update(original, clean, clean, labels, part)
             for plan in chunk:
                 with _replaying(self.model, plan.replayed, outputs, copy=mutated):
                     try:
@@ -409,7 +418,7 @@ class _Evaluator:
                             plan.apply(self.model, state)
                             logits = self.logits(x).cpu()
                             outputs.check()  # before trusting the rows or reusing the records
-                            unit.metrics.update(logits, clean, labels)
+                            self.update(unit, logits, clean, labels, part)
                             bar.update(1)
                     finally:
                         plan.restore(self.model)

@@ -16,6 +16,7 @@ from . import sequential
 from .data import EvalSet, load_data, to_model_input
 from .errors import LayercritError
 from .layers import DEFAULT_LAYERS, Target, select_targets
+from .logits import LogitsWriter
 from .metrics import METRIC_COLUMNS
 from .models import Normalized, Preprocessing, ResolvedModel, resolve_model
 from .resets import Reset, get_reset
@@ -72,6 +73,8 @@ def measure(
     max_trials: int = 100,
     images_per_trial: int | None = None,
     image_target_ci: float | None = None,
+    save_logits: str | Path | None = None,
+    save_logits_top_k: int | None = None,
     progress: bool = False,
     on_rows: Callable[[pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
@@ -122,6 +125,9 @@ def measure(
         image_target_ci: stop evaluating a (layer, trial) once the 95% confidence sequences of its criticality and
             top-1 over images (fractions) are narrower than ± this; rows then report their own ``n_images``,
             ``criticality_ci`` and ``top1_ci``. Images are always taken in the same order.
+        save_logits: a folder where the logits of every evaluation are kept (float16; ``save_logits_top_k``: only
+            the k largest with their classes), read back with :func:`layercrit.load_logits`; one sub-folder per
+            reset variant when an interpolation gives several.
         on_rows: called with the rows finished so far after each chunk of layers (to persist them).
 
     Returns:
@@ -180,8 +186,12 @@ def measure(
 
     kernels = {t.name: _kernel(resolved.model, t) for t in targets}  # for display names like conv1:3x3
     finished: list[pd.DataFrame] = []  # earlier variants' rows (interpolate: one variant per alpha)
-    for columns, variant in strategy.variants():
+    variants = strategy.variants()
+    for columns, variant in variants:
         labels = {**meta, "reset": variant.describe(), **columns}
+        if save_logits is not None:
+            folder = Path(save_logits) / (variant.describe() if len(variants) > 1 else "")
+            options = replace(options, on_logits=LogitsWriter(folder, top_k=save_logits_top_k))
         order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS]
 
         def frame(rows: list[dict], labels=labels, order=order) -> pd.DataFrame:

@@ -123,7 +123,11 @@ def run(
 
     def evaluate(layers: list[str], trial: int, offset: int, positions: list[int]) -> list[dict]:
         block = _subset(evalset, positions)
-        original, *measured = engine.run(model, block, [by_name[name] for name in layers], reset, [trial], quiet,
+        options = quiet
+        if quiet.on_logits is not None:  # the engine counts positions in the block; the logits file in the pool
+            index, save = torch.tensor(positions), quiet.on_logits
+            options = replace(quiet, on_logits=lambda layer, t, part, logits: save(layer, t, index[part], logits))
+        original, *measured = engine.run(model, block, [by_name[name] for name in layers], reset, [trial], options,
                                          probes=probes)
         originals.setdefault(offset, original)
         rows.extend(measured)

@@ -55,6 +55,9 @@ class Experiment:
     compile: bool = False
     exact: bool = False
     image_target_ci: float | None = None
+    # outputs
+    save_logits: bool = False  # every evaluation's logits, in OUT/logits (layercrit.load_logits)
+    save_logits_top_k: int | None = None
 
     def measure_options(self, *, trust_checkpoint: bool = False) -> dict:
         """Keywords for :func:`layercrit.measure` (all but ``model`` and ``data``); ``trust_checkpoint`` lets the
@@ -76,6 +79,7 @@ class Experiment:
             "compile": self.compile, "channels_last": False if self.exact else None,
             "fold_bn": False if self.exact else None, "target_ci": self.target_ci, "max_trials": self.max_trials,
             "images_per_trial": self.images_per_trial, "image_target_ci": self.image_target_ci,
+            "save_logits_top_k": self.save_logits_top_k,
         }
 
     def to_dict(self) -> dict:
@@ -97,7 +101,8 @@ class Experiment:
 
 FIELDS = tuple(f.name for f in fields(Experiment))
 # Where the data is kept, how it is cached, and how the work is cut up or placed do not change the numbers.
-UNMEASURED = ("data_root", "cache_dir", "use_cache", "batch_size", "device", "max_cache_mb")
+UNMEASURED = ("data_root", "cache_dir", "use_cache", "batch_size", "device", "max_cache_mb", "save_logits",
+              "save_logits_top_k")
 MEASURED = tuple(name for name in FIELDS if name not in UNMEASURED)
 
 

@@ -157,6 +157,9 @@ class SweepConfig(Experiment):
             except LayercritError as error:  # a reset missing its options (reinit without checkpoint, ...)
                 raise LayercritError(f"{source}: {error}") from None
         EngineOptions(engine=self.engine, precision=self.precision, batch_size=self.batch_size or 1)
+        if self.save_logits:
+            raise LayercritError(f"{source}: save_logits: a sweep does not keep logits yet; measure the models whose "
+                                 "logits you need with 'layercrit run --save-logits'")
         if self.sequential:
             SequentialDesign(self.target_ci, min_trials=self.trials, max_trials=self.max_trials,
                              images_per_trial=self.images_per_trial)
