@@ -485,7 +485,7 @@ def _cmd_module_criticality(args) -> int:
         seed=args.seed, images=args.images, model_id=args.model_id,
         trust_checkpoint=args.trust_checkpoint, data_root=args.data_root, cache_dir=args.cache_dir,
         on_evaluations=lambda rows: write_table(rows, out / "evaluations.csv"), batch_size=args.batch_size,
-        device=args.device, engine_name=args.engine,
+        device=args.device, engine=args.engine,
     )
     path = write_table(table, out / "module_criticality.csv")
     print(table[["layer", "mu", "alpha", "sigma", "noise_std", "distance", "expected"]].to_string(index=False))
