@@ -101,16 +101,16 @@ def run(
     trials: Sequence[int],
     options: EngineOptions,
     on_chunk: Callable[[list[dict]], None] | None = None,
-    probes: dict | None = None,
+    memo: dict | None = None,
 ) -> list[dict]:
     """Evaluate the unmodified model and every (layer, trial); return one row dict per unit, original first.
 
     ``layers`` are module names or :class:`~layercrit.layers.Target` groups of modules reset together.
 
     ``on_chunk`` receives the rows finished so far (original row included) after every chunk of layers, so a
-    caller can persist them. ``probes``: a dict the caller keeps between calls on the same model and input size
-    (the sequential design's many small calls), where what the engine learns by probing the model (its call
-    structure, the BatchNorm pairs to fold) is kept instead of probed again.
+    caller can persist them. ``memo``: a dict the caller keeps between calls on the same model and input size
+    (the sequential design's many small calls, a sweep worker's units), where what the engine learns is kept: the
+    model's call structure and the BatchNorm pairs to fold (probed once), and the batch size that fits in memory.
     """
     device = torch.device(options.device)
     keep_freed_memory()
@@ -122,12 +122,12 @@ def run(
     channels_last = options.channels_last if options.channels_last is not None else options.engine == "fast"
     with _memory_format(model, channels_last):  # the caller's model is left in the layout it came in
         return _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last,
-                    {} if probes is None else probes)
+                    {} if memo is None else memo)
 
 
-def _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last, probes) -> list[dict]:
+def _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last, memo) -> list[dict]:
     forward = torch.compile(model) if options.compile else model
-    evaluator = _Evaluator(model, forward, evalset, options, device, channels_last, probes)
+    evaluator = _Evaluator(model, forward, evalset, options, device, channels_last, memo)
     # Folding eval-mode BatchNorm into the convolution before it, like NHWC, changes fp32 results in the last bits
     # only; --compile does its own rewriting, and the naive engine stays the paper's method unless asked.
     fold_bn = options.fold_bn if options.fold_bn is not None else options.engine == "fast" and not options.compile
@@ -136,9 +136,9 @@ def _run(model, evalset, layers, reset, trials, options, on_chunk, device, chann
     targets = [t if isinstance(t, Target) else Target(t, [t]) for t in layers]
     plans = _plan_units(model, targets, reset, trials, alpha=options.ci_alpha if options.image_target_ci else None)
     n_computed = sum(len(plan.computed) for plan in plans)
-    if fold_bn and "pairs" not in probes:
-        probes["pairs"] = find_pairs(model, evaluator.sample())  # after planning (recalibration)
-    evaluator.pairs = probes["pairs"] if fold_bn else []
+    if fold_bn and "pairs" not in memo:
+        memo["pairs"] = find_pairs(model, evaluator.sample())  # after planning (recalibration)
+    evaluator.pairs = memo["pairs"] if fold_bn else []
     replay = options.engine == "fast" and not options.compile
     with _progress(options.progress, n_computed, len(evalset), options.batch_size) as bar, \
             folded_batchnorm(model, evaluator.pairs), _out_of_place(model, enabled=replay):
@@ -159,13 +159,15 @@ def _run(model, evalset, layers, reset, trials, options, on_chunk, device, chann
                     # A recorded output was modified in place after all: copy it from now on, redo the chunk.
                     log.info("%s: its output is changed in place downstream; replaying copies of it", changed)
                     evaluator.structure.mutated |= changed.names
-                except torch.cuda.OutOfMemoryError:
-                    # Auto-tune to GPU memory: halve the batch and redo the chunk from scratch.
-                    if evaluator.options.batch_size == 1:
+                except Exception as error:
+                    # Auto-tune to memory: halve the batch and redo the chunk from scratch.
+                    if not out_of_memory(error) or evaluator.options.batch_size == 1:
                         raise
-                    evaluator.options = replace(evaluator.options, batch_size=evaluator.options.batch_size // 2)
-                    log.warning("out of GPU memory: batch size down to %d", evaluator.options.batch_size)
-                    torch.cuda.empty_cache()
+                    memo["batch_size"] = evaluator.options.batch_size // 2
+                    evaluator.options = replace(evaluator.options, batch_size=memo["batch_size"])
+                    log.warning("out of memory: batch size down to %d", evaluator.options.batch_size)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                 # Reached only after one of those: redo the chunk from scratch.
                 alpha = options.ci_alpha if options.image_target_ci else None
                 for plan in chunk:
@@ -190,6 +192,15 @@ def _refuse_nonfinite(original: Unit) -> None:
     if broken:
         raise LayercritError(f"the unmodified model gives non-finite outputs for {broken} of {original.metrics.n} "
                              "images (broken weights?)")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's MemoryError / RuntimeError("... not enough memory"): the one
+    test of the out-of-memory policy (halve the batch, redo), here and in sweep workers."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("not enough memory" in text or "out of memory" in text)
 
 
 _allocator_tuned = False
@@ -299,9 +310,11 @@ def _row(unit: Unit, original: Unit) -> dict:
 
 class _Evaluator:
     def __init__(self, model, forward, evalset: EvalSet, options: EngineOptions, device, channels_last: bool,
-                 probes: dict):
+                 memo: dict):
         self.model = model
-        self.probes = probes
+        self.memo = memo
+        if memo.get("batch_size", options.batch_size) < options.batch_size:  # known not to fit
+            options = replace(options, batch_size=memo["batch_size"])
         self.forward = forward
         if device.type == "cuda" and options.engine != "naive":
             evalset = replace(evalset, images=evalset.images.to(device))  # decoded once, kept on the GPU
@@ -372,9 +385,9 @@ class _Evaluator:
     # -- fast: batch-outer with prefix replay
     def chunk(self, plans: list[LayerPlan]) -> Iterator[list[LayerPlan]]:
         """Group consecutive layers so that the recorded outputs of one batch stay under ``max_cache_mb``."""
-        if "structure" not in self.probes:
-            self.probes["structure"] = _CallStructure.probe(self.model, self.sample())
-        self.structure = self.probes["structure"]
+        if "structure" not in self.memo:
+            self.memo["structure"] = _CallStructure.probe(self.model, self.sample())
+        self.structure = self.memo["structure"]
         budget = self.options.max_cache_mb * 2**20 / self.options.batch_size
         current: list[LayerPlan] = []
         recorded: set[str] = set()

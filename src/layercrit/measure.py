@@ -73,6 +73,7 @@ def measure(
     max_trials: int = 100,
     images_per_trial: int | None = None,
     image_target_ci: float | None = None,
+    memo: dict | None = None,
     save_logits: str | Path | None = None,
     save_logits_top_k: int | None = None,
     progress: bool = False,
@@ -129,6 +130,8 @@ def measure(
             the k largest with their classes), read back with :func:`layercrit.load_logits`; one sub-folder per
             reset variant when an interpolation gives several.
         on_rows: called with the rows finished so far after each chunk of layers (to persist them).
+        memo: a dict kept between calls on the same model (a sweep worker's units), where the engine keeps what it
+            learned: the model's structure and the batch size that fits in memory (see :func:`layercrit.engine.run`).
 
     Returns:
         A DataFrame with one row for the unmodified model (``layer == "original"``) and one per (layer, trial),
@@ -204,10 +207,10 @@ def measure(
 
         if design is None:
             rows = engines.run(resolved.model, evalset, targets, variant, trial_ids, options,
-                              on_chunk=persist if on_rows else None)
+                               on_chunk=persist if on_rows else None, memo=memo)
         else:
             rows = sequential.run(resolved.model, evalset, targets, variant, design, options,
-                                  on_chunk=persist if on_rows else None)
+                                  on_chunk=persist if on_rows else None, memo=memo)
         finished.append(frame(rows))
     return pd.concat(finished, ignore_index=True)
 

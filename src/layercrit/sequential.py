@@ -111,14 +111,15 @@ def run(
     design: SequentialDesign,
     options: engine.EngineOptions,
     on_chunk: Callable[[list[dict]], None] | None = None,
+    memo: dict | None = None,
 ) -> list[dict]:
-    """Run the sequential design with the engine; rows as :func:`layercrit.engine.run` gives them (original
+    """Run the sequential design with the engine (``memo`` as for :func:`layercrit.engine.run`); rows as it gives them (original
     first), each (layer, trial) row with its block's ``image_offset``, ``ci_looks`` and ``capped``."""
     by_name = {target.name: target for target in targets}
     originals: dict[int, dict] = {}  # the unmodified model on each block, by offset
     rows: list[dict] = []
     quiet = replace(options, progress=False)
-    probes: dict = {}  # the model's structure, probed in the first call and kept for the others
+    memo = {} if memo is None else memo  # the model's structure, probed in the first call and kept for the others
     bar = tqdm(desc="trials", unit="trial", disable=not options.progress, total=design.max_trials)
 
     def evaluate(layers: list[str], trial: int, offset: int, positions: list[int]) -> list[dict]:
@@ -128,7 +129,7 @@ def run(
             index, save = torch.tensor(positions), quiet.on_logits
             options = replace(quiet, on_logits=lambda layer, t, part, logits: save(layer, t, index[part], logits))
         original, *measured = engine.run(model, block, [by_name[name] for name in layers], reset, [trial], options,
-                                         probes=probes)
+                                         memo=memo)
         originals.setdefault(offset, original)
         rows.extend(measured)
         if on_chunk is not None:

@@ -51,6 +51,7 @@ import pandas as pd
 import torch
 
 from .data import EvalSet, load_data
+from .engine import out_of_memory
 from .errors import LayercritError
 from .layers import select_targets
 from .measure import COLUMNS, measure, override_transform
@@ -538,6 +539,7 @@ class SweepWorker:
         self._evalset: EvalSet | None = None
         self._evalset_for = None  # the preprocessing the evaluation set was decoded with
         self._batch_size = config.batch_size or _default_batch_size(self.device)
+        self._memo: dict = {}
         self._broken: dict[str, str] = {}
 
     def run(self, unit: Unit) -> Outcome:
@@ -547,36 +549,28 @@ class SweepWorker:
         except Exception as error:  # noqa: BLE001 - a failed unit is recorded and the sweep goes on
             return Outcome(unit, self.name, time.perf_counter() - start, error=_one_line(error),
                            detail=traceback.format_exc())
-        return Outcome(unit, self.name, time.perf_counter() - start, rows=rows, batch_size=self._batch_size)
+        return Outcome(unit, self.name, time.perf_counter() - start, rows=rows,
+                       batch_size=self._memo.get("batch_size", self._batch_size))
 
     def _measure(self, unit: Unit) -> pd.DataFrame:
         resolved, evalset = self._load(unit.model_id)
         config = self.config
-        while True:
-            try:
-                options = config.experiment(unit.reset).measure_options()
-                # the evaluation set is decoded already (with the transform set by resize/crop/interpolation)
-                options.update(resize=None, crop=None, interpolation=None, batch_size=self._batch_size,
-                               device=self.device, progress=False)
-                if not config.sequential:
-                    options.update(trials=[unit.trial])
-                if config.chunked:
-                    options.update(layers=list(unit.layers))
-                rows = measure(resolved, evalset, model_id=unit.model_id, **options)
-                break
-            except Exception as error:
-                if isinstance(error, LayercritError):  # the model's own problem, e.g. non-finite outputs unmodified
-                    self._broken[unit.model_id] = str(error)
-                if not _out_of_memory(error):
-                    raise
-                if self._batch_size == 1:
-                    raise LayercritError(f"out of memory even at batch size 1 ({_one_line(error)})") from error
-                self._batch_size //= 2
-                log.warning("%s: out of memory on %s, retrying at batch size %d", self.name, unit.describe(),
-                            self._batch_size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-        return rows
+        options = config.experiment(unit.reset).measure_options()
+        # the evaluation set is decoded already (with the transform set by resize/crop/interpolation)
+        options.update(resize=None, crop=None, interpolation=None, batch_size=self._batch_size, device=self.device,
+                       progress=False)
+        if not config.sequential:
+            options.update(trials=[unit.trial])
+        if config.chunked:
+            options.update(layers=list(unit.layers))
+        try:  # out of memory, the engine halves the batch and remembers the size that fits in the model's memo
+            return measure(resolved, evalset, model_id=unit.model_id, memo=self._memo, **options)
+        except Exception as error:
+            if isinstance(error, LayercritError):  # the model's own problem, e.g. non-finite outputs unmodified
+                self._broken[unit.model_id] = str(error)
+            if out_of_memory(error):
+                raise LayercritError(f"out of memory even at batch size 1 ({_one_line(error)})") from error
+            raise
 
     def _load(self, model_id: str) -> tuple[ResolvedModel, EvalSet]:
         if model_id in self._broken:
@@ -584,6 +578,7 @@ class SweepWorker:
         if model_id != self._model_id:
             self._model_id, self._resolved = None, None  # free the previous model before building the next
             self._batch_size = self.config.batch_size or _default_batch_size(self.device)
+            self._memo = {}  # what the engine learns about this model: its structure, the batch size that fits
             config = self.config
             try:
                 resolved = resolve_entry(config.model(model_id), config.seed)
@@ -608,14 +603,6 @@ def _default_batch_size(device: str | None) -> int:
     """As measure() chooses: the paper's 500 on a GPU (halved when out of memory), 100 on the CPU."""
     on_gpu = device.startswith("cuda") if device else torch.cuda.is_available()
     return 500 if on_gpu else 100
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's MemoryError / RuntimeError("... not enough memory")."""
-    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("not enough memory" in text or "out of memory" in text)
 
 
 def _one_line(error: BaseException) -> str:
