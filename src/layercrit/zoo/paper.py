@@ -138,7 +138,8 @@ def entries() -> list[dict]:
 
     Returns:
         one dict per model: ``id``, ``spec`` (``zoo:paper/ID``), ``display`` (the paper's name), ``category``,
-        ``accuracy`` (the paper's ImageNet-1k top-1 in %, None where it reports none), ``arch``, ``source``,
+        ``accuracy`` (the paper's ImageNet-1k top-1 in %, None where it reports none), ``budget`` (adversarial
+        training's norm and ε, e.g. ``linf 4.0/255``; None for the others), ``arch``, ``source``,
         ``mean`` and ``std`` (the input normalisation the model expects on [0, 1] images).
     """
     return [_entry(record) for record in _registry()[0].values()]
@@ -151,6 +152,7 @@ def _entry(record: dict) -> dict:
         "display": record["display"],
         "category": record["category"],
         "accuracy": record["accuracy"],
+        "budget": record.get("budget"),
         "arch": record["arch"],
         "source": _describe_source(record),
         "mean": tuple(float(m) for m in record["mean"]),
