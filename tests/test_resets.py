@@ -276,12 +276,14 @@ def test_reset_object_with_measure_options_is_refused(tiny_model, tiny_data):
         layercrit.measure(tiny_model, tiny_data, reset=get_reset("zero"), bn="reset")
 
 
-def test_a_sweep_refuses_a_reset_that_needs_options():
+def test_a_sweep_takes_a_resets_options_as_keys_and_refuses_a_reset_missing_them():
     from layercrit.sweep import SweepConfig
 
     config = {"data": "fashion-mnist", "models": [{"id": "m", "spec": "zoo:fmnist/baseline"}], "reset": ["noise"]}
-    with pytest.raises(LayercritError, match=r"a sweep takes resets without options, use 'layercrit run'"):
+    with pytest.raises(LayercritError, match=r"reset 'noise' needs either a relative --scale S or an absolute sigma"):
         SweepConfig.from_dict(config)
+    swept = SweepConfig.from_dict({**config, "scale": 0.5, "reset": ["noise", "zero"]})
+    assert swept.experiment("noise").measure_options()["reset_options"] == {"scale": 0.5}
 
 
 def test_every_reset_leaves_the_model_bit_identical(tiny_model, tiny_data, init_checkpoint):

@@ -100,6 +100,7 @@ class Experiment:
 
 
 FIELDS = tuple(f.name for f in fields(Experiment))
+RESET_OPTIONS = ("checkpoint", "scale", "alpha", "base")  # fields a reset strategy takes as its own options
 # Where the data is kept, how it is cached, and how the work is cut up or placed do not change the numbers.
 UNMEASURED = ("data_root", "cache_dir", "use_cache", "batch_size", "device", "max_cache_mb", "save_logits",
               "save_logits_top_k")

@@ -31,6 +31,7 @@ gives the rows ``layercrit run`` gives.
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -58,7 +59,7 @@ from .measure import COLUMNS, measure, override_transform
 from .models import ResolvedModel, resolve_model
 from .resets import RESETS, get_reset
 from .sequential import SequentialDesign
-from .spec import MEASURED, Experiment
+from .spec import MEASURED, RESET_OPTIONS, Experiment
 from .store import Store, Unit, export_frame
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,13 @@ class SweepConfig(Experiment):
     layers_per_unit: int = 16
 
     def experiment(self, reset: str) -> Experiment:
-        """The experiment of one of the sweep's resets."""
-        return Experiment(**{**{name: getattr(self, name) for name in FIELDS}, "reset": reset})
+        """The experiment of one of the sweep's resets, with the reset options that reset takes (``scale`` goes to
+        ``noise``, not to ``zero``)."""
+        values = {**{name: getattr(self, name) for name in FIELDS}, "reset": reset}
+        if reset in RESETS:
+            takes = inspect.signature(RESETS[reset].__init__).parameters
+            values.update({option: None for option in RESET_OPTIONS if option not in takes})
+        return Experiment(**values)
 
     @property
     def chunked(self) -> bool:
