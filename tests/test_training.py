@@ -212,3 +212,14 @@ def test_linear_probe_folds_the_feature_standardisation_into_fc():
     assert losses[-1] < losses[0]
     # fc now works on the raw features: the network classifies its training images as the probe learned them.
     assert training.accuracy(net, images, labels) > 50
+
+
+def test_robust_accuracy_is_at_most_clean_accuracy_and_equals_it_at_a_zero_budget():
+    from layercrit.training import accuracy, robust_accuracy
+
+    net = tiny_net()
+    images, labels = tiny_data(64)
+    clean = accuracy(net, images, labels)
+    assert robust_accuracy(net, images, labels, norm="linf", eps=0.0) == pytest.approx(clean)
+    assert robust_accuracy(net, images, labels, norm="linf", eps=0.3) <= clean
+    assert robust_accuracy(net, images, labels, norm="l2", eps=3.0) <= clean

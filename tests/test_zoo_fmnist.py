@@ -147,3 +147,46 @@ def test_missing_weights_file_is_named(trained_zoo):
     (folder / "baseline.safetensors").unlink()
     with pytest.raises(LayercritError, match=r"zoo weights missing: .*baseline.safetensors \(retrain with"):
         resolve_model("zoo:fmnist/baseline")
+
+
+def test_a_member_already_trained_with_the_same_recipe_and_seed_is_skipped_unless_forced(trained_zoo):
+    folder, _, _ = trained_zoo
+    lines = []
+    before = (folder / "baseline.safetensors").stat().st_mtime_ns
+    table = fmnist.train_zoo(folder, methods=["baseline"], recipes=[tiny("baseline", epochs=1)], test_images=200,
+                             log=lines.append)
+    assert table.empty and "already trained" in lines[0]
+    assert (folder / "baseline.safetensors").stat().st_mtime_ns == before
+    forced = fmnist.train_zoo(folder, methods=["baseline"], recipes=[tiny("baseline", epochs=1)], test_images=200,
+                              force=True, log=lines.append)
+    assert list(forced.id) == ["baseline"]
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("recipe", [tiny("baseline", epochs=3), tiny("simclr", epochs=2, probe={"epochs": 2})],
+                         ids=["supervised", "simclr then probe"])
+def test_killed_training_goes_on_from_its_last_epoch_with_the_same_weights(tmp_path, monkeypatch, recipe):
+    uninterrupted = fmnist.train_zoo(tmp_path / "a", recipes=[recipe], test_images=100, log=lambda line: None)
+    step = torch.optim.SGD.step
+    calls = []
+
+    def dies_in_the_second_epoch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 + 1:  # 64 images / batch 128: one step per epoch; die in the third call
+            raise _Killed
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", dies_in_the_second_epoch)
+    with pytest.raises(_Killed):
+        fmnist.train_zoo(tmp_path / "b", recipes=[recipe], test_images=100, log=lambda line: None)
+    assert list((tmp_path / "b" / ".checkpoints" / recipe["id"]).glob("stage-*.pt"))
+    monkeypatch.undo()
+    resumed = fmnist.train_zoo(tmp_path / "b", recipes=[recipe], test_images=100, log=lambda line: None)
+    assert resumed.losses.tolist() == uninterrupted.losses.tolist()
+    assert resumed.accuracy.tolist() == uninterrupted.accuracy.tolist()
+    weights = f"{recipe['id']}.safetensors"
+    assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()
+    assert not (tmp_path / "b" / ".checkpoints" / recipe["id"]).exists()

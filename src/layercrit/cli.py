@@ -238,6 +238,10 @@ def _add_zoo(sub) -> None:
     train.add_argument("--seed", type=int, default=0, help="seed of init, batch order and augmentation")
     train.add_argument("--test-images", type=_positive_int, help="evaluate on the first N test images (default all 10000)")
     train.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
+    train.add_argument("--robust-images", type=int, default=1000, help="test images for the robust accuracy under "
+                       "PGD-10 at every adversarial budget of the zoo (default 1000; 0: skip)")
+    train.add_argument("--force", action="store_true", help="train members again that the folder already holds with "
+                       "the same recipe and seed (by default they are skipped, so a killed run goes on)")
     train.set_defaults(func=_cmd_zoo_train)
     fetch = zoo_sub.add_parser("download", help="put a zoo's weights into their caches (e.g. before going offline)")
     fetch.add_argument("ids", nargs="*", help="model ids (default: every model of the zoo)")
@@ -266,7 +270,7 @@ def _cmd_zoo_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     train_zoo(args.out, methods=args.methods, device=args.device, seed=args.seed, test_images=args.test_images,
-              data_root=args.data_root)
+              data_root=args.data_root, robust_images=args.robust_images, force=args.force)
     print(f"zoo written to {args.out}; use it as zoo:fmnist/ID with LAYERCRIT_FMNIST_ZOO={args.out}")
     return 0
 
@@ -303,6 +307,14 @@ def _add_analyze(sub) -> None:
     p.add_argument("--reset", help="analyze only the rows of this reset method (needed when results mix several)")
     p.add_argument("--ci-threshold", type=float, default=5.0,
                    help="heatmap cells whose 95%% interval is wider than ± this (points) get a dot (default 5)")
+    p.add_argument("--order", default="notebook", choices=["notebook", "metadata"],
+                   help="rows: baseline, then categories and model ids alphabetically as the paper's notebook "
+                        "(default), or in metadata order")
+    p.add_argument("--heatmap-exclude", default="freezing",
+                   help="categories left out of the heatmaps, comma separated (default: freezing; '' keeps all)")
+    p.add_argument("--no-registry", dest="registry", action="store_false",
+                   help="do not take categories, names, accuracies and budgets of known zoo models from the "
+                        "bundled registries")
     p.set_defaults(func=_cmd_analyze)
 
 
@@ -310,7 +322,8 @@ def _cmd_analyze(args) -> int:
     from .analysis import analyze, summary
 
     result = analyze(args.results, args.out, meta=args.meta, baseline=args.baseline, metric=args.metric,
-                     reset=args.reset, ci_threshold=args.ci_threshold)
+                     reset=args.reset, ci_threshold=args.ci_threshold, order=args.order, registry=args.registry,
+                     heatmap_exclude=[c.strip() for c in args.heatmap_exclude.split(",") if c.strip()])
     print(summary(result))
     print(f"tables, figures and report: {result['paths']['report']}")
     return 0

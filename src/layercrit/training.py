@@ -17,8 +17,12 @@ seed gives the same training run on any device (up to floating-point reduction o
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +36,29 @@ from .models import Normalized
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 SCHEDULES = ("constant", "step", "cosine")
+# While a member trains under :func:`resumable`: the folder and the number of fit() calls so far (a method's stages)
+_CHECKPOINTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("checkpoints", default=None)
+
+
+@contextlib.contextmanager
+def resumable(folder: str | Path) -> Iterator[None]:
+    """Within this block every :func:`fit` keeps its state in ``folder`` after each epoch (stage k of a method:
+    ``stage-k.pt``) and starts from it when it is there, so a killed training run, started again, goes on from
+    its last finished epoch with the same numbers an uninterrupted run gives."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    token = _CHECKPOINTS.set([Path(folder), 0])
+    try:
+        yield
+    finally:
+        _CHECKPOINTS.reset(token)
+
+
+def _next_checkpoint() -> Path | None:
+    state = _CHECKPOINTS.get()
+    if state is None:
+        return None
+    state[1] += 1
+    return state[0] / f"stage-{state[1] - 1}.pt"
 
 
 # ---------------------------------------------------------------- augmentations
@@ -170,6 +197,13 @@ def fit(
     total = max(1, round(epochs * steps_per_epoch))
     losses: list[float] = []
     step = 0
+    checkpoint = _next_checkpoint()
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=True)
+        module.load_state_dict(saved["module"])
+        optimizer.load_state_dict(saved["optimizer"])
+        g.set_state(saved["generator"])
+        step, losses = saved["step"], saved["losses"]
     while step < total:
         order = torch.randperm(len(labels), generator=g)
         epoch_losses = []
@@ -186,7 +220,16 @@ def fit(
             epoch_losses.append(loss.item())
             step += 1
         losses.append(sum(epoch_losses) / len(epoch_losses))
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {"module": module.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "generator": g.get_state(), "step": step, "losses": losses})
     return losses
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def _lr_factor(schedule: str, step: int, total: int) -> float:
@@ -418,6 +461,23 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, devi
     for start in range(0, len(labels), batch_size):
         logits = net(to_model_input(images[start:start + batch_size]).to(device))
         correct += int((logits.argmax(1).cpu() == labels[start:start + batch_size]).sum())
+    return 100.0 * correct / len(labels)
+
+
+def robust_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, eps: float,
+                    steps: int = 10, device: str = "cpu", batch_size: int = 250, seed: int = 0) -> float:
+    """Top-1 accuracy (percent) on PGD adversarial examples: ``steps`` steps from a random start, step size
+    2.5·eps/steps, the ``eps`` ball in [0, 1] pixel units (``norm`` linf or l2)."""
+    attack = _Pgd(norm=norm, eps=eps, steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    net = net.eval().to(device)
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = to_model_input(images[start:start + batch_size]).to(device)
+        y = labels[start:start + batch_size].to(device)
+        adversarial = attack(net, x, y, g)
+        with torch.no_grad():
+            correct += int((net(adversarial).argmax(1) == y).sum())
     return 100.0 * correct / len(labels)
 
 

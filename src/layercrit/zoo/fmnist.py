@@ -15,6 +15,7 @@ import copy
 import difflib
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from torch import nn
 from ..data import load_fashion_mnist, subset_indices
 from ..errors import LayercritError
 from ..models import Normalized, ResolvedModel, build_architecture, load_strict, wrap_module
-from ..training import METHODS, accuracy
+from ..training import METHODS, accuracy, resumable, robust_accuracy
 
 ARCH = "layercrit:fmnist_resnet20"
 MANIFEST = "manifest.yaml"
@@ -138,18 +139,24 @@ def train_zoo(
     seed: int = 0,
     test_images: int | None = None,
     data_root: str | None = None,
+    robust_images: int = 1000,
+    force: bool = False,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Train the zoo members named by ``methods`` (ids, methods or categories; default all) into ``out_dir``.
 
-    Each finished member is written at once (``ID.safetensors``, then its record in ``manifest.yaml``, both
-    atomically), so an interrupted run keeps what finished; records of members not retrained are kept.
+    Resumable per member and per epoch: each finished member is written at once (``ID.safetensors``, then its
+    record in ``manifest.yaml``, both atomically) and skipped by a later call with the same recipe and seed (unless
+    ``force``); a member in training keeps its state after every epoch under ``.checkpoints/ID`` and a new call
+    goes on from there, with the numbers an uninterrupted run gives. Records of members not retrained are kept.
 
     Args:
         out_dir: the zoo folder to write. recipes: the records to choose from (default :data:`RECIPES`).
         device: where to train (default: cuda when available). seed: model init, batch order, augmentation.
         test_images: evaluate on the first N Fashion-MNIST test images instead of all 10000.
         data_root: folder holding the Fashion-MNIST IDX files. log: receives one line per finished member.
+        robust_images: the first N test images on which each member's robust accuracy is measured, under PGD-10 at
+            every adversarial budget of the zoo (0: none).
 
     Returns:
         The manifest records written in this call, one row per member.
@@ -162,11 +169,18 @@ def train_zoo(
     test_x, test_y = load_fashion_mnist("test", data_root)
     test_x, test_y = test_x[:test_images], test_y[:test_images]
     written = []
+    done = {m["id"]: m for m in yaml.safe_load((out / MANIFEST).read_text())["models"]} if (out / MANIFEST).is_file() else {}
     for recipe in chosen:
         arch = recipe.get("arch", ARCH)
+        if not force and _finished(done.get(recipe["id"]), recipe, seed, out):
+            log(f"{recipe['id']:<16} already trained (same recipe and seed); --force to train it again")
+            continue
         subset = torch.tensor(subset_indices(len(train_labels), recipe["train_images"], DATA_SEED))
         start, cpu_start = time.perf_counter(), time.process_time()
-        module, losses = train_member(recipe, train_images[subset], train_labels[subset], device=device, seed=seed)
+        checkpoints = out / ".checkpoints" / recipe["id"]
+        with resumable(checkpoints):
+            module, losses = train_member(recipe, train_images[subset], train_labels[subset], device=device,
+                                          seed=seed)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         state = _storage(module.state_dict())
         module.load_state_dict(state)  # measure exactly the weights that are stored
@@ -179,11 +193,31 @@ def train_zoo(
             "threads": torch.get_num_threads(), "storage": str(STORAGE_DTYPE).removeprefix("torch."),
             "torch": str(torch.__version__), "platform": platform.machine(),
         }
+        if robust_images:
+            record["robust_accuracy"] = {
+                budget: round(robust_accuracy(net, test_x[:robust_images], test_y[:robust_images], norm=norm, eps=eps,
+                                              device=device), 2)
+                for budget, (norm, eps) in _budgets(recipes).items()}
+            record["robust_attack"] = f"PGD-10 from a random start, step 2.5·eps/10, first {robust_images} test images"
         _save_weights(state, out / record["file"])
         _write_manifest(out, record)
+        shutil.rmtree(checkpoints, ignore_errors=True)
         written.append(record)
         log(f"{record['id']:<16} {record['accuracy']:6.2f}%  {seconds:7.1f}s  ({record['display']})")
     return pd.DataFrame(written)
+
+
+def _finished(record: dict | None, recipe: dict, seed: int, out: Path) -> bool:
+    """``record`` (from the manifest) is ``recipe`` trained with ``seed``, and its weights are there."""
+    if record is None or record.get("seed") != seed or not (out / record.get("file", "")).is_file():
+        return False
+    return all(record.get(key) == value for key, value in copy.deepcopy(recipe).items())
+
+
+def _budgets(recipes: Sequence[dict]) -> dict[str, tuple[str, float]]:
+    """The adversarial budgets of the zoo's recipes: label ("linf 8/255") -> (norm, eps)."""
+    return {r["budget"]: (r["hyperparameters"]["norm"], r["hyperparameters"]["eps"])
+            for r in recipes if r["method"] == "adversarial"}
 
 
 def train_member(
