@@ -133,6 +133,9 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
                    "read with layercrit.load_logits); 10,000 images x 1,000 classes x 163 evaluations is ~3 GB")
     o.add_argument("--save-logits-top-k", type=int, help="with --save-logits: only the k largest logits and their "
                    "classes")
+    o.add_argument("--log-to", metavar="TRACKER[:DIR]", help="log each layer's criticality (with its interval) and the "
+                   "options to wandb | mlflow | tensorboard as layers finish (DIR: where; default OUT/TRACKER, "
+                   "MLflow its tracking URI); needs pip install 'layercrit[trackers]'")
     e.add_argument("--image-target-ci", type=float, help="stop each (layer, trial) early once its criticality and "
                    "top-1 over images are known to ± this (fraction, 95%% confidence sequence)")
 
@@ -180,10 +183,28 @@ def _cmd_run(args) -> int:
         resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
     print(f"model: {resolved.spec}; preprocessing: {resolved.preprocessing.describe()}")
     experiment = experiment_from_args(args)
-    df = measure(resolved, experiment.data, **experiment.measure_options(trust_checkpoint=args.trust_checkpoint),
-                 model_id=args.model_id, progress=not args.quiet, on_rows=lambda rows: write_results(rows, out, run),
-                 save_logits=out / "logits" if experiment.save_logits else None)
-    csv_path, _ = write_results(df, out, run)
+    tracker = None
+    if experiment.log_to:
+        from .trackers import Tracker
+
+        tracker = Tracker(experiment.log_to, name=args.model_id or resolved.spec, config=run, out=out,
+                          sequential=experiment.sequential)
+
+    def on_rows(rows) -> None:
+        write_results(rows, out, run)
+        if tracker is not None:
+            tracker(rows)
+
+    try:
+        df = measure(resolved, experiment.data, **experiment.measure_options(trust_checkpoint=args.trust_checkpoint),
+                     model_id=args.model_id, progress=not args.quiet, on_rows=on_rows,
+                     save_logits=out / "logits" if experiment.save_logits else None)
+        csv_path, _ = write_results(df, out, run)
+        if tracker is not None:
+            tracker.close(df)
+    finally:
+        if tracker is not None:
+            tracker.close()  # a failed run's tracker run ends with the layers it finished
     for reset, rows in df.groupby("reset", sort=False):  # interpolate: one summary per alpha
         if df.reset.nunique() > 1:
             print(f"reset {reset}:")
@@ -356,7 +377,7 @@ def _add_sweep(sub) -> None:
 
 
 def _cmd_sweep(args) -> int:
-    from .store import status_frame
+    from .store import export_frame, status_frame
     from .sweep import load_config, plan_sweep, run_sweep
 
     config = load_config(args.config, data=args.data, data_root=args.data_root, images=args.images,
@@ -373,6 +394,10 @@ def _cmd_sweep(args) -> int:
         return 1 if len(problems) else 0
     run_sweep(config, store, workers=args.workers, backend=args.backend, address=args.address,
               new_store=args.new_store, progress=not args.quiet)
+    if config.log_to:  # a model's units run on several workers: its layers are complete only now
+        from .trackers import log_models
+
+        log_models(export_frame(store), config.log_to, config=config.to_dict(), out=store.with_suffix(""))
     status = status_frame(store)
     print_status(status)
     print(f"store: {store}; export with: layercrit export {store} --out results.csv")

@@ -58,6 +58,7 @@ class Experiment:
     # outputs
     save_logits: bool = False  # every evaluation's logits, in OUT/logits (layercrit.load_logits)
     save_logits_top_k: int | None = None
+    log_to: str | None = None  # wandb | mlflow | tensorboard[:DIR] (layercrit.trackers); a sweep logs when it ends
 
     def measure_options(self, *, trust_checkpoint: bool = False) -> dict:
         """Keywords for :func:`layercrit.measure` (all but ``model`` and ``data``); ``trust_checkpoint`` lets the
@@ -103,7 +104,7 @@ FIELDS = tuple(f.name for f in fields(Experiment))
 RESET_OPTIONS = ("checkpoint", "scale", "alpha", "base")  # fields a reset strategy takes as its own options
 # Where the data is kept, how it is cached, and how the work is cut up or placed do not change the numbers.
 UNMEASURED = ("data_root", "cache_dir", "use_cache", "batch_size", "device", "max_cache_mb", "save_logits",
-              "save_logits_top_k")
+              "save_logits_top_k", "log_to")
 MEASURED = tuple(name for name in FIELDS if name not in UNMEASURED)
 
 
