@@ -48,9 +48,9 @@ def test_decoded_images_are_cached_and_reused(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "val")
     pre = Preprocessing(resize=32, crop=24)
     first = load_data(str(folder), preprocessing=pre, images=8, cache_dir=tmp_path / "cache")
-    import layercrit.data as data
+    from layercrit.data import folders
 
-    monkeypatch.setattr(data, "_decode_all", lambda *a, **k: pytest.fail("decoded again despite the cache"))
+    monkeypatch.setattr(folders, "_decode_all", lambda *a, **k: pytest.fail("decoded again despite the cache"))
     second = load_data(str(folder), preprocessing=pre, images=8, cache_dir=tmp_path / "cache")
     assert torch.equal(first.images, second.images) and first.data_id == second.data_id
 

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from layercrit import data
+from layercrit.data import folders
 
 from .test_data import make_image_folder
 from .test_reliability_data import folder_evalset, same_evalset
@@ -84,7 +84,7 @@ def test_damaged_cache_entry_is_detected_rebuilt_and_reused(tmp_path, monkeypatc
     assert warning.startswith(f"cannot use the cached images in {entry} (") and warning.endswith("decoding them again")
 
     caplog.clear()
-    monkeypatch.setattr(data, "_decode_all", lambda *a, **k: pytest.fail("the rebuilt entry was not used"))
+    monkeypatch.setattr(folders, "_decode_all", lambda *a, **k: pytest.fail("the rebuilt entry was not used"))
     assert same_evalset(folder_evalset(folder, cache_dir=cache), fresh)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert [path.name for path in (cache / "evalsets").iterdir()] == [entry.name]  # nothing left aside
@@ -101,7 +101,7 @@ def test_damaged_entry_in_a_read_only_cache_is_decoded_without_it(tmp_path, monk
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(data, "_unwritable_caches", set())
+    monkeypatch.setattr(folders, "_unwritable_caches", set())
     monkeypatch.setattr("tempfile.mkdtemp", read_only)
     assert same_evalset(folder_evalset(folder, cache_dir=cache), fresh)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -114,8 +114,8 @@ def test_entry_written_by_another_run_meanwhile_is_kept_without_a_warning(tmp_pa
     cache = tmp_path / "cache"
     first = folder_evalset(folder, cache_dir=cache)
     [entry] = (cache / "evalsets").iterdir()
-    monkeypatch.setattr(data, "_discard", lambda entry: None)  # the other run's entry lands after the discard
-    data._write_cache(entry, first.images, first.labels, first.n_skipped, first.description)
+    monkeypatch.setattr(folders, "_discard", lambda entry: None)  # the other run's entry lands after the discard
+    folders._write_cache(entry, first.images, first.labels, first.n_skipped, first.description)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert [path.name for path in (cache / "evalsets").iterdir()] == [entry.name]
     assert same_evalset(folder_evalset(folder, cache_dir=cache), first)

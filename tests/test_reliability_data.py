@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from layercrit import data
-from layercrit.data import load_data, load_fashion_mnist
+from layercrit.data import folders, load_data, load_fashion_mnist
 from layercrit.errors import LayercritError
 from layercrit.models import Preprocessing
 
@@ -207,7 +206,7 @@ def test_unwritable_cache_is_warned_about_once_and_the_run_goes_on(tmp_path, mon
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(data, "_unwritable_caches", set())
+    monkeypatch.setattr(folders, "_unwritable_caches", set())
     monkeypatch.setattr(failing, fail)
     cache = tmp_path / "cache"
     runs = [folder_evalset(folder, cache_dir=cache) for _ in range(2)]

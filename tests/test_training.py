@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from layercrit import training
-from layercrit.architectures import FMNIST_MEAN, FMNIST_STD, SmallResNet
 from layercrit.errors import LayercritError
 from layercrit.models import Normalized
+from layercrit.models.architectures import FMNIST_MEAN, FMNIST_STD, SmallResNet
 
 
 @pytest.fixture(autouse=True)

@@ -88,7 +88,7 @@ def measure(
             :class:`~layercrit.models.ResolvedModel`.
         data: ``fashion-mnist``, an image folder, an :class:`EvalSet`, ``(images, labels)`` tensors, or a torch
             ``Dataset`` / ``DataLoader`` of (image, label), images C×H×W tensors or PIL images
-            (:mod:`layercrit.datasets`; a Dataset gives the seeded subset of ``images``, a DataLoader its first ones).
+            (:mod:`layercrit.data.torch_data`; a Dataset gives the seeded subset of ``images``, a DataLoader its first ones).
         normalize: False when the images are already normalised: the model then gets them as they are (float
             images in any range are accepted). Default: float images in [0, 1] (or uint8), normalised by the model
             wrapper with the model's mean/std.

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .data import to_model_input
 from .errors import LayercritError
 from .layers import WRAPPER_PREFIX, Target
-from .models import load_state_dict
+from .models.checkpoints import load_state_dict
 
 State = dict[str, torch.Tensor]  # one module's tensors by name
 ModelState = dict[str, State]  # several modules' states by module name

@@ -31,7 +31,7 @@ from torch import nn
 
 from .data import to_model_input
 from .errors import LayercritError
-from .models import Normalized
+from .models.base import Normalized
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import LayercritError
-from ..models import ResolvedModel
+from ..models.base import ResolvedModel
 
 ZOOS = {
     "fmnist": "layercrit.zoo.fmnist",  # the bundled Fashion-MNIST zoo (the demo's embedded default)

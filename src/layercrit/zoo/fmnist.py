@@ -28,7 +28,9 @@ from torch import nn
 
 from ..data import load_fashion_mnist, subset_indices
 from ..errors import LayercritError
-from ..models import Normalized, ResolvedModel, build_architecture, load_strict, wrap_module
+from ..models.base import Normalized, ResolvedModel, wrap_module
+from ..models.builders import build_architecture
+from ..models.checkpoints import load_strict
 from ..training import METHODS, accuracy, resumable, robust_accuracy
 
 ARCH = "layercrit:fmnist_resnet20"

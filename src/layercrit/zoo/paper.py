@@ -5,14 +5,28 @@ checkpoint layouts live in ``paper_r50.yaml`` beside this module; this module on
 downloaded once into the torch hub cache (``<torch hub dir>/checkpoints``, where torchvision keeps its own),
 checked against a sha256 prefix where one is known, remapped by their file's layout and loaded strictly: every
 key of the architecture must come from the checkpoint, and nothing of the checkpoint may be left over.
+
+Downloads (``pip install -e '.[paper]'`` brings gdown for the Google Drive files) are retried with back-off,
+resume where an interrupted one stopped (``NAME.partial`` beside the target: an HTTP Range request; gdown's
+``resume``; huggingface_hub's own incomplete files), and land in the cache only once complete and checked. Files on
+the Hugging Face Hub are fetched with ``huggingface_hub.hf_hub_download`` (its cache, token, ``HF_ENDPOINT`` and
+offline mode) and linked into the torch hub cache.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
+import hashlib
+import http.client
 import os
 import re
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +36,18 @@ import torch
 import yaml
 from torch import nn
 
-from ..errors import LayercritError
-from ..models import Preprocessing, ResolvedModel, _first_line, build_architecture, load_strict, wrap_module
+from ..errors import LayercritError, first_line
+from ..models.base import Preprocessing, ResolvedModel, wrap_module
+from ..models.builders import build_architecture
+from ..models.checkpoints import load_strict
 
 ZOO = "paper"
 REGISTRY = Path(__file__).with_name("paper_r50.yaml")
 _GDRIVE = "https://drive.google.com/uc?id="
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")  # torch hub's file naming: NAME-<sha256 prefix>.EXT
 _SOURCE_KINDS = ("timm", "torchvision", "weights")
+ATTEMPTS = 4  # tries of one download before giving up
+RETRY_WAIT = 2.0  # seconds before the second try, doubled for each further one
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,7 @@ class WeightFile:
     cache_name: str
     sha256: str | None
     layout: Layout
+    hub: tuple[str, str, str] | None = None  # (repo, file, revision) on the Hugging Face Hub
 
     @property
     def path(self) -> Path:
@@ -193,8 +212,9 @@ def _timm_files(record: dict) -> list[WeightFile]:
         raise LayercritError(f"this timm ({timm.__version__}) has no pretrained weights {tag}: upgrade timm")
     if cfg.url:  # timm names these files by their sha256 prefix, so the download can be checked
         return [_file_at(cfg.url)]
-    url = f"{_hf_endpoint()}/{cfg.hf_hub_id}/resolve/main/model.safetensors"
-    return [WeightFile(url=url, cache_name=f"{tag}.safetensors", sha256=None, layout=_registry()[1]["plain"])]
+    hub = (cfg.hf_hub_id, "model.safetensors", "main")
+    return [WeightFile(url=_hub_url(*hub), cache_name=f"{tag}.safetensors", sha256=None,
+                       layout=_registry()[1]["plain"], hub=hub)]
 
 
 def _torchvision_files(record: dict) -> list[WeightFile]:
@@ -209,9 +229,10 @@ def _listed_files(record: dict) -> list[WeightFile]:
     layouts = _registry()[1]
     files = []
     for spec in record["weights"]:
-        cache_name = None
+        cache_name, hub = None, None
         if "hf" in spec:
-            url = f"{_hf_endpoint()}/{spec['hf']}/resolve/{spec.get('revision', 'main')}/{spec['file']}"
+            hub = (spec["hf"], spec["file"], spec.get("revision", "main"))
+            url = _hub_url(*hub)
         elif "gdrive" in spec:
             url = _GDRIVE + spec["gdrive"]
             cache_name = f"{record['id']}.pth"  # the name the paper's code caches it under
@@ -222,6 +243,7 @@ def _listed_files(record: dict) -> list[WeightFile]:
             cache_name=spec.get("cache_name") or cache_name or _url_name(url),
             sha256=spec.get("sha256"),
             layout=layouts[spec.get("layout", "plain")],
+            hub=hub,
         ))
     return files
 
@@ -245,8 +267,9 @@ def _url_name(url: str) -> str:
     return Path(urlparse(url).path).name
 
 
-def _hf_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+def _hub_url(repo: str, file: str, revision: str) -> str:
+    """Where a Hub file is, for messages (it is fetched with hf_hub_download)."""
+    return f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}/resolve/{revision}/{file}"
 
 
 # ---------------------------------------------------------------- download, read, remap
@@ -268,33 +291,113 @@ def _ensure(model_id: str, file: WeightFile) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _fetch(file.url, path, file.sha256)
-    except RuntimeError as error:  # torch.hub: "invalid hash value"; the bad download is not kept
+        _fetch(file, path)
+    except _ChecksumMismatch as error:  # the bad download is not kept
         raise LayercritError(f"the download of {file.url} does not match its sha256 prefix {file.sha256} "
-                             f"({_first_line(error)}): retry, or check whether the file changed upstream") from error
+                             f"({first_line(error)}): retry, or check whether the file changed upstream") from error
     except OSError as error:
-        raise LayercritError(f"cannot download the weights of zoo:{ZOO}/{model_id} ({_first_line(error)}); "
+        raise LayercritError(f"cannot download the weights of zoo:{ZOO}/{model_id} ({first_line(error)}); "
                              f"offline, download {file.url} to {path}") from error
     return path
 
 
-def _fetch(url: str, path: Path, sha256: str | None) -> None:
-    """Download ``url`` to ``path``; the file appears only once complete (and matching ``sha256`` when given)."""
-    if not url.startswith(_GDRIVE):
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256)
-        return
+class _ChecksumMismatch(Exception):
+    pass
+
+
+def _fetch(file: WeightFile, path: Path) -> None:
+    """Download ``file`` to ``path``, trying :data:`ATTEMPTS` times and resuming; the file appears only once
+    complete and matching its sha256 prefix (when one is known)."""
+    partial = path.with_name(path.name + ".partial")
+    fetch = _from_hub if file.hub else _from_drive if file.url.startswith(_GDRIVE) else _from_url
+    for attempt in range(ATTEMPTS):
+        try:
+            fetch(file, partial)
+            break
+        except _Permanent as error:
+            raise OSError(str(error)) from error
+        except (OSError, http.client.HTTPException) as error:  # a dropped connection, a timeout, a 5xx
+            if attempt == ATTEMPTS - 1:
+                raise OSError(f"{first_line(error)} (after {ATTEMPTS} tries)") from error
+            time.sleep(RETRY_WAIT * 2**attempt)
+    digest = _sha256(partial)
+    if file.sha256 and not digest.startswith(file.sha256):
+        partial.unlink()
+        raise _ChecksumMismatch(f"its sha256 is {digest[:len(file.sha256)]}...")
+    os.replace(partial, path)
+
+
+class _Permanent(Exception):
+    """A failure that another try cannot fix (404, 403, a missing package)."""
+
+
+def _from_url(file: WeightFile, partial: Path) -> None:
+    """Continue ``partial`` from where it stopped with an HTTP Range request (start over when the server
+    ignores it)."""
+    have = partial.stat().st_size if partial.exists() else 0
+    headers = {"User-Agent": "layercrit", **({"Range": f"bytes={have}-"} if have else {})}
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(file.url, headers=headers), timeout=60)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and have:  # nothing left to send: the partial file is whole
+            return
+        if 400 <= error.code < 500 and error.code not in (408, 429):
+            raise _Permanent(f"HTTP {error.code} {error.reason}") from error
+        raise
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, (socket.gaierror, ConnectionRefusedError)) or \
+                getattr(error.reason, "errno", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            raise _Permanent(first_line(error)) from error  # offline: waiting will not bring the network
+        raise
+    resumed = have and getattr(response, "status", None) == 206
+    with response, open(partial, "ab" if resumed else "wb") as out:
+        shutil.copyfileobj(response, out, 1 << 20)
+        expected = response.headers.get("Content-Length")
+        if expected is not None and out.tell() < int(expected) + (have if resumed else 0):
+            raise http.client.IncompleteRead(b"", int(expected))  # the connection closed early
+
+
+def _from_drive(file: WeightFile, partial: Path) -> None:
     try:
         import gdown
     except ImportError:
-        raise OSError("Google Drive downloads need gdown: pip install gdown") from None
-    partial = path.with_name(path.name + ".partial")
+        raise _Permanent("Google Drive downloads need gdown: pip install -e '.[paper]' (or pip install gdown)") from None
     try:
-        done = gdown.download(id=url.removeprefix(_GDRIVE), output=str(partial), quiet=False)
+        done = gdown.download(id=file.url.removeprefix(_GDRIVE), output=str(partial), quiet=False, resume=True)
     except Exception as error:  # noqa: BLE001 - gdown raises its own types for quota and permission pages
-        raise OSError(f"gdown: {_first_line(error)}") from error
+        raise OSError(f"gdown: {first_line(error)}") from error
     if not done or not partial.is_file():
         raise OSError("gdown could not fetch the file")
-    os.replace(partial, path)
+
+
+def _from_hub(file: WeightFile, partial: Path) -> None:
+    """hf_hub_download into the Hugging Face cache (which resumes its own incomplete files), then a link (or a copy,
+    across file systems) to ``partial``."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo, name, revision = file.hub
+    try:
+        cached = hf_hub_download(repo, name, revision=revision)
+    except LocalEntryNotFoundError as error:  # not cached, and the Hub not reachable
+        if constants.HF_HUB_OFFLINE:  # asked to stay offline: another try cannot help
+            raise _Permanent(first_line(error)) from error
+        raise OSError(first_line(error)) from error
+    except (EntryNotFoundError, RepositoryNotFoundError) as error:
+        raise _Permanent(f"{repo}/{name}: {first_line(error)}") from error
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(cached, partial)
+    except OSError:
+        shutil.copyfile(cached, partial)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read(path: Path, url: str, trust_checkpoint: bool) -> object:
@@ -310,7 +413,7 @@ def _read(path: Path, url: str, trust_checkpoint: bool) -> object:
                 f"{path} holds pickled Python objects besides its weights: if you trust {url}, resolve it with "
                 "trust_checkpoint=True"
             ) from error
-        raise LayercritError(f"cannot read {path} ({_first_line(error)}): delete it to download {url} again") from error
+        raise LayercritError(f"cannot read {path} ({first_line(error)}): delete it to download {url} again") from error
 
 
 def load_weights(model_id: str, *, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .models import Preprocessing
+from .base import Preprocessing
 
 FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)

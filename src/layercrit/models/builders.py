@@ -1,20 +1,4 @@
-"""Model specs → models.
-
-One function, :func:`resolve_model`, turns a spec string into a :class:`ResolvedModel`: the trained model
-(wrapped so that it takes images in [0, 1] and normalises them itself, as the paper's code does), a factory for
-fresh randomly initialised instances of the same architecture, and the preprocessing the model expects.
-
-Specs:
-    timm:NAME[.TAG]                 timm model, pretrained weights through timm (``pretrained=False`` for random init)
-    hf-hub:ORG/NAME[@REVISION]      a timm model on the Hugging Face Hub, as ``timm.create_model("hf-hub:...")``
-    torchvision:NAME[:WEIGHTS]      torchvision model, weights enum name (default: DEFAULT)
-    layercrit:NAME                  an architecture bundled with layercrit (e.g. the Fashion-MNIST ResNet)
-    MODULE:FACTORY, FILE.py:FACTORY the user's own factory (imported: it runs that code), see :func:`load_factory`
-    zoo:ZOO/ID                      a model from a registered zoo (``zoo:fmnist/baseline``, ``zoo:paper/...``)
-    path/to/ckpt.(pth|pt|safetensors|bin)   a checkpoint, with ``arch=`` one of the architecture specs above
-
-Weights that are not cached are fetched through :mod:`layercrit.hub`, which fails in seconds when offline.
-"""
+"""Architecture specs -> bare networks: timm, hf-hub, torchvision, layercrit's own, and the user's factories."""
 
 from __future__ import annotations
 
@@ -24,114 +8,16 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import os
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import hub
-from .errors import LayercritError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
-_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How raw images become model input: resize shorter side → center crop → [0, 1] → normalise (in the model).
-
-    ``resize``/``crop`` of None leave the images at their native size (e.g. 28×28 Fashion-MNIST).
-    """
-
-    resize: int | None = 256
-    crop: int | None = 224
-    interpolation: str = "bilinear"
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    in_chans: int = 3
-    source: str = "standard ImageNet eval transform"
-
-    def describe(self) -> str:
-        size = "native size" if self.crop is None else f"Resize({self.resize}) -> CenterCrop({self.crop})"
-        return f"{size}, {self.interpolation}, mean={self.mean}, std={self.std} ({self.source})"
-
-
-class Normalized(nn.Module):
-    """Takes images in [0, 1] and normalises them before the wrapped model, so layer names read ``model.*``."""
-
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], in_chans: int = 3):
-        super().__init__()
-        self.model = model
-        self.in_chans = in_chans
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1 and self.in_chans == 3:  # greyscale data into an RGB model
-            x = x.expand(-1, 3, -1, -1)
-        return self.model((x - self.mean) / self.std)
-
-
-@dataclass
-class ResolvedModel:
-    """A trained model ready to measure, plus what is needed to reset its layers and feed it."""
-
-    model: nn.Module
-    fresh: Callable[[], nn.Module] | None
-    preprocessing: Preprocessing
-    spec: str
-    num_classes: int
-    metadata: dict = field(default_factory=dict)
-
-
-def resolve_model(
-    spec: str,
-    *,
-    arch: str | None = None,
-    pretrained: bool = True,
-    num_classes: int | None = None,
-    trust_checkpoint: bool = False,
-    seed: int | None = None,
-    model_id: str | None = None,
-) -> ResolvedModel:
-    """Resolve a model spec (see the module docstring) into a :class:`ResolvedModel` in eval mode.
-
-    With ``seed``, the model is built with torch's RNG seeded by (seed, ``model_id``, default the spec), so a random
-    init (``pretrained=False``, or a new head) is the same in every process, run and sweep; the caller's RNG state
-    is left as it was.
-    """
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(model_seed(seed, model_id or spec))
-            return resolve_model(spec, arch=arch, pretrained=pretrained, num_classes=num_classes,
-                                 trust_checkpoint=trust_checkpoint)
-    if spec.startswith("zoo:"):
-        from . import zoo
-
-        return zoo.resolve(spec, pretrained=pretrained, trust_checkpoint=trust_checkpoint)
-    if _looks_like_checkpoint(spec):
-        if arch is None:
-            raise LayercritError(
-                f"checkpoint {spec} needs an architecture: pass --arch timm:NAME or --arch torchvision:NAME"
-            )
-        return _resolve_checkpoint(spec, arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
-    if arch is not None:
-        raise LayercritError(f"--arch is only for checkpoint files, but the model spec {spec!r} is not a file")
-    module, pre = build_architecture(spec, pretrained=pretrained, num_classes=num_classes, allow_code=True)
-    return _finish(module, pre, spec,
-                   lambda: build_architecture(spec, pretrained=False, num_classes=num_classes, allow_code=True)[0])
-
-
-def model_seed(seed: int, model_id: str) -> int:
-    """The torch seed a model is built under (see :func:`resolve_model`): the same for (seed, id) everywhere."""
-    digest = hashlib.sha256(f"layercrit-model:{seed}:{model_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+from .. import hub
+from ..errors import LayercritError, first_line
+from .base import Preprocessing, match_mean_to_channels
 
 
 def build_architecture(
@@ -177,42 +63,6 @@ def _bare_name_hint(spec: str) -> str:
     return f" (did you mean torchvision:{spec}?)" if spec in torchvision.models.list_models() else ""
 
 
-def wrap_module(
-    model: nn.Module,
-    fresh: Callable[[], nn.Module] | None = None,
-    preprocessing: Preprocessing | None = None,
-    spec: str = "python:nn.Module",
-) -> ResolvedModel:
-    """Wrap a user's ``nn.Module`` (and optional factory for fresh instances) for measuring."""
-    pre = preprocessing or Preprocessing(source="given by the caller")
-    return _finish(model, pre, spec, fresh)
-
-
-def _finish(
-    module: nn.Module, pre: Preprocessing, spec: str, fresh_bare: Callable[[], nn.Module] | None
-) -> ResolvedModel:
-    def wrap(m: nn.Module) -> nn.Module:
-        return Normalized(m, pre.mean, pre.std, pre.in_chans).eval()
-
-    fresh = (lambda: wrap(fresh_bare())) if fresh_bare is not None else None
-    return ResolvedModel(
-        model=wrap(module), fresh=fresh, preprocessing=pre, spec=spec, num_classes=_num_classes(module)
-    )
-
-
-def _num_classes(module: nn.Module) -> int:
-    if getattr(module, "num_classes", None):
-        return int(module.num_classes)
-    last = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if last:
-        return last[-1].out_features
-    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1].out_channels if convs else 0
-
-
-# ---------------------------------------------------------------- architecture sources
-
-
 def _timm(name: str, pretrained: bool, kwargs: dict) -> tuple[nn.Module, Preprocessing]:
     import timm
 
@@ -232,9 +82,9 @@ def _timm(name: str, pretrained: bool, kwargs: dict) -> tuple[nn.Module, Preproc
             model = timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, OSError, ValueError) as error:
         if not pretrained:
-            raise LayercritError(f"timm could not build {name!r}: {_first_line(error)}") from error
+            raise LayercritError(f"timm could not build {name!r}: {first_line(error)}") from error
         raise LayercritError(
-            f"cannot load pretrained weights for timm:{name} ({_first_line(error)}); put them in the Hugging Face "
+            f"cannot load pretrained weights for timm:{name} ({first_line(error)}); put them in the Hugging Face "
             f"cache ({hub.hf_cache()}) or pass the file as --model FILE --arch timm:{arch_name}"
         ) from error
     return model.eval(), _timm_preprocessing(model, name, kwargs)
@@ -283,7 +133,7 @@ def _hf_hub(repo: str, pretrained: bool, kwargs: dict) -> tuple[nn.Module, Prepr
         else:
             model = timm.create_model(arch_name, pretrained=False, pretrained_cfg=dict(pretrained_cfg), **build)
     except (RuntimeError, OSError, ValueError) as error:
-        raise LayercritError(f"cannot build hf-hub:{repo} (timm {arch_name}): {_first_line(error)}") from error
+        raise LayercritError(f"cannot build hf-hub:{repo} (timm {arch_name}): {first_line(error)}") from error
     return model.eval(), _timm_preprocessing(model, f"hf-hub:{repo}", kwargs)
 
 
@@ -306,7 +156,7 @@ def _hf_hub_config(repo: str) -> tuple[dict, str, dict]:
         raise LayercritError(f"hf-hub:{repo} has no config.json: not a timm model repo (timm's push_to_hf_hub "
                              "writes one); for other weights pass the file as --model FILE --arch timm:NAME") from error
     except (OSError, ValueError) as error:
-        raise LayercritError(f"cannot read the config of hf-hub:{repo}: {_first_line(error)}") from error
+        raise LayercritError(f"cannot read the config of hf-hub:{repo}: {first_line(error)}") from error
 
 
 def _timm_preprocessing(model: nn.Module, name: str, kwargs: dict) -> Preprocessing:
@@ -329,7 +179,7 @@ def _timm_preprocessing(model: nn.Module, name: str, kwargs: dict) -> Preprocess
             in_chans=in_chans,
             source=f"timm pretrained_cfg of {name} (input {crop}px)",
         )
-    return _match_mean_to_channels(pre)
+    return match_mean_to_channels(pre)
 
 
 def _torchvision(name: str, pretrained: bool, kwargs: dict) -> tuple[nn.Module, Preprocessing]:
@@ -358,7 +208,7 @@ def _torchvision(name: str, pretrained: bool, kwargs: dict) -> tuple[nn.Module, 
     except (OSError, RuntimeError) as error:
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name if weights else "?"
         raise LayercritError(
-            f"cannot load torchvision weights {weights} ({_first_line(error)}); offline, download {weights.url} "
+            f"cannot load torchvision weights {weights} ({first_line(error)}); offline, download {weights.url} "
             f"to {path}"
         ) from error
     pre = Preprocessing(in_chans=in_chans, source="standard 256/224 transform, ImageNet mean/std")
@@ -385,9 +235,6 @@ _ARCHITECTURE_SOURCES: dict[str, Callable[[str, bool, dict], tuple[nn.Module, Pr
     "torchvision": _torchvision,
     "layercrit": _builtin,
 }
-
-
-# ---------------------------------------------------------------- the user's own code
 
 
 def is_code_spec(spec: str) -> bool:
@@ -476,104 +323,4 @@ def _python(spec: str, pretrained: bool, kwargs: dict) -> tuple[nn.Module, Prepr
     in_chans = kwargs.get("in_chans") or (convs[0].in_channels if convs else 3)
     pre = Preprocessing(in_chans=in_chans, source=f"standard 256/224 transform, ImageNet mean/std ({spec} sets no "
                         "pretrained_cfg)")
-    return model.eval(), _match_mean_to_channels(pre)
-
-
-def _match_mean_to_channels(pre: Preprocessing) -> Preprocessing:
-    if len(pre.mean) != pre.in_chans and pre.in_chans == 1:
-        return replace(pre, mean=(sum(pre.mean) / len(pre.mean),), std=(sum(pre.std) / len(pre.std),))
-    return pre
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _looks_like_checkpoint(spec: str) -> bool:
-    return spec.endswith(CHECKPOINT_SUFFIXES) or os.path.isfile(spec)
-
-
-def load_state_dict(path: str | Path, *, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat state dict: unwraps ``state_dict``/``model``/... and strips ``module.``."""
-    path = Path(path)
-    if not path.is_file():
-        raise LayercritError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is a user error here
-        if "Unsupported global" in str(error):  # torch's weights-only unpickler met a Python object
-            raise LayercritError(f"checkpoint {path} holds pickled Python objects besides its weights: pass "
-                                 "--trust-checkpoint if you trust its source") from error
-        raise LayercritError(f"cannot read checkpoint {path}: not a PyTorch or safetensors file, or corrupt "
-                             f"({type(error).__name__})") from error
-    for key in _STATE_DICT_KEYS:
-        while isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping | nn.Module):
-            state = state[key]
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LayercritError(f"checkpoint {path} holds no state dict of tensors")
-    prefix = "module."
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
-
-
-def _resolve_checkpoint(path: str, arch: str, *, num_classes: int | None, trust_checkpoint: bool) -> ResolvedModel:
-    state = load_state_dict(path, trust_checkpoint=trust_checkpoint)
-    probe, _ = build_architecture(arch, pretrained=False, num_classes=num_classes, allow_code=True)
-    inferred_classes, inferred_chans = _infer_head_and_stem(probe, state)
-    if num_classes is None:
-        num_classes = inferred_classes
-    module, pre = build_architecture(
-        arch, pretrained=False, num_classes=num_classes, in_chans=inferred_chans if inferred_chans != 3 else None,
-        allow_code=True,
-    )
-    load_strict(module, state, source=path)
-    pre = _match_mean_to_channels(replace(pre, in_chans=inferred_chans or pre.in_chans))
-    fresh = lambda: build_architecture(  # noqa: E731
-        arch, pretrained=False, num_classes=num_classes, in_chans=inferred_chans if inferred_chans != 3 else None,
-        allow_code=True,
-    )[0]
-    resolved = _finish(module, pre, path, fresh)
-    resolved.metadata["arch"] = arch
-    return resolved
-
-
-def _infer_head_and_stem(probe: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[int | None, int | None]:
-    """Number of classes and input channels as the checkpoint has them (its last Linear, its first conv)."""
-    linears = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear)]
-    convs = [n for n, m in probe.named_modules() if isinstance(m, nn.Conv2d)]
-    classes = chans = None
-    if linears and f"{linears[-1]}.weight" in state:
-        classes = int(state[f"{linears[-1]}.weight"].shape[0])
-    if convs and f"{convs[0]}.weight" in state:
-        chans = int(state[f"{convs[0]}.weight"].shape[1])
-    return classes, chans
-
-
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Load every key or fail with a message listing what is missing, unexpected or of the wrong shape."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                   for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-            if keys:
-                more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
-                parts.append(f"{label}: {', '.join(keys[:4])}{more}")
-        raise LayercritError(
-            f"checkpoint {source} does not match the architecture: {'; '.join(parts)} "
-            "(check --arch, or remap the keys)"
-        )
-    module.load_state_dict(state, strict=True)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return model.eval(), match_mean_to_channels(pre)

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import EvalSet, _eval_transform, subset_indices
-from .errors import LayercritError
-from .models import Preprocessing
+from ..errors import LayercritError
+from ..models.base import Preprocessing
+from .evalset import EvalSet, eval_transform, subset_indices
 
 _KINDS = "(image, label) pairs, each image a C×H×W tensor or a PIL image"
 
@@ -29,7 +29,7 @@ def is_torch_data(data: object) -> bool:
 def from_torch(data: Dataset | DataLoader, *, preprocessing: Preprocessing | None = None, images: int | None = None,
                seed: int = 0) -> EvalSet:
     """The first ``images`` images of a ``DataLoader``, or the seeded subset of ``images`` of a ``Dataset``."""
-    transform = _eval_transform(preprocessing or Preprocessing())
+    transform = eval_transform(preprocessing or Preprocessing())
     name = type(data.dataset if isinstance(data, DataLoader) else data).__name__
     if isinstance(data, DataLoader):
         pairs = _from_loader(data, images)
