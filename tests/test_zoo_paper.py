@@ -128,7 +128,7 @@ def offline(monkeypatch, tmp_path):
     """An empty torch hub cache, and a downloader that fails as it does without network."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
-    def unreachable(url, path, sha256):
+    def unreachable(file, path):
         raise urllib.error.URLError("[Errno 101] Network is unreachable")
 
     monkeypatch.setattr(paper, "_fetch", unreachable)
