@@ -40,7 +40,8 @@ def cli_model_keys():
 
 def test_the_measured_fields_leave_out_only_where_and_how_the_work_runs():
     assert set(FIELDS) - set(MEASURED) == {"data_root", "cache_dir", "use_cache", "batch_size", "device",
-                                            "max_cache_mb", "save_logits", "save_logits_top_k", "log_to"}
+                                            "max_cache_mb", "save_logits", "save_logits_top_k", "log_to",
+                                            "log_batches", "per_class"}
     assert Experiment(seed=1).spec_id() != Experiment().spec_id()
     assert Experiment(device="cpu").spec_id() == Experiment().spec_id()
 

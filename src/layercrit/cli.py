@@ -137,6 +137,10 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
                    "options to wandb | mlflow | tensorboard as layers finish (DIR: where; default OUT/TRACKER, "
                    "MLflow its tracking URI); needs pip install 'layercrit[trackers]'")
     e.add_argument("--image-target-ci", type=float, help="stop each (layer, trial) early once its criticality and "
+    o.add_argument("--log-batches", action="store_true", help="a batch_acc column: each batch's top-1 (%%) as a JSON "
+                   "list, as in the paper's CSV")
+    o.add_argument("--per-class", action="store_true", help="OUT/per_class.csv: each class's accuracy, its drop and "
+                   "agreement per (layer, trial)")
                    "top-1 over images are known to ± this (fraction, 95%% confidence sequence)")
 
 
@@ -198,7 +202,8 @@ def _cmd_run(args) -> int:
     try:
         df = measure(resolved, experiment.data, **experiment.measure_options(trust_checkpoint=args.trust_checkpoint),
                      model_id=args.model_id, progress=not args.quiet, on_rows=on_rows,
-                     save_logits=out / "logits" if experiment.save_logits else None)
+                     save_logits=out / "logits" if experiment.save_logits else None,
+                     per_class=out / "per_class.csv" if experiment.per_class else None)
         csv_path, _ = write_results(df, out, run)
         if tracker is not None:
             tracker.close(df)

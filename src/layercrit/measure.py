@@ -13,6 +13,7 @@ from torch import nn
 
 from . import engine as engines
 from . import sequential
+from .breakdown import Breakdown
 from .data import EvalSet, load_data, to_model_input
 from .errors import LayercritError
 from .layers import DEFAULT_LAYERS, Target, select_targets
@@ -76,6 +77,8 @@ def measure(
     memo: dict | None = None,
     save_logits: str | Path | None = None,
     save_logits_top_k: int | None = None,
+    log_batches: bool = False,
+    per_class: str | Path | None = None,
     progress: bool = False,
     on_rows: Callable[[pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
@@ -129,6 +132,9 @@ def measure(
         save_logits: a folder where the logits of every evaluation are kept (float16; ``save_logits_top_k``: only
             the k largest with their classes), read back with :func:`layercrit.load_logits`; one sub-folder per
             reset variant when an interpolation gives several.
+        log_batches: add a ``batch_acc`` column: each batch's top-1 in percent, as a JSON list (the paper's column).
+        per_class: a CSV file to write each class's accuracy, its drop and agreement per (layer, trial) to, in long
+            format (:meth:`layercrit.breakdown.Breakdown.per_class`). Both: the paper's fixed design only.
         on_rows: called with the rows finished so far after each chunk of layers (to persist them).
         memo: a dict kept between calls on the same model (a sweep worker's units), where the engine keeps what it
             learned: the model's structure and the batch size that fits in memory (see :func:`layercrit.engine.run`).
@@ -190,16 +196,27 @@ def measure(
     kernels = {t.name: _kernel(resolved.model, t) for t in targets}  # for display names like conv1:3x3
     finished: list[pd.DataFrame] = []  # earlier variants' rows (interpolate: one variant per alpha)
     variants = strategy.variants()
+    if design is not None and (log_batches or per_class is not None):
+        raise LayercritError("log_batches and per_class follow the paper's fixed design: leave out target_ci")
+    per_class_tables: list[pd.DataFrame] = []
     for columns, variant in variants:
         labels = {**meta, "reset": variant.describe(), **columns}
+        hooks: list[Callable] = []
         if save_logits is not None:
             folder = Path(save_logits) / (variant.describe() if len(variants) > 1 else "")
-            options = replace(options, on_logits=LogitsWriter(folder, top_k=save_logits_top_k))
-        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS]
+            hooks.append(LogitsWriter(folder, top_k=save_logits_top_k))
+        breakdown = Breakdown(evalset.labels) if log_batches or per_class is not None else None
+        if breakdown is not None:
+            hooks.append(breakdown)
+        options = replace(options, on_logits=_each(hooks))
+        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *(["batch_acc"] if log_batches else []), *META_COLUMNS,
+                 *DESIGN_COLUMNS]
 
-        def frame(rows: list[dict], labels=labels, order=order) -> pd.DataFrame:
+        def frame(rows: list[dict], labels=labels, order=order, breakdown=breakdown) -> pd.DataFrame:
             fixed = {"image_offset": 0, "target_ci": float("nan"), "ci_looks": 1, "capped": False}
-            return pd.DataFrame([{**labels, **fixed, **row, "kernel": kernels.get(row["layer"])}
+            return pd.DataFrame([{**labels, **fixed, **row, "kernel": kernels.get(row["layer"]),
+                                  **({"batch_acc": breakdown.batch_acc(row["layer"], row["computed_in_trial"])}
+                                     if log_batches else {})}
                                  for row in rows])[order]
 
         def persist(rows: list[dict], frame=frame) -> None:
@@ -212,7 +229,24 @@ def measure(
             rows = sequential.run(resolved.model, evalset, targets, variant, design, options,
                                   on_chunk=persist if on_rows else None, memo=memo)
         finished.append(frame(rows))
+        if per_class is not None:
+            per_class_tables.append(breakdown.per_class(finished[-1]))
+    if per_class is not None:
+        from .results import write_table
+
+        write_table(pd.concat(per_class_tables, ignore_index=True), per_class)
     return pd.concat(finished, ignore_index=True)
+
+
+def _each(hooks: list[Callable]) -> Callable | None:
+    """One ``on_logits`` hook that calls each of ``hooks``."""
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+
+    def call(*args) -> None:
+        for hook in hooks:
+            hook(*args)
+    return call
 
 
 def override_transform(pre: Preprocessing, resize: int | None, crop: int | None,

@@ -59,6 +59,8 @@ class Experiment:
     save_logits: bool = False  # every evaluation's logits, in OUT/logits (layercrit.load_logits)
     save_logits_top_k: int | None = None
     log_to: str | None = None  # wandb | mlflow | tensorboard[:DIR] (layercrit.trackers); a sweep logs when it ends
+    log_batches: bool = False  # a batch_acc column: each batch's top-1 (the paper's CSV); run only
+    per_class: bool = False  # OUT/per_class.csv: each class's accuracy and agreement per (layer, trial); run only
 
     def measure_options(self, *, trust_checkpoint: bool = False) -> dict:
         """Keywords for :func:`layercrit.measure` (all but ``model`` and ``data``); ``trust_checkpoint`` lets the
@@ -80,7 +82,7 @@ class Experiment:
             "compile": self.compile, "channels_last": False if self.exact else None,
             "fold_bn": False if self.exact else None, "target_ci": self.target_ci, "max_trials": self.max_trials,
             "images_per_trial": self.images_per_trial, "image_target_ci": self.image_target_ci,
-            "save_logits_top_k": self.save_logits_top_k,
+            "save_logits_top_k": self.save_logits_top_k, "log_batches": self.log_batches,
         }
 
     def to_dict(self) -> dict:
@@ -104,7 +106,7 @@ FIELDS = tuple(f.name for f in fields(Experiment))
 RESET_OPTIONS = ("checkpoint", "scale", "alpha", "base")  # fields a reset strategy takes as its own options
 # Where the data is kept, how it is cached, and how the work is cut up or placed do not change the numbers.
 UNMEASURED = ("data_root", "cache_dir", "use_cache", "batch_size", "device", "max_cache_mb", "save_logits",
-              "save_logits_top_k", "log_to")
+              "save_logits_top_k", "log_to", "log_batches", "per_class")
 MEASURED = tuple(name for name in FIELDS if name not in UNMEASURED)
 
 

@@ -167,6 +167,10 @@ class SweepConfig(Experiment):
         if self.save_logits:
             raise LayercritError(f"{source}: save_logits: a sweep does not keep logits yet; measure the models whose "
                                  "logits you need with 'layercrit run --save-logits'")
+        for name in ("log_batches", "per_class"):  # the store keeps the rows' fixed columns only
+            if getattr(self, name):
+                raise LayercritError(f"{source}: {name}: a sweep does not keep it yet; use 'layercrit run "
+                                     f"--{name.replace('_', '-')}'")
         if self.sequential:
             SequentialDesign(self.target_ci, min_trials=self.trials, max_trials=self.max_trials,
                              images_per_trial=self.images_per_trial)
