@@ -136,12 +136,12 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--log-to", metavar="TRACKER[:DIR]", help="log each layer's criticality (with its interval) and the "
                    "options to wandb | mlflow | tensorboard as layers finish (DIR: where; default OUT/TRACKER, "
                    "MLflow its tracking URI); needs pip install 'layercrit[trackers]'")
-    e.add_argument("--image-target-ci", type=float, help="stop each (layer, trial) early once its criticality and "
     o.add_argument("--log-batches", action="store_true", help="a batch_acc column: each batch's top-1 (%%) as a JSON "
                    "list, as in the paper's CSV")
     o.add_argument("--per-class", action="store_true", help="OUT/per_class.csv: each class's accuracy, its drop and "
                    "agreement per (layer, trial)")
                    "top-1 over images are known to ± this (fraction, 95%% confidence sequence)")
+    e.add_argument("--image-target-ci", type=float, help="stop each (layer, trial) early once its criticality and "
 
 
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -545,7 +545,7 @@ def _numbers(text: str | None, flag: str) -> list[float] | None:
         raise LayercritError(f"{flag} {text!r}: give numbers, comma separated") from None
 
 
-_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze, _add_sweep, _add_status, _add_export, _add_demo, _add_module_criticality]
+_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze, _add_diff, _add_sweep, _add_status, _add_export, _add_demo, _add_module_criticality]
 
 
 if __name__ == "__main__":
