@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from matplotlib.collections import QuadMesh
 from scipy import stats
 
 from layercrit import analysis
@@ -176,12 +177,26 @@ def test_models_without_metadata_are_category_other_named_by_their_id():
     assert list(models.display) == ["Known", "stranger"]
 
 
-def test_rows_are_baseline_first_then_categories_in_metadata_order():
-    meta = {"m1": {"category": "A"}, "m2": {"category": "B"}, "m3": {"category": "A"}, "m4": {"category": "C"}}
+def test_rows_can_follow_the_metadata_baseline_first_then_categories_in_metadata_order():
+    meta = {"m1": {"category": "B"}, "m2": {"category": "A"}, "m3": {"category": "B"}, "m4": {"category": "C"}}
     rows = results({m: {"model.fc": [0.5]} for m in ("m5", "m3", "m2", "m1", "m4")})
-    models = analysis.model_criticality(rows, meta=meta, baseline="m4")
+    models = analysis.model_criticality(rows, meta=meta, baseline="m4", order="metadata")
     assert list(models.model_id) == ["m4", "m1", "m3", "m2", "m5"]
     assert list(models.is_baseline) == [True, False, False, False, False]
+
+
+def test_rows_are_sorted_as_the_papers_notebook_baseline_then_category_then_model_id():
+    meta = {"z_adv": {"category": "adversarial_training"}, "tv": {"category": "baseline"},
+            "a_recipe": {"category": "training_recipes"}, "b_adv": {"category": "adversarial_training"},
+            "aug": {"category": "augmentation"}}
+    rows = results({m: {"model.fc": [0.5]} for m in ("stranger", "a_recipe", "z_adv", "aug", "tv", "b_adv")})
+    models = analysis.model_criticality(rows, meta=meta)
+    assert list(models.model_id) == ["tv", "b_adv", "z_adv", "aug", "a_recipe", "stranger"]
+
+
+def test_an_unknown_row_order_is_an_error_naming_the_orders():
+    with pytest.raises(LayercritError, match="unknown row order 'random': one of notebook, metadata"):
+        analysis.model_criticality(results({"a": {"model.fc": [0.5]}}), order="random")
 
 
 def test_the_baseline_defaults_to_the_one_model_of_category_baseline():
@@ -471,3 +486,153 @@ def test_sequential_rows_report_the_fixed_width_target_unless_capped():
     layers = analysis.layer_criticality(rows).set_index("layer")
     assert layers.loc["model.conv1", "criticality_ci"] == pytest.approx(3.0)
     assert layers.loc["model.fc", "criticality_ci"] > 3.0 and layers.loc["model.fc", "capped"]
+
+
+# ---------------------------------------------------------------- the paper's own results, without extra files
+
+PAPER_IDS = ["robust_resnet50_linf_eps4.0", "resnet50_frozen_random", "tv_resnet50", "resnet50_swav",
+             "robust_resnet50_l2_eps3", "resnet50.a1_in1k", "robust_resnet50_l2_eps0", "robust_resnet50_linf_eps1.0"]
+PAPER_LAYERS = ["model.conv1", "model.layer1.0.conv1", "model.layer1.0.conv2", "model.layer1.0.conv3",
+                "model.layer1.0.downsample.0", "model.fc"]
+
+
+def paper_csv(path, ids=PAPER_IDS, seed=0):
+    """A results.csv in the paper's published format (its columns, no original rows, no reset column)."""
+    rng = np.random.default_rng(seed)
+    rows = [{"model_id": m, "layer": layer, "trial": float(trial), "pred_cos_sim": rng.uniform(0.1, 0.9)}
+            for m in ids for trial in range(3) for layer in PAPER_LAYERS]
+    frame = pd.DataFrame(rows).assign(top1_acc=10.0, top5_acc=20.0, loss=1.0, batch_acc=np.nan, pred_l1_err=1.0,
+                                      pred_l2_err=0.5, pred_ce_loss=-3.0, recovered_acc=lambda f: f.pred_cos_sim)
+    frame[PAPER_COLUMNS].to_csv(path, index=False)
+    return path
+
+
+def test_paper_model_ids_take_category_name_accuracy_and_budget_from_the_registry(tmp_path):
+    models = analysis.model_criticality(analysis.load_results(paper_csv(tmp_path / "results.csv"))).set_index(
+        "model_id")
+    linf = models.loc["robust_resnet50_linf_eps4.0"]
+    assert (linf.category, linf.display, linf.accuracy) == ("adversarial_training",
+                                                           "PGD Adversarial Training (Linf, ε=4.0)", 63.87)
+    assert (linf.norm, linf.budget) == ("Linf", pytest.approx(4 / 255))
+    l2 = models.loc["robust_resnet50_l2_eps3"]
+    assert (l2.norm, l2.budget, l2.accuracy_source, l2.registry) == ("L2", 3.0, "zoo:paper", "zoo:paper")
+    assert models.loc["tv_resnet50", "is_baseline"] and models.loc["tv_resnet50", "display"] == "Baseline"
+    assert models.loc["resnet50_frozen_random", "category"] == "freezing"
+    assert math.isnan(models.loc["resnet50_frozen_random", "accuracy"])  # the paper reports none
+    assert math.isnan(models.loc["resnet50_swav", "budget"])
+
+
+def test_zoo_specs_and_fashion_mnist_zoo_ids_are_recognised_too():
+    rows = results({m: {"model.fc": [0.5]} for m in ("zoo:paper/resnet50_swav", "zoo:fmnist/pgd_l2_1.5",
+                                                      "pgd_linf_8", "zoo:paper/not_a_model")})
+    models = analysis.model_criticality(rows).set_index("model_id")
+    assert models.loc["zoo:paper/resnet50_swav", ["category", "display", "accuracy"]].tolist() == [
+        "contrastive", "SwAV", 75.31]
+    assert (models.loc["zoo:fmnist/pgd_l2_1.5", "norm"], models.loc["zoo:fmnist/pgd_l2_1.5", "budget"]) == ("L2", 1.5)
+    assert models.loc["pgd_linf_8", "budget"] == pytest.approx(8 / 255)
+    assert models.loc["pgd_linf_8", "registry"] == "zoo:fmnist"
+    assert models.loc["zoo:paper/not_a_model", "category"] == "other"
+
+
+def test_given_and_embedded_metadata_win_over_the_registry_field_by_field():
+    rows = results({"tv_resnet50": {"model.fc": [0.5]}, "resnet50_swav": {"model.fc": [0.5]}})
+    rows["display"] = np.where(rows.model_id == "resnet50_swav", "SwAV (ours)", None)
+    models = analysis.model_criticality(rows, meta={"tv_resnet50": {"accuracy": 76.5}}).set_index("model_id")
+    assert models.loc["tv_resnet50", ["accuracy", "accuracy_source", "display"]].tolist() == [
+        76.5, "metadata", "Baseline"]
+    assert models.loc["resnet50_swav", ["display", "accuracy"]].tolist() == ["SwAV (ours)", 75.31]
+
+
+def test_the_registry_can_be_ignored():
+    models = analysis.model_criticality(results({"tv_resnet50": {"model.fc": [0.5]}}), registry=False)
+    assert models.category.tolist() == ["other"] and models.registry.isna().all()
+
+
+def test_a_plain_id_two_zoos_share_is_not_guessed(monkeypatch):
+    from layercrit import zoo
+
+    fake = {"paper": [{"id": "baseline", "category": "baseline", "accuracy": 76.0}],
+            "fmnist": [{"id": "baseline", "category": "baseline", "accuracy": 77.7}]}
+    monkeypatch.setattr(zoo, "entries", lambda name: fake[name])
+    known = analysis.registry_meta(["baseline", "zoo:fmnist/baseline"])
+    assert known.model_id.tolist() == ["zoo:fmnist/baseline"] and known.accuracy.tolist() == [77.7]
+
+
+@pytest.fixture(scope="module")
+def paper_analysis(tmp_path_factory):
+    """`layercrit analyze` on a results.csv in the paper's format, with nothing else."""
+    folder = tmp_path_factory.mktemp("paper")
+    assert main(["analyze", str(paper_csv(folder / "results.csv")), "--out", str(folder / "out")]) == 0
+    return folder / "out"
+
+
+def test_the_papers_results_alone_give_every_figure_of_the_notebook(paper_analysis):
+    stats_json = json.loads((paper_analysis / "stats.json").read_text())
+    assert stats_json["skipped_figures"] == {} and stats_json["baseline"] == "tv_resnet50"
+    assert stats_json["registry"] == ["zoo:paper"]
+    for name in ("heatmap", "heatmap_column", "heatmap_std", "heatmap_delta", "accuracy_vs_criticality",
+                 "budget_vs_criticality"):
+        assert (paper_analysis / f"{name}.pdf").is_file()
+    models = pd.read_csv(paper_analysis / "model_criticality.csv")
+    assert models.model_id.tolist() == ["tv_resnet50", "robust_resnet50_l2_eps0", "robust_resnet50_l2_eps3",
+                                        "robust_resnet50_linf_eps1.0", "robust_resnet50_linf_eps4.0", "resnet50_swav",
+                                        "resnet50_frozen_random", "resnet50.a1_in1k"]
+
+
+@pytest.fixture(scope="module")
+def paper_result(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("paper_library")
+    return analysis.analyze(paper_csv(folder / "results.csv"), folder / "out")
+
+
+def rows_of(figure) -> list[str]:
+    return [t.get_text() for t in next(a for a in figure.axes if a.get_label() == "categories").get_yticklabels()]
+
+
+def test_the_frozen_random_model_is_left_out_of_the_heatmaps_and_their_margins(paper_result):
+    assert paper_result["stats"]["heatmap_excluded"] == ["resnet50_frozen_random"]
+    for name in ("heatmap", "heatmap_column", "heatmap_std", "heatmap_delta"):
+        rows = rows_of(paper_result["figures"][name])
+        assert len(rows) == len(PAPER_IDS) - 1 and not any("Frozen" in r for r in rows)
+    margins = next(a for a in paper_result["figures"]["heatmap"].axes if a.get_label() == "heatmap").child_axes
+    layers = paper_result["layers"]
+    first_layer = layers[(layers.model_id != "resnet50_frozen_random") & (layers.layer == "model.conv1")]
+    column = next(m for m in margins if m.get_label() == "column margin").get_xticklabels()[0].get_text()
+    assert column == f"{first_layer.criticality_mean.mean():.0f}±{first_layer.criticality_mean.std(ddof=0):.0f}"
+    assert "resnet50_frozen_random" in set(paper_result["models"].model_id)  # still in the tables
+
+
+def test_the_std_heatmap_is_on_a_fixed_0_to_100_scale(paper_result):
+    mesh = next(c for a in paper_result["figures"]["heatmap_std"].axes if a.get_label() == "heatmap"
+                for c in a.collections if isinstance(c, QuadMesh))
+    assert mesh.get_clim() == (0.0, 100.0)
+
+
+def test_the_heatmaps_come_at_full_page_and_single_column_width(paper_result):
+    widths = {name: paper_result["figures"][name].get_figwidth() for name in ("heatmap", "heatmap_column")}
+    assert widths == {"heatmap": 7.0, "heatmap_column": 3.3}
+
+
+def test_the_budget_figure_of_the_papers_results_has_an_l2_and_an_linf_panel(paper_result):
+    axes = {a.get_label(): a for a in paper_result["figures"]["budget_vs_criticality"].axes}
+    models = paper_result["models"].set_index("model_id")
+    linf = axes["budget Linf"].get_lines()[0]
+    np.testing.assert_allclose(linf.get_xdata(), [0.0, 1.0, 4.0])  # ε = 0, then 1/255 and 4/255
+    np.testing.assert_allclose(linf.get_ydata(), models.loc[["robust_resnet50_l2_eps0", "robust_resnet50_linf_eps1.0",
+                                                             "robust_resnet50_linf_eps4.0"], "avg_criticality"])
+    np.testing.assert_allclose(axes["budget L2"].get_lines()[0].get_xdata(), [0.0, 3.0])
+
+
+def test_cli_analyze_takes_the_notebook_options(tmp_path, capsys):
+    path = paper_csv(tmp_path / "results.csv")
+    assert main(["analyze", str(path), "--out", str(tmp_path / "out"), "--order", "metadata", "--heatmap-exclude", "",
+                 "--no-registry"]) == 0
+    saved = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert saved["order"] == "metadata" and saved["heatmap_excluded"] == [] and saved["registry"] == []
+    assert "budget_vs_criticality" in saved["skipped_figures"]  # without the registry, nothing knows the budgets
+    assert "metadata from the zoo registries" not in capsys.readouterr().out
+    assert main(["analyze", str(path), "--out", str(tmp_path / "kept"), "--heatmap-exclude", "freezing,contrastive"]) == 0
+    kept = json.loads((tmp_path / "kept" / "stats.json").read_text())
+    assert kept["heatmap_excluded"] == ["resnet50_swav", "resnet50_frozen_random"]
+    printed = capsys.readouterr().out
+    assert "metadata from the zoo registries: zoo:paper" in printed and "left out of the heatmaps: resnet50_swav" in printed

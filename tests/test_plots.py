@@ -106,12 +106,59 @@ def test_accuracy_scatter_has_one_series_per_category_and_the_correlation_in_the
     assert "Spearman ρ = -1.00" in title and "Kendall τ = -0.67 (p = 0.33)" in title and "n = 4" in title
 
 
-def test_budget_plot_has_one_line_per_norm_sorted_by_budget():
-    fig = plots.budget_plot(_models())
-    lines = axis(fig, "budget").get_lines()
-    assert [line.get_label() for line in lines] == ["L2", "Linf"]
-    np.testing.assert_allclose(lines[0].get_xdata(), [1.0, 3.0])
-    np.testing.assert_allclose(lines[0].get_ydata(), [50.0, 45.0])
+def test_every_scatter_point_is_named_without_what_its_category_shares_and_no_names_overlap():
+    models = _models().assign(display=["Baseline", "PGD Adversarial Training (L2, ε=3)",
+                                       "PGD Adversarial Training (L2, ε=1)", "PGD Adversarial Training (Linf, ε=4)",
+                                       "Augment"],
+                              avg_criticality=[40.0, 45.0, 45.5, 46.0, 38.0], accuracy=[76.0, 70.0, 70.2, 70.4, 0])
+    fig = plots.accuracy_scatter(models)
+    fig.canvas.draw()
+    ax = axis(fig, "scatter")
+    names = [t for t in ax.texts if t.get_label() == "point label"]
+    assert [t.get_text() for t in names] == ["Baseline", "L2, ε=3", "L2, ε=1", "Linf, ε=4", "Augment"]
+    assert all(t.get_fontsize() >= plots.MIN_FONT for t in names)
+    assert [t.get_color() for t in names][:2] == ["black", plots.CATEGORY_COLORS["adversarial_training"]]
+    boxes = [t.get_window_extent() for t in names]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+@pytest.mark.parametrize(("displays", "categories", "short"), [
+    (["PGD Adversarial Training (L2, ε=3) [62.83%]", "PGD Adversarial Training (ε=0) [75.81%]"], ["adv", "adv"],
+     ["L2, ε=3 [62.83%]", "ε=0 [75.81%]"]),
+    (["timm A1", "timm A2", "TorchVision 2"], ["recipe"] * 3, ["timm A1", "timm A2", "TorchVision 2"]),
+    (["MoCo v3 (100Ep)", "MoCo v3 (300Ep)", "SwAV"], ["ssl", "ssl", "other"], ["100Ep", "300Ep", "SwAV"]),
+])
+def test_short_labels_drop_the_words_a_category_shares(displays, categories, short):
+    assert plots.short_labels(displays, categories) == short
+
+
+def test_budget_plot_gives_each_norm_its_own_panel_and_axis():
+    models = pd.concat([_models(), pd.DataFrame({
+        "model_id": ["adv0", "adv4"], "category": ["adversarial_training"] * 2, "avg_criticality": [42.0, 60.0],
+        "accuracy": [75.0, 55.0], "budget": [0.0, 8 / 255], "norm": ["L2", "Linf"]})], ignore_index=True)
+    fig = plots.budget_plot(models)
+    l2, linf = axis(fig, "budget L2"), axis(fig, "budget Linf")
+    # ε = 0 is the origin of both norms; L∞ is read in units of 1/255
+    np.testing.assert_allclose(l2.get_lines()[0].get_xdata(), [0.0, 1.0, 3.0])
+    np.testing.assert_allclose(l2.get_lines()[0].get_ydata(), [42.0, 50.0, 45.0])
+    np.testing.assert_allclose(linf.get_lines()[0].get_xdata(), [0.0, 4.0, 8.0])
+    np.testing.assert_allclose(linf.get_lines()[0].get_ydata(), [42.0, 55.0, 60.0])
+    assert linf.get_xlabel() == "ε (L∞, in 1/255)" and l2.get_xlabel() == "ε (L2)"
+    points = next(c for c in linf.collections if isinstance(c, PathCollection))
+    assert {tuple(c) for c in points.get_facecolors()} == {to_rgba(plots.CATEGORY_COLORS["adversarial_training"])}
+
+
+def test_budgets_spanning_decades_get_a_symmetric_log_axis_so_small_ones_stay_apart():
+    budgets = [0.0, 0.01, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 5.0]
+    models = pd.DataFrame({"model_id": [f"m{b}" for b in budgets], "category": "adversarial_training",
+                           "avg_criticality": np.linspace(40, 60, len(budgets)), "accuracy": 70.0,
+                           "budget": budgets, "norm": "L2"})
+    fig = plots.budget_plot(models)
+    fig.canvas.draw()
+    ax = axis(fig, "budget L2")
+    assert ax.get_xscale() == "symlog"
+    x = ax.transData.transform(np.column_stack([budgets, np.full(len(budgets), 50.0)]))[:, 0]
+    assert np.diff(x).min() > 6  # display points between neighbouring budgets (a linear axis gives under 1)
 
 
 def test_depth_profile_has_one_line_and_band_per_category():
@@ -139,12 +186,20 @@ def test_category_colors_are_distinct_with_baseline_black_and_other_grey():
     assert plots.category_colors(["baseline", "a", "b", "other"]) == colors
 
 
+def test_each_category_keeps_its_colour_whatever_the_order_or_company():
+    paper = ["baseline", "adversarial_training", "augmentation", "contrastive", "training_recipes", "freezing"]
+    one, other = plots.category_colors(paper + ["mine"]), plots.category_colors(["mine", *reversed(paper)])
+    assert all(to_rgba(one[c]) == to_rgba(other[c]) for c in one)
+    assert to_rgba(plots.category_colors(["contrastive"])["contrastive"]) == to_rgba(one["contrastive"])
+    assert len({to_rgba(c) for c in one.values()}) == len(one)  # a new category takes a colour nobody has
+
+
 def test_save_writes_a_png_of_the_figure_size_and_a_pdf(matrix, tmp_path):
     fig = plots.heatmap(matrix)
     png, pdf = plots.save(fig, tmp_path / "figures" / "heatmap", dpi=100)
     assert (png, pdf) == (tmp_path / "figures" / "heatmap.png", tmp_path / "figures" / "heatmap.pdf")
     width, height = fig.get_size_inches() * 100
-    assert Image.open(png).size == (round(width), round(height))
+    assert np.allclose(Image.open(png).size, (width, height), atol=1)  # whole pixels
     assert pdf.read_bytes().startswith(b"%PDF")
 
 
@@ -154,3 +209,73 @@ def test_heatmap_marks_uncertain_cells_with_a_dot_at_their_centre(matrix):
     dots = next(c for c in ax.collections if c.get_label() == "uncertain")
     np.testing.assert_allclose(dots.get_offsets(), [[0.5, 0.5], [3.5, 1.5]])
     assert not any(c.get_label() == "uncertain" for c in axis(plots.heatmap(matrix), "heatmap").collections)
+
+
+# ---------------------------------------------------------------- legible at paper size
+
+
+def _paper_matrix() -> tuple[pd.DataFrame, list[str]]:
+    """The paper's heatmap: 50 models (their names and accuracies from the registry) × its 54 layers."""
+    from layercrit.analysis import display_layer
+    from layercrit.zoo import paper
+
+    entries = sorted((e for e in paper.entries() if e["accuracy"] is not None), key=lambda e: e["category"])
+    layers = ["model.conv1"]
+    for stage, blocks in enumerate((3, 4, 6, 3), start=1):
+        for block in range(blocks):
+            layers += [f"model.layer{stage}.{block}.conv{i}" for i in (1, 2, 3)]
+            layers += [f"model.layer{stage}.{block}.downsample.0"] if block == 0 else []
+    layers.append("model.fc")
+    values = np.random.default_rng(0).uniform(0, 100, (len(entries), len(layers)))
+    rows = [f"{e['display']} [{e['accuracy']:.2f}%]" for e in entries]
+    return pd.DataFrame(values, index=rows, columns=[display_layer(name) for name in layers]), [
+        e["category"] for e in entries]
+
+
+@pytest.fixture(scope="module")
+def paper_size():
+    matrix, categories = _paper_matrix()
+    figures = {width: plots.heatmap(matrix, categories=categories, width=width)
+               for width in (plots.FULL_WIDTH, plots.COLUMN_WIDTH)}
+    for fig in figures.values():
+        fig.canvas.draw()
+    return matrix, figures
+
+
+@pytest.mark.parametrize("width", [plots.FULL_WIDTH, plots.COLUMN_WIDTH])
+def test_paper_size_heatmap_has_its_width_and_no_text_under_6_points(paper_size, width):
+    _, figures = paper_size
+    fig = figures[width]
+    assert fig.get_figwidth() == width
+    texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text"))
+             if t.get_visible() and t.get_text()]
+    assert texts and min(t.get_fontsize() for t in texts) >= 6.0
+    frame = fig.bbox
+    assert all(frame.contains(*t.get_window_extent().p0) and frame.contains(*t.get_window_extent().p1)
+               for t in texts)
+
+
+@pytest.mark.parametrize("width", [plots.FULL_WIDTH, plots.COLUMN_WIDTH])
+def test_paper_size_heatmap_labels_every_kth_layer_and_every_model_without_overlap(paper_size, width):
+    matrix, figures = paper_size
+    fig = figures[width]
+    ax, bands = axis(fig, "heatmap"), axis(fig, "categories")
+    columns = [t for t in ax.get_xticklabels() if t.get_text()]
+    step = round(ax.get_xticks()[1] - ax.get_xticks()[0])
+    assert [t.get_text() for t in columns] == list(matrix.columns[::step])
+    assert len(columns) >= (6 if width == plots.COLUMN_WIDTH else 18)
+    rows = [t for t in bands.get_yticklabels() if t.get_text()]
+    assert len(rows) == len(matrix)
+    for labels in (columns, rows):
+        boxes = [t.get_window_extent() for t in labels]
+        assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:], strict=False))
+    margins = child(ax, "column margin").get_xticklabels()
+    assert len([t for t in margins if t.get_text()]) == len(columns)  # a margin under each named layer
+
+
+def test_full_width_heatmap_keeps_the_papers_model_names_whole(paper_size):
+    matrix, figures = paper_size
+    names = [t.get_text() for t in axis(figures[plots.FULL_WIDTH], "categories").get_yticklabels()]
+    assert names == list(matrix.index)
+    short = [t.get_text() for t in axis(figures[plots.COLUMN_WIDTH], "categories").get_yticklabels()]
+    assert "L2, ε=0.01 [75.67%]" in short  # the adversarial models lose only what they share

@@ -67,7 +67,7 @@ def analyzed_report(tmp_path_factory):
 def test_report_holds_every_written_figure(analyzed_report):
     page = analyzed_report["paths"]["report"].read_text(encoding="utf-8")
     figures = [name for name, path in analyzed_report["paths"].items() if isinstance(path, tuple)]
-    assert len(figures) == 6
+    assert len(figures) == 7  # three heatmaps at page width, one at column width, scatter, budgets, depth
     sources = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
     embedded = {base64.b64decode(s) for s in sources}
     assert embedded == {analyzed_report["paths"][name][0].read_bytes() for name in figures}
@@ -86,7 +86,7 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(analyzed_repo
     probed.write_text(source.read_text(encoding="utf-8").replace("</body>", IMAGE_PROBE + "</body>"), encoding="utf-8")
     dom = _chromium(probed, tmp_path / "profile-dom", "--dump-dom").stdout
     n_images = source.read_text(encoding="utf-8").count("<img ")
-    assert n_images == 6
+    assert n_images == 7
     assert f"<title>images {n_images}/{n_images}</title>" in dom
 
     shot = tmp_path / "screenshot.png"

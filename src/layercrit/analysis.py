@@ -400,6 +400,8 @@ def model_criticality(
     meta: Any = None,
     baseline: str | None = None,
     reset: str | None = None,
+    registry: bool = True,
+    order: str = "notebook",
 ) -> pd.DataFrame:
     """Per model: average criticality over its layers, accuracy, category and display name, in figure order.
 
@@ -409,40 +411,100 @@ def model_criticality(
         meta: model metadata in any form :func:`load_meta` takes, over any ``category, display, accuracy, budget,
             norm`` columns of the results (a sweep store exports them); models without either get category "other".
         baseline: model_id shown first; by default the one model of category "baseline", if there is one.
+        registry: fill what ``meta`` and the results leave empty from the bundled zoos' records, for model ids of
+            the paper's zoo or the Fashion-MNIST zoo (``tv_resnet50``, ``zoo:paper/tv_resnet50``, see
+            :func:`registry_meta`).
+        order: ``notebook`` (the paper's notebook: baseline first, then categories in alphabetical order, models by
+            model_id; "other" last) or ``metadata`` (baseline first, then categories and models in the order the
+            metadata lists them, zoo records in zoo order after them).
 
     Returns:
-        Columns ``model_id, display, category, accuracy`` (percent), ``accuracy_source, avg_criticality`` (mean
-        over layers of the per-layer mean, %), ``avg_criticality_ci`` (95% half-width, %), ``std_over_layers, layers, budget, norm, is_baseline`` and any
-        other metadata fields; baseline first, then models grouped by category in metadata order.
+        Columns ``model_id, display, category, accuracy`` (percent), ``accuracy_source`` (``metadata``,
+        ``zoo:paper``/``zoo:fmnist`` or ``original``), ``avg_criticality`` (mean over layers of the per-layer
+        mean, %), ``avg_criticality_ci`` (95% half-width, %), ``std_over_layers, layers, budget, norm,
+        is_baseline, registry`` (the zoo that knows the model) and any other metadata fields, in ``order``.
     """
     return _summarize(layer_criticality(results, metric, reset=reset), results, load_meta(meta), baseline,
-                      model_intervals(results, metric, reset=reset))
+                      model_intervals(results, metric, reset=reset), registry=registry, order=order)
+
+
+ORDERS = ("notebook", "metadata")
+REGISTRY_ZOOS = ("paper", "fmnist")
+
+
+def registry_meta(model_ids: Sequence[str]) -> pd.DataFrame:
+    """What the bundled zoos' records say about these model ids (:func:`layercrit.zoo.entries`).
+
+    A spec ``zoo:ZOO/ID`` is looked up in its zoo; a plain id in every zoo, and used only when exactly one zoo has
+    it. A zoo that cannot be read (the Fashion-MNIST zoo when it is not installed) is skipped.
+
+    Returns:
+        Columns ``model_id``, :data:`META_FIELDS` and ``registry`` (``zoo:paper``, ``zoo:fmnist``), one row per
+        known id, in zoo order then record order; unknown ids are left out.
+    """
+    from . import zoo
+
+    records: dict[str, dict[str, dict]] = {}
+    for name in REGISTRY_ZOOS:
+        try:
+            records[name] = {str(entry["id"]): entry for entry in zoo.entries(name)}
+        except LayercritError:
+            continue
+    rows = []
+    for model_id in dict.fromkeys(map(str, model_ids)):
+        zoo_name, _, plain = model_id.removeprefix("zoo:").partition("/")
+        if model_id.startswith("zoo:"):
+            owners = [zoo_name] if plain in records.get(zoo_name, {}) else []
+        else:
+            plain, owners = model_id, [name for name, known in records.items() if model_id in known]
+        if len(owners) == 1:
+            record = records[owners[0]][plain]
+            rank = (REGISTRY_ZOOS.index(owners[0]), list(records[owners[0]]).index(plain))
+            rows.append({"model_id": model_id, **{field: record.get(field) for field in META_FIELDS},
+                         "registry": f"zoo:{owners[0]}", "_rank": rank})
+    table = pd.DataFrame(rows, columns=["model_id", *META_FIELDS, "registry", "_rank"])
+    return table.sort_values("_rank", kind="stable").drop(columns="_rank").reset_index(drop=True)
 
 
 def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, baseline: str | None,
-               intervals: pd.Series) -> pd.DataFrame:
+               intervals: pd.Series, *, registry: bool = True, order: str = "notebook") -> pd.DataFrame:
+    if order not in ORDERS:
+        raise LayercritError(f"unknown row order {order!r}: one of {', '.join(ORDERS)}")
     meta = _with_embedded_meta(meta, results)
     per_model = layers.groupby("model_id", sort=False)["criticality_mean"]
     models = pd.DataFrame({"avg_criticality": per_model.mean(), "std_over_layers": per_model.std(ddof=0),
                            "layers": per_model.count()}).reset_index()
     models.insert(2, "avg_criticality_ci", models["model_id"].map(intervals))
     models = models.merge(meta, on="model_id", how="left")
+    from_meta = models["accuracy"].notna()
+    known = registry_meta(models["model_id"]) if registry else registry_meta([])
+    models = _with_registry(models, known)
+    from_registry = models["accuracy"].notna() & ~from_meta
     models["category"] = [str(c) if pd.notna(c) else OTHER for c in models["category"]]
     models["display"] = [str(d) if pd.notna(d) else m for d, m in zip(models["display"], models["model_id"], strict=True)]
-    from_meta = models["accuracy"].notna()
     models["accuracy"] = models["accuracy"].fillna(models["model_id"].map(_original_accuracy(results)))
-    models["accuracy_source"] = pd.Series(np.where(from_meta, "metadata", ORIGINAL), index=models.index).where(
-        models["accuracy"].notna())
+    source = np.where(from_meta, "metadata", np.where(from_registry, models["registry"].astype(str), ORIGINAL))
+    models["accuracy_source"] = pd.Series(source, index=models.index).where(models["accuracy"].notna())
     budgets = [parse_budget(value) for value in models["budget"]]
     models["budget"] = [epsilon for _, epsilon in budgets]
     models["norm"] = [_norm_name(given) if isinstance(given, str) else parsed
                       for given, (parsed, _) in zip(models["norm"], budgets, strict=True)]
     baseline = _resolve_baseline(baseline, models)
     models["is_baseline"] = models["model_id"] == baseline
-    models = _presentation_order(models, list(meta["model_id"]))
+    models = _presentation_order(models, [*meta["model_id"], *known["model_id"]], order)
     first = ["model_id", "display", "category", "accuracy", "accuracy_source", "avg_criticality",
-             "avg_criticality_ci", "std_over_layers", "layers", "budget", "norm", "is_baseline"]
+             "avg_criticality_ci", "std_over_layers", "layers", "budget", "norm", "is_baseline", "registry"]
     return models[first + [c for c in models.columns if c not in first]]
+
+
+def _with_registry(models: pd.DataFrame, known: pd.DataFrame) -> pd.DataFrame:
+    """``models`` with the metadata fields still empty taken from the zoo records in ``known``."""
+    records = known.set_index("model_id").reindex(models["model_id"])
+    models = models.assign(registry=records["registry"].to_numpy())
+    for field in META_FIELDS:
+        models[field] = models[field].astype(object).where(models[field].notna(), records[field].to_numpy())
+    models["accuracy"] = pd.to_numeric(models["accuracy"], errors="coerce")
+    return models
 
 
 def _with_embedded_meta(meta: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
@@ -475,9 +537,15 @@ def _resolve_baseline(baseline: str | None, models: pd.DataFrame) -> str | None:
     return candidates.iloc[0] if len(candidates) == 1 else None
 
 
-def _presentation_order(models: pd.DataFrame, meta_ids: list[str]) -> pd.DataFrame:
-    """Baseline first, then categories in metadata order ("other" after them), models in metadata order."""
-    meta_rank = {m: i for i, m in enumerate(meta_ids)}
+def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -> pd.DataFrame:
+    """Baseline first; then, ``notebook``: categories alphabetically ("other" last), models by model_id (the
+    paper's notebook sorts by category and model_id, then moves the baseline up); ``metadata``: categories in the
+    order of their first model in ``meta_ids`` ("other" last), models in that order."""
+    if order == "notebook":
+        keys = pd.DataFrame({"baseline": ~models["is_baseline"], "other": models["category"] == OTHER,
+                             "category": models["category"], "model_id": models["model_id"]})
+        return models.loc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
+    meta_rank = {m: i for i, m in enumerate(dict.fromkeys(meta_ids))}
     rank = pd.Series([meta_rank.get(m, len(meta_rank) + i) for i, m in enumerate(models["model_id"])],
                      index=models.index, dtype=float)
     rank[models["is_baseline"]] = -1
@@ -553,15 +621,19 @@ def depth_profile(layers: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- everything at once
 
+HEATMAP_EXCLUDE = ("freezing",)  # the notebook leaves the frozen random backbone out of its figures
+
 FIGURE_CAPTIONS = {
-    "heatmap": "Layer criticality (mean over trials) per model and layer; margins: mean ± std over layers (right) "
-               "and over models (bottom); a dot marks a cell whose 95% interval over resets is wider than "
-               "±{ci_threshold:g} points.",
-    "heatmap_std": "Standard deviation of the criticality over trials.",
-    "heatmap_delta": "Criticality minus the baseline's, per layer.",
+    "heatmap": "Layer criticality (mean over trials) per model and layer, full page width (7 in); grey margins: mean "
+               "± std over layers (right) and over models (bottom); a dot marks a cell whose 95% interval over "
+               "resets is wider than ±{ci_threshold:g} points.{excluded}",
+    "heatmap_column": "The same at one column's width (3.3 in): every k-th layer named, long model names shortened.",
+    "heatmap_std": "Standard deviation of the criticality over trials, on a fixed 0–100 scale.{excluded}",
+    "heatmap_delta": "Criticality minus the baseline's, per layer.{excluded}",
     "accuracy_vs_criticality": "Average criticality vs accuracy, by category; legend: rank correlations over all "
                                "models.",
-    "budget_vs_criticality": "Average criticality vs training budget (ε), one series per norm.",
+    "budget_vs_criticality": "Average criticality vs training budget (ε), one panel per norm (L∞ in 1/255); the "
+                             "model trained with ε = 0 appears in every panel.",
     "depth_vs_criticality": "Criticality over relative depth per category (mean ± std over models).",
 }
 
@@ -576,6 +648,9 @@ def analyze(
     reset: str | None = None,
     layer_info: Mapping[str, Any] | None = None,
     ci_threshold: float = CI_THRESHOLD,
+    registry: bool = True,
+    order: str = "notebook",
+    heatmap_exclude: Sequence[str] = HEATMAP_EXCLUDE,
 ) -> dict[str, Any]:
     """Write every table, figure and ``report.html`` for ``results`` into ``out_dir``.
 
@@ -583,17 +658,20 @@ def analyze(
         results: a DataFrame or results paths (CSV, Parquet, SQLite store, run folder; layercrit's or the paper's
             CSV format).
         out_dir: created if needed. Tables are written first, then figures (PNG and PDF), then the report.
-        meta, baseline: as in :func:`model_criticality`; ``metric``, ``reset``, ``layer_info`` as in
-            :func:`layer_criticality`.
+        meta, baseline, registry, order: as in :func:`model_criticality`; ``metric``, ``reset``, ``layer_info`` as
+            in :func:`layer_criticality`.
         ci_threshold: heatmap cells whose 95% interval is wider than ± this (percentage points) are marked.
+        heatmap_exclude: categories left out of the heatmaps and their margins (default: ``freezing``, the frozen
+            random backbone, as in the paper's notebook); they stay in the tables and the other figures.
 
     Returns:
-        ``{"layers", "models", "correlations", "profile"}`` DataFrames, ``"stats"`` (what ``stats.json`` holds)
-        and ``"paths"`` (name → written file, figures as (png, pdf)).
+        ``{"layers", "models", "correlations", "profile"}`` DataFrames, ``"stats"`` (what ``stats.json`` holds),
+        ``"paths"`` (name → written file, figures as (png, pdf)) and ``"figures"`` (name → Figure).
     """
     frame = load_results(results)
     layers = layer_criticality(frame, metric, reset=reset, layer_info=layer_info)
-    models = _summarize(layers, frame, load_meta(meta), baseline, model_intervals(frame, metric, reset=reset))
+    models = _summarize(layers, frame, load_meta(meta), baseline, model_intervals(frame, metric, reset=reset),
+                        registry=registry, order=order)
     correlation = correlations(models)
     profile = depth_profile(layers, models)
     baseline_id = next(iter(models.loc[models["is_baseline"], "model_id"]), None)
@@ -605,13 +683,17 @@ def analyze(
         "correlations": write_table(correlation, out / "correlations.csv"),
         "depth_profile": write_table(profile, out / "depth_profile.csv"),
     }
-    figures, skipped = _figures(layers, models, correlation, profile, metric, ci_threshold)
+    excluded = list(models.loc[models["category"].isin(list(heatmap_exclude)), "model_id"])
+    figures, skipped = _figures(layers, models, correlation, profile, metric, ci_threshold, excluded)
     stats = {
         "metric": metric,
         "criticality": METRICS[metric][1],
         "baseline": baseline_id,
         "models": len(models),
         "layers": int(layers["layer"].nunique()),
+        "order": order,
+        "registry": sorted(set(models["registry"].dropna())),
+        "heatmap_excluded": excluded,
         "correlations": _json_safe(correlation.to_dict(orient="records")),
         "skipped_figures": skipped,
     }
@@ -619,40 +701,51 @@ def analyze(
     paths["stats"].write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     for name, figure in figures.items():
         paths[name] = plots.save(figure, out / name)
+    note = f" Left out: {', '.join(excluded)} (category {', '.join(heatmap_exclude)})." if excluded else ""
     paths["report"] = report.write_report(
         out / "report.html",
         title="Layer criticality",
         summary=_summary_lines(stats),
-        figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold), paths[name][0]) for name in figures],
+        figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note), paths[name][0])
+                 for name in figures],
         tables=[("Rank correlation of average criticality with accuracy", correlation),
                 ("Models", models), ("Criticality over relative depth", profile), ("Layers", layers)],
     )
     return {"layers": layers, "models": models, "correlations": correlation, "profile": profile, "stats": stats,
-            "paths": paths}
+            "paths": paths, "figures": figures}
 
 
-def _figures(layers, models, correlation, profile, metric, ci_threshold) -> tuple[dict[str, Any], dict[str, str]]:
-    """The figures that the data supports, and why the others were left out."""
+def _figures(layers, models, correlation, profile, metric, ci_threshold,
+             excluded: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """The figures that the data supports, and why the others were left out; ``excluded`` models are left out of
+    the heatmaps (and so of their margins)."""
     label = AXIS_LABELS[metric]
     average = f"Avg. {label[0].lower()}{label[1:]}"
+    shown = models[~models["model_id"].isin(list(excluded))].reset_index(drop=True)
     columns = layers.drop_duplicates("layer").sort_values("depth")["layer_display"]
-    rows = [f"{d} [{a:.2f}%]" if pd.notna(a) else d for d, a in zip(models["display"], models["accuracy"], strict=True)]
-    mean = criticality_matrix(layers, models).set_axis(rows, axis=0).set_axis(list(columns), axis=1)
-    std = criticality_matrix(layers, models, "criticality_std").set_axis(mean.index, axis=0).set_axis(mean.columns,
-                                                                                                     axis=1)
-    categories = list(models["category"])
-    widths = criticality_matrix(layers, models, "criticality_ci").to_numpy()
-    uncertain = pd.DataFrame(~(widths <= ci_threshold) & np.isfinite(mean.to_numpy()))
+    rows = [f"{d} [{a:.2f}%]" if pd.notna(a) else d for d, a in zip(shown["display"], shown["accuracy"], strict=True)]
+
+    def matrix(value: str) -> pd.DataFrame:
+        return criticality_matrix(layers, shown, value).set_axis(rows, axis=0).set_axis(list(columns), axis=1)
+
+    mean = matrix("criticality_mean")
+    categories = list(shown["category"])
+    uncertain = pd.DataFrame(~(matrix("criticality_ci").to_numpy() <= ci_threshold) & np.isfinite(mean.to_numpy()))
     figures = {
-        "heatmap": plots.heatmap(mean, categories=categories, label=label, uncertain=uncertain),
-        "heatmap_std": plots.heatmap(std, categories=categories, label="Std. over trials [%]", cmap="Reds",
-                                     vmax=None),
+        "heatmap": plots.heatmap(mean, categories=categories, label=label, uncertain=uncertain,
+                                 width=plots.FULL_WIDTH),
+        "heatmap_column": plots.heatmap(mean, categories=categories, label=label, uncertain=uncertain,
+                                        width=plots.COLUMN_WIDTH),
+        "heatmap_std": plots.heatmap(matrix("criticality_std"), categories=categories, label="Std. over trials [%]",
+                                     cmap="Reds", vmax=100.0, width=plots.FULL_WIDTH),
     }
     skipped = {}
-    if models["is_baseline"].any():
-        delta = mean - mean.iloc[int(np.flatnonzero(models["is_baseline"])[0])].to_numpy()
+    if shown["is_baseline"].any():
+        delta = mean - mean.iloc[int(np.flatnonzero(shown["is_baseline"])[0])].to_numpy()
         figures["heatmap_delta"] = plots.heatmap(delta, categories=categories, label="Criticality − baseline [%]",
-                                                 cmap="coolwarm", vmin=-100.0, vmax=100.0)
+                                                 cmap="coolwarm", vmin=-100.0, vmax=100.0, width=plots.FULL_WIDTH)
+    elif models["is_baseline"].any():
+        skipped["heatmap_delta"] = "the baseline's category is left out of the heatmaps (--heatmap-exclude)"
     else:
         skipped["heatmap_delta"] = "no baseline: give --baseline MODEL_ID (or one model of category 'baseline')"
     if models["accuracy"].notna().any():
@@ -682,6 +775,10 @@ def _json_safe(value: Any) -> Any:
 def _summary_lines(stats: Mapping[str, Any]) -> list[str]:
     lines = [f"{stats['models']} models, {stats['layers']} layers; criticality = {stats['criticality']}",
              f"baseline: {stats['baseline'] or 'none'}"]
+    if stats.get("registry"):
+        lines.append(f"metadata from the zoo registries: {', '.join(stats['registry'])} (--no-registry to ignore)")
+    if stats.get("heatmap_excluded"):
+        lines.append(f"left out of the heatmaps: {', '.join(stats['heatmap_excluded'])} (--heatmap-exclude)")
     if not stats["correlations"]:
         lines.append(f"correlation with accuracy: fewer than {MIN_CORRELATION_MODELS} models with accuracy")
     for row in stats["correlations"]:
