@@ -140,9 +140,9 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
                    "list, as in the paper's CSV")
     o.add_argument("--per-class", action="store_true", help="OUT/per_class.csv: each class's accuracy, its drop and "
                    "agreement per (layer, trial)")
-                   "top-1 over images are known to ± this (fraction, 95%% confidence sequence)")
     e.add_argument("--image-target-ci", type=float, help="stop each (layer, trial) early once its criticality and "
 
+                   "top-1 over images are known to ± this (fraction, 95%% confidence sequence)")
 
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
@@ -356,6 +356,30 @@ def _cmd_analyze(args) -> int:
 
 
 # ---------------------------------------------------------------- sweep, status, export
+def _add_diff(sub) -> None:
+    p = sub.add_parser("diff", help="two runs of the same model side by side per layer, with the differences and "
+                                    "their 95%% intervals")
+    p.add_argument("a", help="results A: run folder, CSV, Parquet or JSON")
+    p.add_argument("b", help="results B (difference = B - A)")
+    p.add_argument("--out", default="diff.csv", help="CSV to write (default diff.csv)")
+    p.set_defaults(func=_cmd_diff)
+
+
+def _cmd_diff(args) -> int:
+    from .compare import compare
+    from .results import read_table, write_table
+
+    table = compare(read_table(args.a), read_table(args.b))
+    print("criticality (fraction) ± 95% half-width; difference = B - A, ± sqrt(hA² + hB²); * : interval excludes 0")
+    for row in table.itertuples():
+        mark = "*" if row.significant else " "
+        print(f"  {row.layer:<40} A {row.criticality_a:.4f} ± {row.criticality_ci_a:.4f}  "
+              f"B {row.criticality_b:.4f} ± {row.criticality_ci_b:.4f}  "
+              f"B-A {row.difference:+.4f} ± {row.difference_ci:.4f} {mark}")
+    print(f"{int(table.significant.sum())} of {len(table)} layers differ; table: {write_table(table, args.out)}")
+    return 0
+
+
 
 
 def _add_sweep(sub) -> None:
