@@ -141,10 +141,10 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--per-class", action="store_true", help="OUT/per_class.csv: each class's accuracy, its drop and "
                    "agreement per (layer, trial)")
     e.add_argument("--image-target-ci", type=float, help="stop each (layer, trial) early once its criticality and "
-
                    "top-1 over images are known to ± this (fraction, 95%% confidence sequence)")
 
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, help="image folder (ImageNet-val layout), 'fashion-mnist' (its test "
                                                       "set) or 'fashion-mnist-train'")
@@ -355,7 +355,6 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- sweep, status, export
 def _add_diff(sub) -> None:
     p = sub.add_parser("diff", help="two runs of the same model side by side per layer, with the differences and "
                                     "their 95%% intervals")
@@ -381,6 +380,7 @@ def _cmd_diff(args) -> int:
 
 
 
+# ---------------------------------------------------------------- sweep, status, export
 
 def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="measure every model of a YAML config, resumably, into a SQLite store")
