@@ -143,8 +143,8 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--image-target-ci", type=float, help="stop each (layer, trial) early once its criticality and "
                    "top-1 over images are known to ± this (fraction, 95%% confidence sequence)")
 
-def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
 
+def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, help="image folder (ImageNet-val layout), 'fashion-mnist' (its test "
                                                       "set) or 'fashion-mnist-train'")
@@ -379,8 +379,8 @@ def _cmd_diff(args) -> int:
     return 0
 
 
-
 # ---------------------------------------------------------------- sweep, status, export
+
 
 def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="measure every model of a YAML config, resumably, into a SQLite store")
