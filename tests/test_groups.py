@@ -81,9 +81,9 @@ def test_group_file_mistakes_are_one_line_errors(resnet, tmp_path, text, message
 
 
 def test_unknown_grouping_is_an_error_naming_the_choices(resnet):
-    with pytest.raises(LayercritError, match=r"--groups 'block' is neither blocks nor stages nor a group file"):
+    with pytest.raises(LayercritError, match=r"groups='block' is neither blocks nor stages nor a group file"):
         select_targets(resnet.model, groups="block")
-    with pytest.raises(LayercritError, match=r"unknown --cumulative 'both': one of prefix, suffix"):
+    with pytest.raises(LayercritError, match=r"cumulative='both': one of prefix, suffix"):
         select_targets(resnet.model, cumulative="both")
 
 

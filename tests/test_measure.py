@@ -174,7 +174,7 @@ def test_labels_beyond_the_model_outputs_are_refused(tiny_model):
 
 
 def test_zero_trials_is_refused(tiny_model, tiny_data):
-    with pytest.raises(LayercritError, match="--trials must be at least 1"):
+    with pytest.raises(LayercritError, match=r"trials=0: give at least 1"):
         layercrit.measure(tiny_model, tiny_data, trials=0)
 
 

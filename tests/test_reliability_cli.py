@@ -209,7 +209,7 @@ def test_counts_that_mean_nothing_are_one_line_errors(tmp_path, capsys, flag, va
 @pytest.mark.parametrize(("option", "message"), [
     ({"images": -5}, "images=-5: give a number of images of at least 1"),
     ({"images": 0}, "images=0: give a number of images of at least 1"),
-    ({"trials": 0}, "--trials must be at least 1"),
+    ({"trials": 0}, "trials=0: give at least 1"),
     ({"batch_size": 0}, "batch_size=0: give at least 1 image per forward"),
     ({"max_cache_mb": -1}, "max_cache_mb=-1: give a memory budget of 0 MB or more"),
 ])

@@ -173,7 +173,7 @@ def test_interpolation_area_is_the_trapezoid_under_the_mean_criticality(tiny_mod
 
 
 def test_interpolation_needs_alphas_in_the_unit_interval():
-    with pytest.raises(LayercritError, match=r"needs --alpha a\[,a2,\.\.\.\] with every a in \[0, 1\], got \[0\.5, 2\]"):
+    with pytest.raises(LayercritError, match=r"alpha=\[0\.5, 2\]: reset 'interpolate' needs alphas a\[,a2,\.\.\.\] with every a in \[0, 1\]"):
         get_reset("interpolate", alpha=[0.5, 2])
 
 
@@ -244,14 +244,14 @@ def test_recalibrated_rows_say_so_in_the_reset_column(tiny_model, tiny_data):
 
 def test_bn_modes_other_than_keep_need_batchnorm_layers(tiny_data):
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 10))
-    with pytest.raises(LayercritError, match=r"--bn reset: the model has no BatchNorm layers \(use --bn keep\)"):
+    with pytest.raises(LayercritError, match=r"bn='reset': the model has no BatchNorm layers \(use bn='keep'\)"):
         layercrit.measure(model, tiny_data, bn="reset", trials=1)
 
 
 def test_bn_recalibrate_needs_a_number_of_batches():
-    with pytest.raises(LayercritError, match=r"--bn recalibrate needs a number of batches K"):
+    with pytest.raises(LayercritError, match=r"bn='recalibrate' needs a number of batches K"):
         get_reset("zero", bn="recalibrate")
-    with pytest.raises(LayercritError, match=r"unknown --bn 'fresh': one of keep, reset, recalibrate K"):
+    with pytest.raises(LayercritError, match=r"bn='fresh': one of keep, reset, recalibrate K"):
         get_reset("zero", bn="fresh")
 
 
@@ -267,7 +267,7 @@ def test_an_option_the_reset_does_not_take_is_named_with_the_resets_options():
 
 
 def test_noise_needs_exactly_one_of_scale_and_sigma():
-    with pytest.raises(LayercritError, match=r"reset 'noise' needs either a relative --scale S or an absolute sigma"):
+    with pytest.raises(LayercritError, match=r"reset 'noise' needs either a relative scale= or an absolute sigma="):
         get_reset("noise")
 
 
@@ -280,7 +280,7 @@ def test_a_sweep_takes_a_resets_options_as_keys_and_refuses_a_reset_missing_them
     from layercrit.sweep import SweepConfig
 
     config = {"data": "fashion-mnist", "models": [{"id": "m", "spec": "zoo:fmnist/baseline"}], "reset": ["noise"]}
-    with pytest.raises(LayercritError, match=r"reset 'noise' needs either a relative --scale S or an absolute sigma"):
+    with pytest.raises(LayercritError, match=r"reset 'noise' needs either a relative scale= or an absolute sigma="):
         SweepConfig.from_dict(config)
     swept = SweepConfig.from_dict({**config, "scale": 0.5, "reset": ["noise", "zero"]})
     assert swept.experiment("noise").measure_options()["reset_options"] == {"scale": 0.5}
@@ -335,10 +335,10 @@ def test_run_command_takes_reset_options_batchnorm_statistics_and_groups(fmnist_
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--bn", "recalibrate", "x"], "--bn='recalibrate x': use keep, reset or recalibrate K (K a number of batches)"),
-    (["--reset", "noise"], "reset 'noise' needs either a relative --scale S or an absolute sigma"),
+    (["--reset", "noise"], "reset 'noise' needs either a relative --scale= or an absolute sigma="),
     (["--scale", "0.1"], "reset 'rerandomize' takes no option 'scale' (its options: none)"),
     (["--reset", "interpolate", "--alpha", "0.5,x"], "--alpha='0.5,x': give numbers, comma separated"),
-    (["--groups", "block"], "--groups 'block' is neither blocks nor stages nor a group file (YAML/JSON)"),
+    (["--groups", "block"], "--groups='block' is neither blocks nor stages nor a group file (YAML/JSON)"),
 ])
 def test_run_command_reports_reset_mistakes_in_one_line(fmnist_checkpoints, tmp_path, capsys, argv, message):
     trained, _ = fmnist_checkpoints

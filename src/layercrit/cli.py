@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -75,8 +76,8 @@ def as_flags(message: str) -> str:
     """The library names its parameters (``bn='x': ...``); on the command line they are flags (``--bn='x': ...``)."""
     from .spec import FIELDS
 
-    name, equals, _ = message.partition("=")
-    return f"--{name.replace('_', '-')}{equals}{message[len(name) + 1:]}" if equals and name in FIELDS else message
+    names = "|".join(sorted(FIELDS, key=len, reverse=True))
+    return re.sub(rf"(?<![\w-])({names})=", lambda m: f"--{m.group(1).replace('_', '-')}=", message)
 
 
 # ---------------------------------------------------------------- shared options

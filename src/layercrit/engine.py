@@ -74,7 +74,7 @@ class EngineOptions:
         if self.precision not in PRECISIONS:
             raise LayercritError(f"unknown precision {self.precision!r}: one of {', '.join(PRECISIONS)}")
         if self.batch_size < 1:
-            raise LayercritError("--batch-size must be at least 1")
+            raise LayercritError(f"batch_size={self.batch_size}: give at least 1")
         if self.image_target_ci is not None and not 0 < self.image_target_ci < 1:
             raise LayercritError("image_target_ci is a half-width as a fraction, e.g. 0.01 (one point of top-1)")
 

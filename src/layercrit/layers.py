@@ -53,7 +53,7 @@ def select_layers(model: nn.Module, layers: str | list[str] = DEFAULT_LAYERS) ->
     """
     patterns = [p.strip() for p in (layers.split(",") if isinstance(layers, str) else layers) if p.strip()]
     if not patterns:
-        raise LayercritError("no layers given: use --layers conv,linear (kinds: conv, linear, bn, ln) or name globs")
+        raise LayercritError(f"layers={layers!r}: give kinds (conv, linear, bn, ln) and/or name globs, e.g. layers='conv,linear'")
     modules = [(name, module) for name, module in model.named_modules() if name]
     chosen: set[str] = set()
     for pattern in patterns:
@@ -120,7 +120,7 @@ def select_targets(
         The targets; a single layer's target is named after the layer, a block's or stage's after its module.
     """
     if cumulative is not None and cumulative not in CUMULATIVE:
-        raise LayercritError(f"unknown --cumulative {cumulative!r}: one of {', '.join(CUMULATIVE)}")
+        raise LayercritError(f"cumulative={cumulative!r}: one of {', '.join(CUMULATIVE)}")
     if not isinstance(layers, str) and any(isinstance(t, Target) for t in layers):
         if groups is not None:
             raise LayercritError("layers given as Targets are already grouped: leave groups=None")
@@ -142,13 +142,13 @@ def group_layers(model: nn.Module, names: Sequence[str], groups: str) -> list[Ta
         return [Target(unit, layers) for unit, layers in members.items()]
     path = Path(groups)
     if not path.is_file():
-        raise LayercritError(f"--groups {groups!r} is neither {' nor '.join(GROUPINGS)} nor a group file (YAML/JSON)")
+        raise LayercritError(f"groups={groups!r} is neither {' nor '.join(GROUPINGS)} nor a group file (YAML/JSON)")
     targets = []
     for group, patterns in _read_group_file(path).items():
         chosen = [n for n in names if any(_glob(n, p) for p in patterns)]
         if not chosen:
             raise LayercritError(f"group {group!r} of {path} matches none of the selected layers "
-                                 f"(patterns {', '.join(patterns)}; check the names or --layers)")
+                                 f"(patterns {', '.join(patterns)}; check the names or layers=)")
         targets.append(Target(group, chosen))
     return targets
 

@@ -164,7 +164,7 @@ def measure(
     _check_channels(resolved.preprocessing, evalset)
     trial_ids = list(range(trials)) if isinstance(trials, int) else list(trials)
     if not trial_ids or min(trial_ids) < 0:
-        raise LayercritError("--trials must be at least 1")
+        raise LayercritError(f"trials={trials!r}: give at least 1 (or trial numbers >= 0)")
     if batch_size is None:  # on a GPU, start at the paper's 500 and halve on out-of-memory
         batch_size = 500 if device.startswith("cuda") else 100
     _check_labels(resolved.model, evalset, device)

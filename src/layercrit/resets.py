@@ -77,11 +77,11 @@ class BatchNormStats:
 
     def __init__(self, mode: str = "keep", batches: int | None = None):
         if mode not in BN_MODES:
-            raise LayercritError(f"unknown --bn {mode!r}: one of keep, reset, recalibrate K")
+            raise LayercritError(f"bn={mode!r}: one of keep, reset, recalibrate K")
         if (mode == "recalibrate") != (batches is not None):
-            raise LayercritError("--bn recalibrate needs a number of batches K (and only it): --bn recalibrate 8")
+            raise LayercritError("bn='recalibrate' needs a number of batches K (and only it), e.g. bn='recalibrate 8'")
         if batches is not None and batches < 1:
-            raise LayercritError("--bn recalibrate K needs K >= 1 batches")
+            raise LayercritError(f"bn='recalibrate {batches}': K must be at least 1 batch")
         self.mode = mode
         self.batches = batches
         self._calibration: list[torch.Tensor] = []
@@ -97,9 +97,9 @@ class BatchNormStats:
         if self.mode == "keep":
             return
         if not any(isinstance(m, _BatchNorm) for m in model.modules()):
-            raise LayercritError(f"--bn {self.mode}: the model has no BatchNorm layers (use --bn keep)")
+            raise LayercritError(f"bn={self.mode!r}: the model has no BatchNorm layers (use bn='keep')")
         if images is None or not len(images):
-            raise LayercritError(f"--bn {self.mode} needs the evaluation images to trace the model")
+            raise LayercritError(f"bn={self.mode!r} needs the evaluation images to trace the model")
         self._calibration = [images[i: i + batch_size] for i in range(0, (self.batches or 1) * batch_size, batch_size)
                              if i < len(images)]
         self._trace(model, images[:1])
@@ -365,13 +365,13 @@ class Noise(Reset):
                  bn_batches: int | None = None, **base_options):
         super().__init__(seed=seed, fresh=fresh, bn=bn, bn_batches=bn_batches)
         if (scale is None) == (sigma is None):
-            raise LayercritError("reset 'noise' needs either a relative --scale S or an absolute sigma")
+            raise LayercritError("reset 'noise' needs either a relative scale= or an absolute sigma=")
         if (scale if scale is not None else sigma) < 0:
-            raise LayercritError("noise --scale must be >= 0")
+            raise LayercritError(f"scale={scale if scale is not None else sigma}: the noise's size must be >= 0")
         self.scale, self.sigma = scale, sigma
         self.base = None if base is None else get_reset(base, seed=seed, fresh=fresh, **base_options)
         if self.base is None and base_options:
-            raise LayercritError(f"reset 'noise' takes {', '.join(base_options)} only with a --base reset")
+            raise LayercritError(f"reset 'noise' takes {', '.join(base_options)} only with a base= reset")
 
     def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Noise:
         if self.base is not None:
@@ -412,7 +412,7 @@ class Interpolate(Reset):
         super().__init__(seed=seed, fresh=fresh, bn=bn, bn_batches=bn_batches)
         alphas = [alpha] if isinstance(alpha, int | float) else list(alpha or [])
         if not alphas or not all(0.0 <= a <= 1.0 for a in alphas):
-            raise LayercritError(f"reset 'interpolate' needs --alpha a[,a2,...] with every a in [0, 1], got {alpha!r}")
+            raise LayercritError(f"alpha={alpha!r}: reset 'interpolate' needs alphas a[,a2,...] with every a in [0, 1]")
         self.alphas = [float(a) for a in alphas]
         self.base = get_reset(base, seed=seed, fresh=fresh, **base_options)
 
