@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 import layercrit
-from layercrit.metrics import METRIC_COLUMNS
+from layercrit.columns import METRIC_COLUMNS
 from layercrit.models import resolve_model
 
 CASES = {

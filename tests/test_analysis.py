@@ -14,8 +14,8 @@ from scipy import stats
 
 from layercrit import analysis
 from layercrit.cli import main
+from layercrit.columns import COLUMNS
 from layercrit.errors import LayercritError
-from layercrit.measure import COLUMNS
 from layercrit.results import read_table, write_results
 from layercrit.store import Store, Unit
 

@@ -8,8 +8,8 @@ import torchvision
 
 import layercrit
 from layercrit import analysis
+from layercrit.columns import METRIC_COLUMNS
 from layercrit.layers import block_units, select_layers
-from layercrit.metrics import METRIC_COLUMNS
 from layercrit.models import Preprocessing, wrap_module
 
 PRE = Preprocessing(resize=None, crop=None, source="test")

@@ -116,7 +116,7 @@ def test_run_on_a_checkpoint_reproduces_the_papers_method_layer_for_layer(tmp_pa
 
 
 def test_exact_makes_the_fast_engine_equal_the_naive_engine_bit_for_bit(tmp_path, capsys, checkpoint):
-    from layercrit.metrics import METRIC_COLUMNS
+    from layercrit.columns import METRIC_COLUMNS
 
     folder = make_image_folder(tmp_path / "val", n_per_class=4, size=(64, 48))
     tables = {}

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import layercrit
 from layercrit import hub
+from layercrit.columns import METRIC_COLUMNS
 from layercrit.data import subset_indices
 from layercrit.errors import LayercritError
-from layercrit.metrics import METRIC_COLUMNS
 from layercrit.models import build_architecture, resolve_model
 from tests.conftest import TinyCNN
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import layercrit
+from layercrit.columns import METRIC_COLUMNS
 from layercrit.engine import _CallStructure, _out_of_place
-from layercrit.metrics import METRIC_COLUMNS
 from layercrit.models import Preprocessing, wrap_module
 
 PRE = Preprocessing(resize=None, crop=None, source="test")

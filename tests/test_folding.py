@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import layercrit
+from layercrit.columns import METRIC_COLUMNS
 from layercrit.folding import find_pairs, folded_batchnorm
-from layercrit.metrics import METRIC_COLUMNS
 from layercrit.models import Preprocessing, wrap_module
 
 PRE = Preprocessing(resize=None, crop=None, source="test")

@@ -8,9 +8,9 @@ import torch
 
 import layercrit
 from layercrit import engine
+from layercrit.columns import METRIC_COLUMNS
 from layercrit.errors import LayercritError
 from layercrit.layers import Target, select_layers, select_targets
-from layercrit.metrics import METRIC_COLUMNS
 from layercrit.models import Preprocessing, wrap_module
 from layercrit.resets import Rerandomize
 

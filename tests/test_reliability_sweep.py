@@ -21,9 +21,10 @@ import yaml
 
 from layercrit import cli, store
 from layercrit.cli import main
+from layercrit.columns import COLUMNS
 from layercrit.data import EvalSet
 from layercrit.errors import LayercritError
-from layercrit.measure import COLUMNS, measure
+from layercrit.measure import measure
 from layercrit.store import Store, export_frame, status_frame
 from layercrit.sweep import load_config, run_sweep
 

@@ -9,9 +9,9 @@ from torch import nn
 import layercrit
 from layercrit import analysis
 from layercrit.cli import main
+from layercrit.columns import METRIC_COLUMNS
 from layercrit.errors import LayercritError
 from layercrit.layers import Target
-from layercrit.metrics import METRIC_COLUMNS
 from layercrit.resets import Interpolate, Noise, Reinit, Rerandomize, get_reset
 
 from .conftest import TinyCNN

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from layercrit import measure
+from layercrit.columns import COLUMNS
 from layercrit.errors import LayercritError
-from layercrit.measure import COLUMNS
 from layercrit.store import Store, Unit, export_frame, status_frame
 
 LAYERS = ["model.conv1", "model.conv2", "model.fc"]

@@ -14,9 +14,9 @@ from torch import nn
 
 from layercrit import measure, sweep
 from layercrit.cli import main
+from layercrit.columns import COLUMNS
 from layercrit.errors import LayercritError
 from layercrit.layers import select_layers
-from layercrit.measure import COLUMNS
 from layercrit.models import Preprocessing, wrap_module
 from layercrit.store import export_frame, status_frame
 from layercrit.sweep import (

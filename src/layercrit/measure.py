@@ -14,22 +14,14 @@ from torch import nn
 from . import engine as engines
 from . import sequential
 from .breakdown import Breakdown
+from .columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
 from .data import EvalSet, load_data, to_model_input
 from .errors import LayercritError
 from .layers import DEFAULT_LAYERS, Target, select_targets
 from .logits import LogitsWriter
-from .metrics import METRIC_COLUMNS
 from .models import Normalized, Preprocessing, ResolvedModel, resolve_model
 from .resets import Reset, get_reset
 from .sequential import SequentialDesign
-
-ID_COLUMNS = ("model_id", "layer", "trial", "reset")
-META_COLUMNS = ("computed_in_trial", "kernel", "seed", "data_id", "n_skipped", "model_spec", "engine", "precision",
-                "layercrit_version")
-# Which images a trial saw and how its layer's interval was made (see layercrit.estimate): the fixed design's rows
-# all start at image 0 and look once.
-DESIGN_COLUMNS = ("image_offset", "target_ci", "ci_looks", "capped")
-COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS)
 
 
 def measure(

@@ -13,12 +13,6 @@ import torch.nn.functional as F
 
 from .confidence import BettingCS
 
-METRIC_COLUMNS = (
-    "top1_acc", "top5_acc", "loss", "recovered_acc", "pred_cos_sim", "pred_l1_err", "pred_l2_err",
-    "pred_ce_loss", "pred_kl", "agreement", "criticality", "criticality_sd", "nonfinite", "n_images",
-    "criticality_ci", "top1_ci",
-)
-
 
 class PredictionMetrics:
     """Running sums of per-image metrics for one (layer, trial); :meth:`result` gives the row's values.

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .columns import COLUMNS, METRIC_COLUMNS
 from .errors import LayercritError
-from .measure import COLUMNS
-from .metrics import METRIC_COLUMNS
 
 log = logging.getLogger(__name__)
 

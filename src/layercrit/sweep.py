@@ -51,11 +51,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .columns import COLUMNS
 from .data import EvalSet, load_data
 from .engine import out_of_memory
 from .errors import LayercritError
 from .layers import select_targets
-from .measure import COLUMNS, measure, override_transform
+from .measure import measure, override_transform
 from .models import ResolvedModel, resolve_model
 from .resets import RESETS, get_reset
 from .sequential import SequentialDesign
