@@ -139,7 +139,7 @@ def measure_config(name: str, config: str, data: str, n_images: int, batch_size:
     with PeakRSS() as rss:
         start, cpu_start = time.perf_counter(), time.process_time()
         df = layercrit.measure(resolved, data, trials=CASES[name][3], images=n_images, batch_size=batch_size,
-                               engine_name=engine, precision=precision, cache_dir=cache, device=device,
+                               engine=engine, precision=precision, cache_dir=cache, device=device,
                                channels_last=channels_last, fold_bn=fold_bn)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"df": df, "seconds": seconds, "cpu": cpu, "peak": rss.peak}

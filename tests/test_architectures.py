@@ -56,7 +56,7 @@ def data():
 
 def assert_engines_agree(resolved, data, **options):
     fast = layercrit.measure(resolved, data, trials=1, batch_size=2, channels_last=False, fold_bn=False, **options)
-    naive = layercrit.measure(resolved, data, trials=1, batch_size=2, engine_name="naive", **options)
+    naive = layercrit.measure(resolved, data, trials=1, batch_size=2, engine="naive", **options)
     assert list(fast.layer) == list(naive.layer)
     assert (fast[list(METRIC_COLUMNS)] - naive[list(METRIC_COLUMNS)]).abs().max().max() <= 1e-5
     assert fast.criticality.iloc[1:].max() > 0
@@ -75,7 +75,7 @@ def test_default_fast_engine_agrees_with_naive_to_the_last_bits_of_fp32(models, 
     """The default adds NHWC layout and folded BatchNorm to prefix replay: the same predictions, rounding aside."""
     fast = layercrit.measure(models[spec], data, trials=1, batch_size=2, layers=FAMILIES[spec][1])
     naive = layercrit.measure(models[spec], data, trials=1, batch_size=2, layers=FAMILIES[spec][1],
-                              engine_name="naive")
+                              engine="naive")
     assert (fast.top1_acc == naive.top1_acc).all() and (fast.agreement == naive.agreement).all()
     assert (fast.criticality - naive.criticality).abs().max() <= 1e-5
     metrics = list(METRIC_COLUMNS)

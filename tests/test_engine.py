@@ -29,7 +29,7 @@ def assert_engines_agree(resolved, data, layers="conv,linear", trials=2, batch_s
     """Same memory layout in both (NCHW): prefix replay itself must not change a single bit."""
     fast = layercrit.measure(resolved, data, layers=layers, trials=trials, batch_size=batch_size, channels_last=False, fold_bn=False)
     naive = layercrit.measure(resolved, data, layers=layers, trials=trials, batch_size=batch_size,
-                              engine_name="naive")
+                              engine="naive")
     assert list(fast.layer) == list(naive.layer)
     numeric = [c for c in METRIC_COLUMNS]
     difference = (fast[numeric] - naive[numeric]).abs().max().max()
@@ -146,7 +146,7 @@ def test_recorded_outputs_changed_in_place_are_replayed_from_copies_never_reused
         fast = layercrit.measure(resolved, data, layers="late", reset="zero", trials=1, batch_size=4,
                                  channels_last=False, fold_bn=False)
     naive = layercrit.measure(resolved, data, layers="late", reset="zero", trials=1, batch_size=4,
-                              engine_name="naive")
+                              engine="naive")
     assert fast[list(METRIC_COLUMNS)].equals(naive[list(METRIC_COLUMNS)])
     assert fast.criticality.iloc[1] > 0
     assert ("changed in place downstream" in caplog.text) is (not always)  # caught at run time, chunk redone
@@ -175,7 +175,7 @@ def test_default_nhwc_layout_and_folded_batchnorm_change_fp32_results_only_in_th
     resolved = timm_model("resnet18", zero_init_last=False)
     data = images(32, n=16)
     default = layercrit.measure(resolved, data, trials=1, batch_size=8)
-    naive = layercrit.measure(resolved, data, trials=1, batch_size=8, engine_name="naive")
+    naive = layercrit.measure(resolved, data, trials=1, batch_size=8, engine="naive")
     assert (default.top1_acc == naive.top1_acc).all() and (default.agreement == naive.agreement).all()
     assert (default.pred_cos_sim - naive.pred_cos_sim).abs().max() < 1e-6
     assert (default.loss - naive.loss).abs().max() < 1e-4
@@ -246,8 +246,8 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_rows(tiny_model, tiny
     wrapped = ResolvedModel(model=OutOfMemoryAbove(tiny_model.model, limit=12),
                             fresh=lambda: OutOfMemoryAbove(tiny_model.fresh(), limit=12),
                             preprocessing=tiny_model.preprocessing, spec="test:oom", num_classes=10)
-    tuned = layercrit.measure(wrapped, tiny_data, trials=2, batch_size=48, engine_name=engine_name)
-    small = layercrit.measure(wrapped, tiny_data, trials=2, batch_size=12, engine_name=engine_name)
+    tuned = layercrit.measure(wrapped, tiny_data, trials=2, batch_size=48, engine=engine_name)
+    small = layercrit.measure(wrapped, tiny_data, trials=2, batch_size=12, engine=engine_name)
     numeric = list(METRIC_COLUMNS)
     assert (tuned[numeric] - small[numeric]).abs().max().max() < 1e-9
     assert "batch size down to 12" in caplog.text
@@ -256,8 +256,8 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_rows(tiny_model, tiny
 def test_the_callers_model_is_left_in_its_layout_so_a_later_naive_run_is_still_the_papers_nchw():
     resolved = timm_model("resnet18", zero_init_last=False)
     data = images(32)
-    naive_first = layercrit.measure(resolved, data, layers="layer2.0.conv1,fc", trials=1, engine_name="naive")
+    naive_first = layercrit.measure(resolved, data, layers="layer2.0.conv1,fc", trials=1, engine="naive")
     layercrit.measure(resolved, data, layers="layer2.0.conv1,fc", trials=1)  # NHWC inside
     assert all(p.is_contiguous() for p in resolved.model.parameters())
-    naive_again = layercrit.measure(resolved, data, layers="layer2.0.conv1,fc", trials=1, engine_name="naive")
+    naive_again = layercrit.measure(resolved, data, layers="layer2.0.conv1,fc", trials=1, engine="naive")
     assert naive_again[list(METRIC_COLUMNS)].equals(naive_first[list(METRIC_COLUMNS)])

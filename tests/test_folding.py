@@ -111,7 +111,7 @@ def test_densenet_folds_only_the_norms_that_follow_a_conv_not_those_after_a_conc
 
 def assert_default_engine_matches_naive(resolved, data, batch_size=4, **options):
     fast = layercrit.measure(resolved, data, trials=2, batch_size=batch_size, **options)  # NHWC + folded BatchNorm
-    naive = layercrit.measure(resolved, data, trials=2, batch_size=batch_size, engine_name="naive", **options)
+    naive = layercrit.measure(resolved, data, trials=2, batch_size=batch_size, engine="naive", **options)
     assert list(fast.layer) == list(naive.layer)
     for column in ("top1_acc", "top5_acc", "agreement"):
         assert (fast[column] - naive[column]).abs().max() == 0, column

@@ -106,7 +106,7 @@ def test_fast_engine_equals_naive_engine_for_groups_and_cumulative_targets(resne
     for options in ({"groups": "blocks"}, {"groups": "stages", "cumulative": "suffix"},
                     {"layers": "layer3.*,layer4.*,fc", "cumulative": "prefix"}):
         fast = layercrit.measure(resnet, data, trials=1, batch_size=4, channels_last=False, fold_bn=False, **options)
-        naive = layercrit.measure(resnet, data, trials=1, batch_size=4, engine_name="naive", **options)
+        naive = layercrit.measure(resnet, data, trials=1, batch_size=4, engine="naive", **options)
         assert list(fast.layer) == list(naive.layer)
         assert (fast[list(METRIC_COLUMNS)] - naive[list(METRIC_COLUMNS)]).abs().max().max() <= 1e-5, options
         assert fast.criticality.iloc[1:].min() > 0

@@ -103,7 +103,7 @@ def test_two_runs_give_identical_tables(tiny_model, tiny_data):
 def test_model_is_bit_identical_after_a_run(tiny_model, tiny_data):
     before = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
     for engine in ("fast", "naive"):
-        layercrit.measure(tiny_model, tiny_data, layers="conv,linear,bn", trials=2, engine_name=engine)
+        layercrit.measure(tiny_model, tiny_data, layers="conv,linear,bn", trials=2, engine=engine)
         after = tiny_model.model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -28,7 +28,7 @@ def init_checkpoint(tmp_path):
 
 def both_engines(resolved, data, **kwargs):
     fast = layercrit.measure(resolved, data, batch_size=16, channels_last=False, fold_bn=False, **kwargs)
-    naive = layercrit.measure(resolved, data, batch_size=16, engine_name="naive", **kwargs)
+    naive = layercrit.measure(resolved, data, batch_size=16, engine="naive", **kwargs)
     assert list(fast.layer) == list(naive.layer) and list(fast.reset) == list(naive.reset)
     assert (fast[list(METRIC_COLUMNS)] - naive[list(METRIC_COLUMNS)]).abs().max().max() <= 1e-5
     return fast
