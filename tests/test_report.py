@@ -94,3 +94,21 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(analyzed_repo
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (2400, 1280)
     assert pixels.std() > 10  # text and figures, not a blank page
+
+
+def test_the_report_opens_with_the_run_conditions_read_from_the_rows(tmp_path):
+    from layercrit.analysis import analyze, run_conditions
+
+    rows = pd.DataFrame({
+        "model_id": ["a"] * 5, "layer": ["original", "conv1", "conv1", "fc", "fc"], "trial": [0, 0, 1, 0, 1],
+        "reset": "rerandomize", "pred_cos_sim": [1.0, 0.5, 0.6, 0.9, 0.8], "top1_acc": 80.0,
+        "n_images": 1000, "seed": 0, "data_id": "fashion-mnist-test-n1000-s0", "engine": "fast",
+        "precision": "fp32", "layercrit_version": "9.9.9"})
+    conditions = run_conditions(rows)
+    assert conditions.to_dict(orient="records") == [{
+        "reset": "rerandomize", "data_id": "fashion-mnist-test-n1000-s0", "seed": 0, "engine": "fast",
+        "precision": "fp32", "layercrit_version": "9.9.9", "models": 1, "layers": 2, "trials per layer": "2",
+        "images per evaluation": "1000"}]
+    page = analyze(rows, tmp_path)["paths"]["report"].read_text()
+    assert page.index("Run conditions") < page.index("Figures") and "9.9.9" in page
+    assert page.index("fashion-mnist-test-n1000-s0") < page.index("Figures")

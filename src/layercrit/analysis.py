@@ -696,15 +696,19 @@ def analyze(
         "heatmap_excluded": excluded,
         "correlations": _json_safe(correlation.to_dict(orient="records")),
         "skipped_figures": skipped,
+        "run_conditions": _json_safe(run_conditions(frame).to_dict(orient="records")),
     }
     paths["stats"] = out / "stats.json"
     paths["stats"].write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     for name, figure in figures.items():
         paths[name] = plots.save(figure, out / name)
     note = f" Left out: {', '.join(excluded)} (category {', '.join(heatmap_exclude)})." if excluded else ""
+    conditions = pd.DataFrame(stats["run_conditions"])
+    paths["run_conditions"] = write_table(conditions, out / "run_conditions.csv")
     paths["report"] = report.write_report(
         out / "report.html",
         title="Layer criticality",
+        conditions=conditions,
         summary=_summary_lines(stats),
         figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note), paths[name][0])
                  for name in figures],
@@ -713,6 +717,34 @@ def analyze(
     )
     return {"layers": layers, "models": models, "correlations": correlation, "profile": profile, "stats": stats,
             "paths": paths, "figures": figures}
+
+
+CONDITIONS = ("reset", "data_id", "seed", "engine", "precision", "target_ci", "layercrit_version")
+
+
+def run_conditions(results: pd.DataFrame) -> pd.DataFrame:
+    """How the results were made, read from the rows themselves (so any output, a run, a sweep's export, the demo, or
+    the paper's CSV, says it): per reset, design and data set, the models, images per evaluation, reset draws per
+    layer, seed, engine, precision, the sequential design's target and layercrit's version, as far as the rows
+    carry them."""
+    keys = [c for c in CONDITIONS if c in results.columns]
+    measured = results[results["layer"] != ORIGINAL]
+    if not keys:
+        return pd.DataFrame({"models": [measured["model_id"].nunique()], "rows": [len(measured)]})
+    table = []
+    for key, group in measured.groupby(keys, sort=False, dropna=False):
+        row = dict(zip(keys, key, strict=True))
+        row["models"] = group["model_id"].nunique()
+        row["layers"] = group["layer"].nunique()
+        draws = group.groupby(["model_id", "layer"])["trial"].nunique()
+        row["trials per layer"] = (f"{draws.min()}" if draws.min() == draws.max()
+                                   else f"{draws.min()}–{draws.max()} (median {draws.median():g})")
+        if "n_images" in group:
+            images = group["n_images"]
+            row["images per evaluation"] = (f"{images.min():g}" if images.min() == images.max()
+                                            else f"{images.min():g}–{images.max():g}")
+        table.append(row)
+    return pd.DataFrame(table)
 
 
 def _figures(layers, models, correlation, profile, metric, ci_threshold,

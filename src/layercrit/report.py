@@ -33,6 +33,7 @@ def write_report(
     summary: Sequence[str],
     figures: Sequence[tuple[str, Path]],
     tables: Sequence[tuple[str, pd.DataFrame]],
+    conditions: pd.DataFrame | None = None,
 ) -> Path:
     """Write the HTML report and return its path.
 
@@ -42,6 +43,7 @@ def write_report(
         summary: lines shown preformatted at the top (sizes, metric, correlations).
         figures: (caption, PNG path) pairs; each PNG is embedded as a data URI.
         tables: (heading, DataFrame) pairs, shown in full; tables longer than 60 rows start folded.
+        conditions: how the results were made (images, trials, reset, data, version...), shown first.
     """
     path = Path(path)
     parts = [
@@ -50,9 +52,10 @@ def write_report(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<pre>{html.escape(chr(10).join(summary))}</pre>",
-        "<h2>Figures</h2>",
     ]
+    if conditions is not None:
+        parts += ["<h2>Run conditions</h2>", f'<div class="scroll">{_table_html(conditions)}</div>']
+    parts += [f"<pre>{html.escape(chr(10).join(summary))}</pre>", "<h2>Figures</h2>"]
     for caption, png in figures:
         data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
         parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption, quote=True)}">'
