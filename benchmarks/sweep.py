@@ -118,6 +118,29 @@ def replay_flop_bound(model: torch.nn.Module, x: torch.Tensor) -> float:
     return len(flops) * total / sum(suffixes)
 
 
+def plain_bf16_gain(name: str, batch_size: int, device: str, repeats: int = 5) -> float:
+    """How much faster a plain forward of the model runs under bf16 autocast than in fp32 (NHWC, no layercrit):
+    the gain the engine's bf16 should keep. Best of ``repeats`` timed forwards each, after a warm-up."""
+    resolved = build_model(name)
+    res = resolved.preprocessing.crop or 28
+    model = resolved.model.to(device).to(memory_format=torch.channels_last)
+    x = torch.rand(batch_size, resolved.preprocessing.in_chans, res, res, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    seconds = {}
+    for dtype in (None, torch.bfloat16):
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            model(x)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        seconds[dtype] = min(times)
+    return seconds[None] / seconds[torch.bfloat16]
+
+
 def build_model(name: str):
     spec, _, _, _, pretrained = CASES[name]
     resolved = resolve_model(spec, pretrained=pretrained)
@@ -189,6 +212,9 @@ def run_case(name: str, images: int | None, batch_size: int, workdir: Path, conf
         row.update({"max_rel_diff": f"{relative:.2g}", "d_top1": round(diff["top1_acc"].max(), 3),
                     "d_cos": f"{diff['pred_cos_sim'].max():.2g}"})
         rows.append(row)
+    if "fast" in best and "fast-bf16" in best:  # does the engine keep a plain forward's bf16 gain?
+        rows[-1]["bf16_gain_engine"] = round(best["fast"] / best["fast-bf16"], 2)
+        rows[-1]["bf16_gain_plain"] = round(plain_bf16_gain(name, batch_size, device), 2)
     return rows
 
 
