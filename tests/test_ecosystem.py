@@ -504,3 +504,18 @@ def test_save_logits_of_the_sequential_design_are_indexed_by_image_in_the_pool(t
     measured = rows[rows.layer != "original"]
     assert {(layer, trial) for layer, trial in zip(measured.layer, measured.trial, strict=True)} <= set(logits)
     assert all(len(logits[row.layer, row.trial]) == row.n_images for _, row in measured.iterrows())
+
+
+def test_progress_bars_are_on_where_someone_watches_and_off_in_logs(monkeypatch):
+    import io
+
+    from layercrit.measure import interactive
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    assert interactive()
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert not interactive()

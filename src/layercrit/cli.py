@@ -202,7 +202,7 @@ def _cmd_run(args) -> int:
 
     try:
         df = measure(resolved, experiment.data, **experiment.measure_options(trust_checkpoint=args.trust_checkpoint),
-                     model_id=args.model_id, progress=not args.quiet, on_rows=on_rows,
+                     model_id=args.model_id, progress=False if args.quiet else None, on_rows=on_rows,
                      save_logits=out / "logits" if experiment.save_logits else None,
                      per_class=out / "per_class.csv" if experiment.per_class else None)
         csv_path, _ = write_results(df, out, run)
@@ -483,7 +483,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
-    p.add_argument("--progress", action="store_true", help="show a progress bar per model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: shown on a terminal)")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -494,7 +494,7 @@ def _cmd_demo(args) -> int:
     check_device(args.device, "--device")
     result = run_demo(args.out, images=args.images or DEMO_IMAGES, trials=args.trials, models=args.models,
                       batch_size=args.batch_size, device=args.device, data_root=args.data_root,
-                      progress=args.progress)
+                      progress=False if args.quiet else None)
     print(format_summary(result["summary"]))
     for name, path in result["paths"].items():
         print(f"{name + ':':<9}{path}")

@@ -32,7 +32,7 @@ def run_demo(
     batch_size: int = 500,
     device: str | None = None,
     data_root: str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Measure the Fashion-MNIST zoo with ``rerandomize`` and write ``results.csv``, ``heatmap.png``, ``report.html``.

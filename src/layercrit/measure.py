@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -71,7 +72,7 @@ def measure(
     save_logits_top_k: int | None = None,
     log_batches: bool = False,
     per_class: str | Path | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     on_rows: Callable[[pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
     """Reset each selected layer in turn, ``trials`` times, and measure the model on the same images.
@@ -127,6 +128,8 @@ def measure(
         log_batches: add a ``batch_acc`` column: each batch's top-1 in percent, as a JSON list (the paper's column).
         per_class: a CSV file to write each class's accuracy, its drop and agreement per (layer, trial) to, in long
             format (:meth:`layercrit.breakdown.Breakdown.per_class`). Both: the paper's fixed design only.
+        progress: a progress bar over (layer, trial) × batches; default: when someone is watching (a terminal
+            or a notebook, see :func:`interactive`).
         on_rows: called with the rows finished so far after each chunk of layers (to persist them).
         memo: a dict kept between calls on the same model (a sweep worker's units), where the engine keeps what it
             learned: the model's structure and the batch size that fits in memory (see :func:`layercrit.engine.run`).
@@ -167,7 +170,8 @@ def measure(
                          **dict(reset_options or {}))
     strategy.bind(resolved.model, evalset.images, batch_size)
     options = engines.EngineOptions(engine=engine, batch_size=batch_size, device=device, precision=precision,
-                                   max_cache_mb=max_cache_mb, compile=compile, progress=progress,
+                                   max_cache_mb=max_cache_mb, compile=compile,
+                                   progress=interactive() if progress is None else progress,
                                    channels_last=channels_last, fold_bn=fold_bn,
                                    image_target_ci=image_target_ci)
     design = None if target_ci is None else SequentialDesign(
@@ -239,6 +243,16 @@ def _each(hooks: list[Callable]) -> Callable | None:
         for hook in hooks:
             hook(*args)
     return call
+
+
+def interactive() -> bool:
+    """Whether someone is watching: standard error is a terminal, or the code runs in a Jupyter kernel (where tqdm
+    draws its notebook bar). Progress bars are on by default then, off in logs and CI."""
+    if sys.stderr is not None and sys.stderr.isatty():
+        return True
+    shell = sys.modules.get("IPython")
+    ipython = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
+    return ipython is not None and type(ipython).__name__ == "ZMQInteractiveShell"
 
 
 def override_transform(pre: Preprocessing, resize: int | None, crop: int | None,
