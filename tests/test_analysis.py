@@ -38,7 +38,7 @@ def results(cos: dict[str, dict[str, list[float]]], *, accuracy: dict[str, float
     return pd.DataFrame(rows)
 
 
-def crit(table: pd.DataFrame, model: str, layer: str, column: str = "criticality_mean") -> float:
+def crit(table: pd.DataFrame, model: str, layer: str, column: str = "criticality_pct") -> float:
     return float(table.loc[(table.model_id == model) & (table.layer == layer), column].iloc[0])
 
 
@@ -49,16 +49,16 @@ def test_layer_criticality_is_the_percent_mean_and_sample_std_over_trials():
     table = analysis.layer_criticality(results({"m": {"model.conv1": [0.25, 0.25, 0.25],
                                                       "model.fc": [0.2, 0.4, 0.6]}}))
     assert crit(table, "m", "model.conv1") == pytest.approx(75.0)
-    assert crit(table, "m", "model.conv1", "criticality_std") == pytest.approx(0.0)
+    assert crit(table, "m", "model.conv1", "criticality_std_pct") == pytest.approx(0.0)
     assert crit(table, "m", "model.fc") == pytest.approx(60.0)  # 80, 60, 40
-    assert crit(table, "m", "model.fc", "criticality_std") == pytest.approx(20.0)
+    assert crit(table, "m", "model.fc", "criticality_std_pct") == pytest.approx(20.0)
     assert list(table.trials) == [3, 3]
 
 
 def test_a_single_trial_has_no_std_over_trials():
     table = analysis.layer_criticality(results({"m": {"model.fc": [0.5]}}))
     assert crit(table, "m", "model.fc") == pytest.approx(50.0)
-    assert math.isnan(crit(table, "m", "model.fc", "criticality_std"))
+    assert math.isnan(crit(table, "m", "model.fc", "criticality_std_pct"))
 
 
 @pytest.mark.parametrize(("metric", "expected"), [("cos", 10.0), ("top1", 70.0), ("agreement", 50.0)])
@@ -156,8 +156,8 @@ def test_avg_criticality_is_the_mean_over_layers_of_the_trial_means():
     # one layer has three trials and the other one: a mean over rows would weight the first 3:1 (75 %)
     models = analysis.model_criticality(results({"m": {"model.conv1": [0.0, 0.0, 0.0], "model.fc": [1.0]}}))
     row = models.iloc[0]
-    assert row.avg_criticality == pytest.approx(50.0)
-    assert row.std_over_layers == pytest.approx(50.0)  # population std of (100, 0)
+    assert row.avg_criticality_pct == pytest.approx(50.0)
+    assert row.std_over_layers_pct == pytest.approx(50.0)  # population std of (100, 0)
     assert row.layers == 2
 
 
@@ -307,7 +307,7 @@ def _random_models(n_per_category: dict[str, int], seed: int = 0) -> pd.DataFram
     rng = np.random.default_rng(seed)
     categories = [c for c, n in n_per_category.items() for _ in range(n)]
     return pd.DataFrame({"model_id": [f"m{i}" for i in range(len(categories))], "category": categories,
-                         "avg_criticality": rng.uniform(20, 60, len(categories)),
+                         "avg_criticality_pct": rng.uniform(20, 60, len(categories)),
                          "accuracy": rng.uniform(55, 80, len(categories))})
 
 
@@ -323,8 +323,8 @@ def test_correlations_match_scipy_over_all_models_and_each_subset():
     }
     assert set(table.index) == set(subsets)
     for name, subset in subsets.items():
-        spearman = stats.spearmanr(subset.avg_criticality, subset.accuracy)
-        kendall = stats.kendalltau(subset.avg_criticality, subset.accuracy)
+        spearman = stats.spearmanr(subset.avg_criticality_pct, subset.accuracy)
+        kendall = stats.kendalltau(subset.avg_criticality_pct, subset.accuracy)
         row = table.loc[name]
         assert row.n == len(subset)
         assert row.spearman_rho == pytest.approx(spearman.statistic)
@@ -418,8 +418,8 @@ def test_analyze_writes_every_table_and_figure(analyzed):
     out, result = analyzed
     for name in ("layer_criticality", "model_criticality", "correlations", "depth_profile"):
         assert result["paths"][name] == out / f"{name}.csv"
-    pd.testing.assert_frame_equal(pd.read_csv(out / "model_criticality.csv")[["model_id", "avg_criticality"]],
-                                  result["models"][["model_id", "avg_criticality"]])
+    pd.testing.assert_frame_equal(pd.read_csv(out / "model_criticality.csv")[["model_id", "avg_criticality_pct"]],
+                                  result["models"][["model_id", "avg_criticality_pct"]])
     assert len(pd.read_csv(out / "layer_criticality.csv")) == 5 * 4
     for name in ("heatmap", "heatmap_std", "heatmap_delta", "accuracy_vs_criticality", "budget_vs_criticality",
                  "depth_vs_criticality"):
@@ -437,7 +437,7 @@ def test_stats_json_holds_the_correlations_and_the_baseline(analyzed):
     overall = saved["correlations"][0]
     models = result["models"].dropna(subset=["accuracy"])
     assert overall["subset"] == "all" and overall["n"] == 4
-    assert overall["spearman_rho"] == pytest.approx(stats.spearmanr(models.avg_criticality, models.accuracy).statistic)
+    assert overall["spearman_rho"] == pytest.approx(stats.spearmanr(models.avg_criticality_pct, models.accuracy).statistic)
     assert saved["skipped_figures"] == {}
 
 
@@ -458,7 +458,7 @@ def test_cli_analyze_prints_the_correlations_and_writes_the_report(tmp_path, cap
     assert main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "figures")]) == 0
     printed = capsys.readouterr().out
     models = analysis.model_criticality(rows)
-    rho = stats.spearmanr(models.avg_criticality, models.accuracy).statistic
+    rho = stats.spearmanr(models.avg_criticality_pct, models.accuracy).statistic
     assert f"Spearman ρ={rho:.3f}" in printed
     assert str(tmp_path / "figures" / "report.html") in printed
     assert (tmp_path / "figures" / "report.html").is_file()
@@ -474,18 +474,18 @@ def test_layer_and_model_tables_carry_95_percent_intervals_over_resets_in_percen
     rows = results({"m": {"model.conv1": [0.9, 0.8, 0.7], "model.fc": [0.5, 0.5, 0.2]}})
     layers = analysis.layer_criticality(rows).set_index("layer")
     t = stats.t.ppf(0.975, 2)
-    assert layers.loc["model.conv1", "criticality_ci"] == pytest.approx(100 * t * 0.1 / np.sqrt(3))
+    assert layers.loc["model.conv1", "criticality_ci_pct"] == pytest.approx(100 * t * 0.1 / np.sqrt(3))
     models = analysis.model_criticality(rows)
     per_trial = 100 * (1 - np.array([0.7, 0.65, 0.45]))  # both layers' criticality averaged at each trial
-    assert models.avg_criticality_ci.item() == pytest.approx(t * per_trial.std(ddof=1) / np.sqrt(3))
+    assert models.avg_criticality_ci_pct.item() == pytest.approx(t * per_trial.std(ddof=1) / np.sqrt(3))
 
 
 def test_sequential_rows_report_the_fixed_width_target_unless_capped():
     rows = results({"m": {"model.conv1": [0.90, 0.91, 0.90, 0.91], "model.fc": [0.1, 0.9, 0.2, 0.8]}})
     rows = rows.assign(target_ci=0.03, ci_looks=3, capped=rows.layer == "model.fc", n_images=50)
     layers = analysis.layer_criticality(rows).set_index("layer")
-    assert layers.loc["model.conv1", "criticality_ci"] == pytest.approx(3.0)
-    assert layers.loc["model.fc", "criticality_ci"] > 3.0 and layers.loc["model.fc", "capped"]
+    assert layers.loc["model.conv1", "criticality_ci_pct"] == pytest.approx(3.0)
+    assert layers.loc["model.fc", "criticality_ci_pct"] > 3.0 and layers.loc["model.fc", "capped"]
 
 
 # ---------------------------------------------------------------- the paper's own results, without extra files
@@ -598,7 +598,7 @@ def test_the_frozen_random_model_is_left_out_of_the_heatmaps_and_their_margins(p
     layers = paper_result["layers"]
     first_layer = layers[(layers.model_id != "resnet50_frozen_random") & (layers.layer == "model.conv1")]
     column = next(m for m in margins if m.get_label() == "column margin").get_xticklabels()[0].get_text()
-    assert column == f"{first_layer.criticality_mean.mean():.0f}±{first_layer.criticality_mean.std(ddof=0):.0f}"
+    assert column == f"{first_layer.criticality_pct.mean():.0f}±{first_layer.criticality_pct.std(ddof=0):.0f}"
     assert "resnet50_frozen_random" in set(paper_result["models"].model_id)  # still in the tables
 
 
@@ -619,7 +619,7 @@ def test_the_budget_figure_of_the_papers_results_has_an_l2_and_an_linf_panel(pap
     linf = axes["budget Linf"].get_lines()[0]
     np.testing.assert_allclose(linf.get_xdata(), [0.0, 1.0, 4.0])  # ε = 0, then 1/255 and 4/255
     np.testing.assert_allclose(linf.get_ydata(), models.loc[["robust_resnet50_l2_eps0", "robust_resnet50_linf_eps1.0",
-                                                             "robust_resnet50_linf_eps4.0"], "avg_criticality"])
+                                                             "robust_resnet50_linf_eps4.0"], "avg_criticality_pct"])
     np.testing.assert_allclose(axes["budget L2"].get_lines()[0].get_xdata(), [0.0, 3.0])
 
 

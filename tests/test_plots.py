@@ -88,7 +88,7 @@ def _models():
     return pd.DataFrame({
         "model_id": ["tv", "adv1", "adv2", "adv3", "aug"],
         "category": ["baseline", "adversarial_training", "adversarial_training", "adversarial_training", "augment"],
-        "avg_criticality": [40.0, 45.0, 50.0, 55.0, 38.0],
+        "avg_criticality_pct": [40.0, 45.0, 50.0, 55.0, 38.0],
         "accuracy": [76.0, 70.0, 65.0, 60.0, np.nan],
         "budget": [np.nan, 3.0, 1.0, 4 / 255, np.nan],
         "norm": [None, "L2", "L2", "Linf", None],
@@ -110,7 +110,7 @@ def test_every_scatter_point_is_named_without_what_its_category_shares_and_no_na
     models = _models().assign(display=["Baseline", "PGD Adversarial Training (L2, ε=3)",
                                        "PGD Adversarial Training (L2, ε=1)", "PGD Adversarial Training (Linf, ε=4)",
                                        "Augment"],
-                              avg_criticality=[40.0, 45.0, 45.5, 46.0, 38.0], accuracy=[76.0, 70.0, 70.2, 70.4, 0])
+                              avg_criticality_pct=[40.0, 45.0, 45.5, 46.0, 38.0], accuracy=[76.0, 70.0, 70.2, 70.4, 0])
     fig = plots.accuracy_scatter(models)
     fig.canvas.draw()
     ax = axis(fig, "scatter")
@@ -134,7 +134,7 @@ def test_short_labels_drop_the_words_a_category_shares(displays, categories, sho
 
 def test_budget_plot_gives_each_norm_its_own_panel_and_axis():
     models = pd.concat([_models(), pd.DataFrame({
-        "model_id": ["adv0", "adv4"], "category": ["adversarial_training"] * 2, "avg_criticality": [42.0, 60.0],
+        "model_id": ["adv0", "adv4"], "category": ["adversarial_training"] * 2, "avg_criticality_pct": [42.0, 60.0],
         "accuracy": [75.0, 55.0], "budget": [0.0, 8 / 255], "norm": ["L2", "Linf"]})], ignore_index=True)
     fig = plots.budget_plot(models)
     l2, linf = axis(fig, "budget L2"), axis(fig, "budget Linf")
@@ -151,7 +151,7 @@ def test_budget_plot_gives_each_norm_its_own_panel_and_axis():
 def test_budgets_spanning_decades_get_a_symmetric_log_axis_so_small_ones_stay_apart():
     budgets = [0.0, 0.01, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 5.0]
     models = pd.DataFrame({"model_id": [f"m{b}" for b in budgets], "category": "adversarial_training",
-                           "avg_criticality": np.linspace(40, 60, len(budgets)), "accuracy": 70.0,
+                           "avg_criticality_pct": np.linspace(40, 60, len(budgets)), "accuracy": 70.0,
                            "budget": budgets, "norm": "L2"})
     fig = plots.budget_plot(models)
     fig.canvas.draw()
@@ -165,8 +165,8 @@ def test_depth_profile_has_one_line_and_band_per_category():
     profile = pd.DataFrame({
         "category": ["baseline"] * 3 + ["adversarial_training"] * 3,
         "relative_depth": [0.0, 0.5, 1.0] * 2,
-        "criticality_mean": [10.0, 50.0, 30.0, 20.0, 40.0, 60.0],
-        "criticality_std": [0.0] * 3 + [5.0] * 3,
+        "criticality_pct": [10.0, 50.0, 30.0, 20.0, 40.0, 60.0],
+        "criticality_std_pct": [0.0] * 3 + [5.0] * 3,
         "models": [1] * 3 + [3] * 3,
     })
     ax = axis(plots.profile_plot(profile), "profile")

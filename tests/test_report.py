@@ -32,7 +32,7 @@ def _figure_pngs(tmp_path, n):
 def test_report_embeds_every_figure_and_table_and_fetches_nothing(tmp_path):
     pngs = _figure_pngs(tmp_path, 2)
     long = pd.DataFrame({"layer": [f"model.layer{i}" for i in range(report.COLLAPSE_ROWS + 1)], "value": 1.5})
-    short = pd.DataFrame({"model_id": ["<b>tv</b>"], "avg_criticality": [12.3456789]})
+    short = pd.DataFrame({"model_id": ["<b>tv</b>"], "avg_criticality_pct": [12.3456789]})
     path = report.write_report(tmp_path / "out" / "report.html", title="Layer criticality", summary=["3 models"],
                                figures=[("first figure", pngs[0]), ("second figure", pngs[1])],
                                tables=[("Models", short), ("Layers", long)])

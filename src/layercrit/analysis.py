@@ -311,8 +311,8 @@ def layer_criticality(
 
     Returns:
         Columns ``model_id, layer, layer_display, depth`` (index in the network order over all models),
-        ``relative_depth`` (0 = the model's first measured layer, 1 = its last), ``criticality_mean,
-        criticality_std, trials``, ``criticality_ci`` (half-width of the 95% interval of the mean over resets,
+        ``relative_depth`` (0 = the model's first measured layer, 1 = its last), ``criticality_pct,
+        criticality_std_pct, trials``, ``criticality_ci_pct`` (half-width of the 95% interval of the mean over resets,
         see :mod:`layercrit.estimate`) and ``capped`` (the sequential design hit its trial cap); models in order of
         appearance, layers in network order.
     """
@@ -320,7 +320,7 @@ def layer_criticality(
     depth = {name: i for i, name in enumerate(layer_order(rows))}
     model_rank = {m: i for i, m in enumerate(pd.unique(rows["model_id"]))}
     table = (rows.groupby(["model_id", "layer"], sort=False)["_crit"]
-             .agg(criticality_mean="mean", criticality_std="std", trials="count").reset_index())
+             .agg(criticality_pct="mean", criticality_std_pct="std", trials="count").reset_index())
     table["depth"] = table["layer"].map(depth)
     table = table.sort_values(["model_id", "depth"], key=lambda c: c.map(model_rank) if c.name == "model_id" else c)
     position = table.groupby("model_id", sort=False).cumcount()
@@ -329,10 +329,10 @@ def layer_criticality(
     kernels = _kernels(rows, layer_info)
     table["layer_display"] = [display_layer(name, kernels.get(name)) for name in table["layer"]]
     intervals = _estimates(rows, metric, estimate.layer_table, by=["model_id"])
-    table = table.merge(intervals[["model_id", "layer", "criticality_ci", "capped"]], on=["model_id", "layer"],
+    table = table.merge(intervals[["model_id", "layer", "criticality_ci_pct", "capped"]], on=["model_id", "layer"],
                         how="left")
-    columns = ["model_id", "layer", "layer_display", "depth", "relative_depth", "criticality_mean",
-               "criticality_std", "criticality_ci", "trials", "capped"]
+    columns = ["model_id", "layer", "layer_display", "depth", "relative_depth", "criticality_pct",
+               "criticality_std_pct", "criticality_ci_pct", "trials", "capped"]
     return table[columns].reset_index(drop=True)
 
 
@@ -340,21 +340,21 @@ def _estimates(rows: pd.DataFrame, metric: str, table, by: list[str]) -> pd.Data
     """``estimate.layer_table`` / ``model_table`` of the metric's criticality, with the interval in percent."""
     value = "criticality" if metric == "cos" else "_value"  # the sequential design's ±target is on cos criticality
     estimates = table(rows.assign(**{value: rows["_crit"] / 100.0}), by, value=value)
-    return estimates.assign(criticality_ci=100.0 * estimates["criticality_ci"])
+    return estimates.assign(criticality_ci_pct=100.0 * estimates["criticality_ci"])
 
 
 def model_intervals(results: pd.DataFrame, metric: str = "cos", *, reset: str | None = None) -> pd.Series:
     """Per model_id: half-width (percent) of the 95% interval of its average criticality over layers
     (:func:`layercrit.estimate.model_table`)."""
     table = _estimates(_measurements(results, metric, reset), metric, estimate.model_table, by=["model_id"])
-    return table.set_index("model_id")["criticality_ci"]
+    return table.set_index("model_id")["criticality_ci_pct"]
 
 
 def interpolation_curves(results: pd.DataFrame, metric: str = "cos") -> pd.DataFrame:
     """Criticality along an interpolation sweep (``--reset interpolate --alpha a1,a2,...``), per layer.
 
     Returns:
-        One row per (model_id, reset, layer, alpha), in network order then α: ``criticality_mean`` (over
+        One row per (model_id, reset, layer, alpha), in network order then α: ``criticality_pct`` (over
         trials, percent) and ``layer_display``. ``reset`` is the strategy without its α
         (``interpolate(rerandomize)``), so sweeps over different bases stay apart.
     """
@@ -367,7 +367,7 @@ def interpolation_curves(results: pd.DataFrame, metric: str = "cos") -> pd.DataF
                        _crit=100.0 * (1.0 - rows[METRICS[metric][0]].astype(float)))
     depth = {name: i for i, name in enumerate(layer_order(rows))}
     table = (rows.groupby(["model_id", "reset", "layer", "alpha"], sort=False)["_crit"].mean()
-             .rename("criticality_mean").reset_index())
+             .rename("criticality_pct").reset_index())
     table = table.assign(_depth=table["layer"].map(depth)).sort_values(["model_id", "reset", "_depth", "alpha"],
                                                                        kind="stable")
     table.insert(3, "layer_display", [display_layer(name) for name in table["layer"]])
@@ -383,11 +383,11 @@ def interpolation_area(curves: pd.DataFrame) -> pd.DataFrame:
     def area(curve: pd.DataFrame) -> pd.Series:
         if len(curve) < 2:
             raise LayercritError("the area under a curve needs at least two alphas: --alpha 0,0.25,0.5,0.75,1")
-        return pd.Series({"area": float(np.trapezoid(curve["criticality_mean"], curve["alpha"])),
+        return pd.Series({"area": float(np.trapezoid(curve["criticality_pct"], curve["alpha"])),
                           "alpha_min": curve["alpha"].min(), "alpha_max": curve["alpha"].max()})
 
     keys = ["model_id", "reset", "layer", "layer_display"]
-    return curves.groupby(keys, sort=False)[["alpha", "criticality_mean"]].apply(area).reset_index()
+    return curves.groupby(keys, sort=False)[["alpha", "criticality_pct"]].apply(area).reset_index()
 
 
 # ---------------------------------------------------------------- per-model table
@@ -420,8 +420,8 @@ def model_criticality(
 
     Returns:
         Columns ``model_id, display, category, accuracy`` (percent), ``accuracy_source`` (``metadata``,
-        ``zoo:paper``/``zoo:fmnist`` or ``original``), ``avg_criticality`` (mean over layers of the per-layer
-        mean, %), ``avg_criticality_ci`` (95% half-width, %), ``std_over_layers, layers, budget, norm,
+        ``zoo:paper``/``zoo:fmnist`` or ``original``), ``avg_criticality_pct`` (mean over layers of the per-layer
+        mean, %), ``avg_criticality_ci_pct`` (95% half-width, %), ``std_over_layers_pct, layers, budget, norm,
         is_baseline, registry`` (the zoo that knows the model) and any other metadata fields, in ``order``.
     """
     return _summarize(layer_criticality(results, metric, reset=reset), results, load_meta(meta), baseline,
@@ -471,10 +471,10 @@ def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, 
     if order not in ORDERS:
         raise LayercritError(f"unknown row order {order!r}: one of {', '.join(ORDERS)}")
     meta = _with_embedded_meta(meta, results)
-    per_model = layers.groupby("model_id", sort=False)["criticality_mean"]
-    models = pd.DataFrame({"avg_criticality": per_model.mean(), "std_over_layers": per_model.std(ddof=0),
+    per_model = layers.groupby("model_id", sort=False)["criticality_pct"]
+    models = pd.DataFrame({"avg_criticality_pct": per_model.mean(), "std_over_layers_pct": per_model.std(ddof=0),
                            "layers": per_model.count()}).reset_index()
-    models.insert(2, "avg_criticality_ci", models["model_id"].map(intervals))
+    models.insert(2, "avg_criticality_ci_pct", models["model_id"].map(intervals))
     models = models.merge(meta, on="model_id", how="left")
     from_meta = models["accuracy"].notna()
     known = registry_meta(models["model_id"]) if registry else registry_meta([])
@@ -492,8 +492,8 @@ def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, 
     baseline = _resolve_baseline(baseline, models)
     models["is_baseline"] = models["model_id"] == baseline
     models = _presentation_order(models, [*meta["model_id"], *known["model_id"]], order)
-    first = ["model_id", "display", "category", "accuracy", "accuracy_source", "avg_criticality",
-             "avg_criticality_ci", "std_over_layers", "layers", "budget", "norm", "is_baseline", "registry"]
+    first = ["model_id", "display", "category", "accuracy", "accuracy_source", "avg_criticality_pct",
+             "avg_criticality_ci_pct", "std_over_layers_pct", "layers", "budget", "norm", "is_baseline", "registry"]
     return models[first + [c for c in models.columns if c not in first]]
 
 
@@ -559,7 +559,7 @@ def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -
 # ---------------------------------------------------------------- statistics and derived tables
 
 
-def correlations(models: pd.DataFrame, *, x: str = "avg_criticality", y: str = "accuracy") -> pd.DataFrame:
+def correlations(models: pd.DataFrame, *, x: str = "avg_criticality_pct", y: str = "accuracy") -> pd.DataFrame:
     """Spearman ρ and Kendall τ (two-sided p-values) between two model columns, default avg criticality vs accuracy.
 
     Computed over all models with both values, over each category alone and over all but each category (the
@@ -591,7 +591,7 @@ def correlations(models: pd.DataFrame, *, x: str = "avg_criticality", y: str = "
     return pd.DataFrame(rows, columns=["subset", "n", "spearman_rho", "spearman_p", "kendall_tau", "kendall_p"])
 
 
-def criticality_matrix(layers: pd.DataFrame, models: pd.DataFrame, value: str = "criticality_mean") -> pd.DataFrame:
+def criticality_matrix(layers: pd.DataFrame, models: pd.DataFrame, value: str = "criticality_pct") -> pd.DataFrame:
     """Models × layers of one column of the layer table: rows in ``models`` order, columns in network order."""
     columns = layers.drop_duplicates("layer").sort_values("depth")["layer"]
     matrix = layers.pivot(index="model_id", columns="layer", values=value)
@@ -605,17 +605,17 @@ def depth_profile(layers: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     share one axis (for models of one architecture the values are exact).
 
     Returns:
-        Columns ``category, relative_depth, criticality_mean, criticality_std, models``, categories in ``models``
+        Columns ``category, relative_depth, criticality_pct, criticality_std_pct, models``, categories in ``models``
         order.
     """
     grid = np.unique(layers["relative_depth"].round(9))
-    curves = {model: np.interp(grid, rows["relative_depth"], rows["criticality_mean"])
+    curves = {model: np.interp(grid, rows["relative_depth"], rows["criticality_pct"])
               for model, rows in layers.groupby("model_id", sort=False)}
     frames = []
     for category, group in models.groupby("category", sort=False):
         stack = np.stack([curves[m] for m in group["model_id"]])
-        frames.append(pd.DataFrame({"category": category, "relative_depth": grid, "criticality_mean": stack.mean(0),
-                                    "criticality_std": stack.std(0), "models": len(stack)}))
+        frames.append(pd.DataFrame({"category": category, "relative_depth": grid, "criticality_pct": stack.mean(0),
+                                    "criticality_std_pct": stack.std(0), "models": len(stack)}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -760,15 +760,15 @@ def _figures(layers, models, correlation, profile, metric, ci_threshold,
     def matrix(value: str) -> pd.DataFrame:
         return criticality_matrix(layers, shown, value).set_axis(rows, axis=0).set_axis(list(columns), axis=1)
 
-    mean = matrix("criticality_mean")
+    mean = matrix("criticality_pct")
     categories = list(shown["category"])
-    uncertain = pd.DataFrame(~(matrix("criticality_ci").to_numpy() <= ci_threshold) & np.isfinite(mean.to_numpy()))
+    uncertain = pd.DataFrame(~(matrix("criticality_ci_pct").to_numpy() <= ci_threshold) & np.isfinite(mean.to_numpy()))
     figures = {
         "heatmap": plots.heatmap(mean, categories=categories, label=label, uncertain=uncertain,
                                  width=plots.FULL_WIDTH),
         "heatmap_column": plots.heatmap(mean, categories=categories, label=label, uncertain=uncertain,
                                         width=plots.COLUMN_WIDTH),
-        "heatmap_std": plots.heatmap(matrix("criticality_std"), categories=categories, label="Std. over trials [%]",
+        "heatmap_std": plots.heatmap(matrix("criticality_std_pct"), categories=categories, label="Std. over trials [%]",
                                      cmap="Reds", vmax=100.0, width=plots.FULL_WIDTH),
     }
     skipped = {}

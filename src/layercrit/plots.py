@@ -267,7 +267,7 @@ def accuracy_scatter(
     """Average criticality vs accuracy, one colour per category, each point labelled; the legend gives ρ and τ.
 
     Args:
-        models: the model table (``avg_criticality, accuracy, category``, and ``display`` for the labels); models
+        models: the model table (``avg_criticality_pct, accuracy, category``, and ``display`` for the labels); models
             without accuracy are left out.
         correlation: a row of the correlations table (``n, spearman_rho, spearman_p, kendall_tau, kendall_p``).
         labels: name each point (:func:`short_labels` of ``display``), placed where it overlaps least.
@@ -278,7 +278,7 @@ def accuracy_scatter(
     colors = category_colors(list(models["category"]))
     shown = models[models["accuracy"].notna()]
     for category, group in shown.groupby("category", sort=False):
-        ax.scatter(group["avg_criticality"], group["accuracy"], s=16, color=colors[category], edgecolor="white",
+        ax.scatter(group["avg_criticality_pct"], group["accuracy"], s=16, color=colors[category], edgecolor="white",
                    linewidth=0.4, label=category.replace("_", " "), zorder=3)
     ax.set_xlabel(xlabel, fontsize=NORMAL)
     ax.set_ylabel(ylabel, fontsize=NORMAL)
@@ -288,7 +288,7 @@ def accuracy_scatter(
                title_fontsize=SMALL, frameon=False)
     if labels and len(shown):
         names = short_labels(shown.get("display", shown.get("model_id")), list(shown["category"]))
-        _label_points(fig, ax, shown["avg_criticality"].to_numpy(float), shown["accuracy"].to_numpy(float), names,
+        _label_points(fig, ax, shown["avg_criticality_pct"].to_numpy(float), shown["accuracy"].to_numpy(float), names,
                       [colors[c] for c in shown["category"]])
     return fig
 
@@ -361,8 +361,8 @@ def budget_plot(models: pd.DataFrame, *, ylabel: str = "Avg. layer criticality [
         factor, xlabel = _NORM_UNITS.get(norm, (1.0, f"ε ({norm})"))
         group = pd.concat([zero[zero["norm"] != norm], shown[shown["norm"] == norm]]).sort_values("budget")
         eps = group["budget"].to_numpy(float) * factor
-        ax.plot(eps, group["avg_criticality"], color="0.6", linewidth=0.8, zorder=1, label=norm)
-        ax.scatter(eps, group["avg_criticality"], s=18, c=[colors[c] for c in group["category"]], edgecolor="white",
+        ax.plot(eps, group["avg_criticality_pct"], color="0.6", linewidth=0.8, zorder=1, label=norm)
+        ax.scatter(eps, group["avg_criticality_pct"], s=18, c=[colors[c] for c in group["category"]], edgecolor="white",
                    linewidth=0.4, zorder=2)
         positive = eps[eps > 0]
         if len(positive) and positive.max() > 10 * positive.min():
@@ -386,7 +386,7 @@ def profile_plot(profile: pd.DataFrame, *, ylabel: str = "Layer criticality [%]"
     ax = fig.add_subplot(label="profile")
     colors = category_colors(list(profile["category"]))
     for category, group in profile.groupby("category", sort=False):
-        x, mean, std = group["relative_depth"], group["criticality_mean"], group["criticality_std"]
+        x, mean, std = group["relative_depth"], group["criticality_pct"], group["criticality_std_pct"]
         ax.plot(x, mean, color=colors[category], linewidth=1.2,
                 label=f"{category.replace('_', ' ')} ({group['models'].iloc[0]})")
         ax.fill_between(x, mean - std, mean + std, color=colors[category], alpha=0.15, linewidth=0)
