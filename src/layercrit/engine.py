@@ -43,6 +43,7 @@ from .folding import find_pairs, folded_batchnorm, patched_forwards
 from .layers import Target
 from .metrics import PredictionMetrics
 from .resets import ModelState, Reset, load_in_place, snapshot
+from .trace import trace
 
 log = logging.getLogger(__name__)
 
@@ -461,41 +462,20 @@ class _CallStructure:
     def probe(cls, model: nn.Module, x: torch.Tensor) -> _CallStructure:
         start: dict[str, int] = {}
         end: dict[str, int] = {}
-        calls: dict[str, int] = {}
         aliasing: set[str] = set()
         sizes: dict[str, int] = {}
         returned: dict[str, list[tuple[torch.Tensor, int]]] = {}  # each output and its version when returned
-        clock = iter(range(10**9))
-        handles = []
-
-        def pre(name):
-            def hook(module, args):
-                calls[name] = calls.get(name, 0) + 1
-                start.setdefault(name, next(clock))
-            return hook
-
-        def post(name):
-            def hook(module, args, output):
-                end[name] = next(clock)
-                ins = {t.untyped_storage().data_ptr() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
-                outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-                if any(t.untyped_storage().data_ptr() in ins for t in outs):
-                    aliasing.add(name)
-                returned[name] = [(t, t._version) for t in outs]
-                sizes[name] = sum(t.numel() * t.element_size() for t in outs) // max(len(x), 1)
-            return hook
-
+        watched = trace(model, x)
+        for call in watched.calls:  # in order of starting: a module called twice keeps its first start, last end
+            start.setdefault(call.name, call.start)
+            end[call.name] = max(end.get(call.name, -1), call.end)
+            ins = {t.untyped_storage().data_ptr() for t in call.inputs}
+            if any(t.untyped_storage().data_ptr() in ins for t in call.outputs):
+                aliasing.add(call.name)
+            returned[call.name] = list(zip(call.outputs, call.versions, strict=True))
+            sizes[call.name] = sum(t.numel() * t.element_size() for t in call.outputs) // max(len(x), 1)
+        calls = watched.counts()
         named = dict(model.named_modules())
-        for name, module in named.items():
-            if name:
-                handles.append(module.register_forward_pre_hook(pre(name)))
-                handles.append(module.register_forward_hook(post(name)))
-        try:
-            with torch.no_grad():
-                model(x)
-        finally:
-            for handle in handles:
-                handle.remove()
         children = {name: [f"{name}.{c}" if name else c for c, _ in module.named_children()]
                     for name, module in named.items()}
         owners: dict[int, list[str]] = {}

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+
+from .trace import trace
 
 log = logging.getLogger(__name__)
 
@@ -44,79 +45,28 @@ def _is_timm_norm_act(module: nn.Module) -> bool:
     return type(module).__name__ == "BatchNormAct2d" and hasattr(module, "drop") and hasattr(module, "act")
 
 
-class _WatchUses(TorchFunctionMode):
-    """Notes every convolution output that some torch function uses outside the BatchNorm that consumes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id → (conv name, tensor kept alive: ids stay unique)
-        self.consumer: dict[str, str] = {}  # conv name → the BatchNorm that took its output as input
-        self.running: list[str] = []  # BatchNorms whose forward is running
-        self.used_elsewhere: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for value in tree_flatten((args, kwargs))[0]:
-            if isinstance(value, torch.Tensor) and id(value) in self.outputs:
-                conv = self.outputs[id(value)][0]
-                if self.consumer.get(conv) not in self.running:
-                    self.used_elsewhere.add(conv)
-        return func(*args, **kwargs)
-
-
 def find_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
-    """The (convolution, BatchNorm) pairs of ``model`` that can be folded, found by watching one forward on ``x``."""
+    """The (convolution, BatchNorm) pairs of ``model`` that can be folded, found by watching one forward on ``x``:
+    each runs once, the convolution's output is the BatchNorm's input, and no torch function uses that output
+    except while the BatchNorm runs (nor is it the model's output)."""
     modules = dict(model.named_modules())
     convs = {name for name, m in modules.items() if _foldable_conv(m)}
     norms = {name for name, m in modules.items() if _foldable_norm(m) and not m.training}
     if not convs or not norms:
         return []
-    watch = _WatchUses()
-    calls: dict[str, int] = {}
-    handles = []
-
-    def count(name):
-        def hook(module, args):
-            calls[name] = calls.get(name, 0) + 1
-        return hook
-
-    def conv_done(name):
-        def hook(module, args, output):
-            if isinstance(output, torch.Tensor):
-                watch.outputs[id(output)] = (name, output)
-        return hook
-
-    def norm_starts(name):
-        def hook(module, args):
-            source = watch.outputs.get(id(args[0])) if args else None
-            if source is not None and source[0] not in watch.consumer:
-                watch.consumer[source[0]] = name
-            watch.running.append(name)
-        return hook
-
-    def norm_done(module, args, output):
-        watch.running.pop()
-
-    for name in convs:
-        handles += [modules[name].register_forward_pre_hook(count(name)),
-                    modules[name].register_forward_hook(conv_done(name))]
-    for name in norms:
-        handles += [modules[name].register_forward_pre_hook(count(name)),
-                    modules[name].register_forward_pre_hook(norm_starts(name)),
-                    modules[name].register_forward_hook(norm_done)]
-    try:
-        with torch.no_grad(), watch:
-            output = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    returned = {id(t) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)}
-    returned_convs = {watch.outputs[i][0] for i in returned if i in watch.outputs}
-    return sorted(
-        (conv, norm) for conv, norm in watch.consumer.items()
-        if calls.get(conv) == 1 and calls.get(norm) == 1 and conv not in watch.used_elsewhere
-        and conv not in returned_convs
-    )
+    watched = trace(model, x, watch_uses=True)
+    calls = watched.counts()
+    outputs = {id(c.output): c.name for c in watched.calls if c.name in convs and isinstance(c.output, torch.Tensor)}
+    consumer: dict[str, str] = {}  # conv -> the BatchNorm that took its output as input
+    for call in watched.calls:
+        source = outputs.get(id(call.args[0])) if call.name in norms and call.args else None
+        if source is not None and source not in consumer:
+            consumer[source] = call.name
+    used_elsewhere = {outputs[id(t)] for t, running in watched.uses
+                      if id(t) in outputs and consumer.get(outputs[id(t)]) not in running}
+    returned = {outputs[id(t)] for t in tree_flatten(watched.result)[0] if id(t) in outputs}
+    return sorted((conv, norm) for conv, norm in consumer.items()
+                  if calls.get(conv) == 1 and calls.get(norm) == 1 and conv not in used_elsewhere | returned)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .data import to_model_input
 from .errors import LayercritError
 from .layers import WRAPPER_PREFIX, Target
 from .models.checkpoints import load_state_dict
+from .trace import trace
 
 State = dict[str, torch.Tensor]  # one module's tensors by name
 ModelState = dict[str, State]  # several modules' states by module name
@@ -148,41 +149,22 @@ class BatchNormStats:
         return self._order.get(name, 0)
 
     def _trace(self, model: nn.Module, image: torch.Tensor) -> None:
+        watched = trace(model, to_model_input(image).to(next(model.parameters()).device))
         order: dict[str, int] = {}
-        outputs: dict[int, str] = {}
-        inputs: dict[str, list[int]] = {}
-        keep_alive = []  # storages stay allocated during the trace, so equal pointers mean the same tensor
-
-        def pre(name):
-            def hook(module, args):
-                order.setdefault(name, len(order))
-                if isinstance(module, _BatchNorm) and args and isinstance(args[0], torch.Tensor):
-                    inputs.setdefault(name, []).append(args[0].data_ptr())
-            return hook
-
-        def post(name):
-            def hook(module, args, output):
-                if isinstance(output, torch.Tensor):
-                    keep_alive.append(output)
-                    outputs.setdefault(output.data_ptr(), name)
-            return hook
-
-        handles = []
-        for name, module in model.named_modules():
-            if name:
-                handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
-        try:
-            with torch.no_grad():
-                model(to_model_input(image).to(next(model.parameters()).device))
-        finally:
-            for handle in handles:
-                handle.remove()
+        for call in watched.calls:  # in order of starting
+            order.setdefault(call.name, len(order))
+        outputs: dict[int, str] = {}  # data pointer -> the first module to return it (inner before outer)
+        for call in sorted(watched.calls, key=lambda c: c.end):
+            if isinstance(call.output, torch.Tensor):
+                outputs.setdefault(call.output.data_ptr(), call.name)
         self._order = order
         self._consumers = {}
-        for bn, pointers in inputs.items():
-            for pointer in pointers:
-                if pointer in outputs and outputs[pointer] != bn:
-                    self._consumers.setdefault(outputs[pointer], []).append(bn)
+        for call in watched.calls:
+            first = call.args[0] if call.args else None
+            if isinstance(model.get_submodule(call.name), _BatchNorm) and isinstance(first, torch.Tensor):
+                source = outputs.get(first.data_ptr())
+                if source is not None and source != call.name:
+                    self._consumers.setdefault(source, []).append(call.name)
 
 
 def _initial_stats(bn: _BatchNorm) -> State:
