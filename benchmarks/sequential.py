@@ -32,7 +32,7 @@ import torch
 
 import layercrit
 from layercrit import zoo
-from layercrit.estimate import layer_table
+from layercrit.measurement.estimate import layer_table
 
 REFERENCE_SEED = 1000
 

@@ -5,7 +5,7 @@
 
 Configs: ``paper`` is the paper's method (a full forward per (layer, trial) over batches decoded again from the
 JPEG files) in a plain Python process, the baseline; ``naive`` is the same with layercrit's allocator setting
-(glibc keeps freed memory, see ``layercrit.engine.keep_freed_memory``); ``exact`` is prefix replay alone
+(glibc keeps freed memory, see ``layercrit.measurement.engine.keep_freed_memory``); ``exact`` is prefix replay alone
 (bit-identical to naive; decoding once, cold disk cache included in its time); ``nhwc`` adds NHWC layout; ``fast``
 (the default) also folds BatchNorm into the convolution before it. Each run is a fresh process, so none inherits
 another's allocator state or warm-up; with ``--repeat`` the runs are interleaved and the fastest counts.

@@ -12,12 +12,12 @@ import yaml
 from matplotlib.collections import QuadMesh
 from scipy import stats
 
-from layercrit import analysis
+from layercrit.analysis import tables as analysis
 from layercrit.cli import main
 from layercrit.columns import COLUMNS
 from layercrit.errors import LayercritError
 from layercrit.results import read_table, write_results
-from layercrit.store import Store, Unit
+from layercrit.sweeps.store import Store, Unit
 
 PAPER_COLUMNS = ["top1_acc", "top5_acc", "loss", "batch_acc", "layer", "pred_cos_sim", "pred_l1_err", "pred_l2_err",
                  "pred_ce_loss", "trial", "recovered_acc", "model_id"]
@@ -363,9 +363,9 @@ def test_read_table_sends_sqlite_stores_to_the_store_export(tmp_path, monkeypatc
     store.write_bytes(b"")
     exported = results({"m": {"model.fc": [0.5]}})
     calls = []
-    fake = types.ModuleType("layercrit.store")
+    fake = types.ModuleType("layercrit.sweeps.store")
     fake.export_frame = lambda path: calls.append(path) or exported
-    monkeypatch.setitem(sys.modules, "layercrit.store", fake)
+    monkeypatch.setitem(sys.modules, "layercrit.sweeps.store", fake)
     assert read_table(store) is exported
     assert calls == [store]
 

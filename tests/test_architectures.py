@@ -7,9 +7,9 @@ import torch
 import torchvision
 
 import layercrit
-from layercrit import analysis
+from layercrit.analysis import tables as analysis
 from layercrit.columns import METRIC_COLUMNS
-from layercrit.layers import block_units, select_layers
+from layercrit.measurement.layers import block_units, select_layers
 from layercrit.models import Preprocessing, wrap_module
 
 PRE = Preprocessing(resize=None, crop=None, source="test")

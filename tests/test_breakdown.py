@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from layercrit import cli, measure
-from layercrit.breakdown import Breakdown
 from layercrit.errors import LayercritError
+from layercrit.measurement.breakdown import Breakdown
 
 BRIGHT = [0, 1, 2, 0, 1, 2, 1, 2]  # the one lit channel of each image: the clean model predicts it
 LABELS = [0, 1, 1, 0, 2, 2, 1, 0]
@@ -99,7 +99,7 @@ def test_the_sequential_design_refuses_them(tiny_model, tiny_data):
 
 @pytest.mark.parametrize("key", ["log_batches", "per_class"])
 def test_a_sweep_refuses_them_naming_the_run_flag(key):
-    from layercrit.sweep import SweepConfig
+    from layercrit.sweeps.sweep import SweepConfig
 
     with pytest.raises(LayercritError, match=rf"{key}: a sweep does not keep it yet; use 'layercrit run --"):
         SweepConfig.from_dict({"data": "fashion-mnist", key: True,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from layercrit.cli import main
-from layercrit.resets import trial_seed
+from layercrit.measurement.resets import trial_seed
 
 from .test_data import make_image_folder
 

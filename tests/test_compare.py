@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from layercrit import cli
-from layercrit.compare import compare
+from layercrit.analysis.compare import compare
 
 T_2 = 4.302652729911275  # t(0.975, 2 degrees of freedom)
 

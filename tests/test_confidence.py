@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from layercrit.confidence import BettingCS
+from layercrit.measurement.confidence import BettingCS
 
 
 def stop_when_narrow(stream, target, alpha=0.05, batch=50):

@@ -390,9 +390,10 @@ def test_help_and_import_load_no_torch():
     modules = {line.split("|")[-1].strip() for line in timing.stderr.splitlines() if line.startswith("import time")}
     assert "layercrit.errors" in modules and not modules & {"torch", "pandas", "numpy", "timm"}
     lazy = subprocess.run([sys.executable, "-c", "import sys, layercrit; assert 'torch' not in sys.modules; "
-                           "import layercrit.measure; print(layercrit.measure.__name__, callable(layercrit.measure))"],
+                           "import layercrit.measurement.measure; "
+                           "print(layercrit.measure.__module__, callable(layercrit.measure))"],
                           capture_output=True, text=True, check=True)
-    assert lazy.stdout.split() == ["measure", "True"]  # the function, not the submodule of the same name
+    assert lazy.stdout.split() == ["layercrit.measurement.measure", "True"]  # the function, loaded on first use
 
 
 def test_results_are_written_and_read_as_json_records(tmp_path):
@@ -434,7 +435,7 @@ def test_data_seed_chooses_the_images_and_leaves_the_resets_to_seed(tiny_model, 
 
 
 def test_saved_logits_read_back_per_layer_and_trial_in_image_order(tmp_path):
-    from layercrit.logits import LogitsWriter
+    from layercrit.measurement.logits import LogitsWriter
 
     torch.manual_seed(0)
     clean, reset = torch.randn(10, 5) * 4, torch.randn(10, 5) * 4
@@ -451,7 +452,7 @@ def test_saved_logits_read_back_per_layer_and_trial_in_image_order(tmp_path):
 
 
 def test_top_k_logits_keep_the_largest_values_and_their_classes(tmp_path):
-    from layercrit.logits import LogitsWriter
+    from layercrit.measurement.logits import LogitsWriter
 
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, -1.0, 4.0, 0.0]])
     write = LogitsWriter(tmp_path, top_k=2)
@@ -461,7 +462,7 @@ def test_top_k_logits_keep_the_largest_values_and_their_classes(tmp_path):
 
 
 def test_logits_cut_short_by_a_kill_are_a_one_line_error(tmp_path):
-    from layercrit.logits import LogitsWriter
+    from layercrit.measurement.logits import LogitsWriter
 
     LogitsWriter(tmp_path)(None, 0, slice(0, 3), torch.zeros(3, 4))
     with open(tmp_path / "u00000.val", "ab") as f:
@@ -509,7 +510,7 @@ def test_save_logits_of_the_sequential_design_are_indexed_by_image_in_the_pool(t
 def test_progress_bars_are_on_where_someone_watches_and_off_in_logs(monkeypatch):
     import io
 
-    from layercrit.measure import interactive
+    from layercrit.measurement.measure import interactive
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -7,7 +7,7 @@ from torch import nn
 
 import layercrit
 from layercrit.columns import METRIC_COLUMNS
-from layercrit.engine import _CallStructure, _out_of_place
+from layercrit.measurement.engine import _CallStructure, _out_of_place
 from layercrit.models import Preprocessing, wrap_module
 
 PRE = Preprocessing(resize=None, crop=None, source="test")
@@ -142,7 +142,7 @@ def test_recorded_outputs_changed_in_place_are_replayed_from_copies_never_reused
     structure = _CallStructure.probe(resolved.model, torch.rand(2, 3, 8, 8))
     assert ("model.early" in structure.mutated) is always  # seen in the probe, or only under the reset
     data = images(8, n=12)
-    with caplog.at_level("INFO", logger="layercrit.engine"):
+    with caplog.at_level("INFO", logger="layercrit.measurement.engine"):
         fast = layercrit.measure(resolved, data, layers="late", reset="zero", trials=1, batch_size=4,
                                  channels_last=False, fold_bn=False)
     naive = layercrit.measure(resolved, data, layers="late", reset="zero", trials=1, batch_size=4,
@@ -189,10 +189,10 @@ def test_bf16_stays_close_to_fp32(tiny_model, tiny_data):
 
 
 def test_a_group_of_modules_reset_together_agrees_across_engines():
-    from layercrit import engine
     from layercrit.data import EvalSet
-    from layercrit.layers import Target
-    from layercrit.resets import Rerandomize
+    from layercrit.measurement import engine
+    from layercrit.measurement.layers import Target
+    from layercrit.measurement.resets import Rerandomize
 
     resolved = timm_model("resnet18", zero_init_last=False)
     evalset = EvalSet.from_tensors(*images(32))

@@ -8,8 +8,14 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from layercrit.estimate import half_width, images_per_trial, layer_table, look_schedule, model_table
-from layercrit.sequential import SequentialDesign, design_loop
+from layercrit.measurement.estimate import (
+    half_width,
+    images_per_trial,
+    layer_table,
+    look_schedule,
+    model_table,
+)
+from layercrit.measurement.sequential import SequentialDesign, design_loop
 
 
 def test_half_width_is_the_student_t_interval_over_trials():

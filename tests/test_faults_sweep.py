@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from layercrit.cli import main
-from layercrit.store import export_frame
-from layercrit.sweep import run_sweep
+from layercrit.sweeps.store import export_frame
+from layercrit.sweeps.sweep import run_sweep
 
 from .test_sweep import N_UNITS, write_config
 
@@ -92,7 +92,7 @@ def test_sweep_killed_at_random_moments_resumes_to_the_uninterrupted_table(expec
     write_config(tmp_path / "sweep.yaml")
     store = tmp_path / "sweep.sqlite"
     # first while starting up, planning or measuring (the store may not even exist yet), then between units
-    kill_sweep(tmp_path, after_seconds=rng.uniform(0.2, 5.0))
+    kill_sweep(tmp_path, after_seconds=rng.uniform(0.2, 5.0), after_units=N_UNITS - 4)  # a fast machine finishes in 5 s
     kill_sweep(tmp_path, after_units=min(units_done(store) + rng.randint(1, 4), N_UNITS - 3))
     assert units_done(store) < N_UNITS, f"killed mid-way (seed {seed})"
 

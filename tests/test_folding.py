@@ -6,7 +6,7 @@ from torch import nn
 
 import layercrit
 from layercrit.columns import METRIC_COLUMNS
-from layercrit.folding import find_pairs, folded_batchnorm
+from layercrit.measurement.folding import find_pairs, folded_batchnorm
 from layercrit.models import Preprocessing, wrap_module
 
 PRE = Preprocessing(resize=None, crop=None, source="test")

@@ -7,12 +7,12 @@ import timm
 import torch
 
 import layercrit
-from layercrit import engine
 from layercrit.columns import METRIC_COLUMNS
 from layercrit.errors import LayercritError
-from layercrit.layers import Target, select_layers, select_targets
+from layercrit.measurement import engine
+from layercrit.measurement.layers import Target, select_layers, select_targets
+from layercrit.measurement.resets import Rerandomize
 from layercrit.models import Preprocessing, wrap_module
-from layercrit.resets import Rerandomize
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import layercrit
 from layercrit.errors import LayercritError
-from layercrit.resets import Rerandomize, snapshot, trial_seed
+from layercrit.measurement.resets import Rerandomize, snapshot, trial_seed
 
 from .conftest import TinyCNN
 
@@ -136,7 +136,7 @@ def test_fresh_batchnorm_is_deterministic_so_its_trials_are_shared(tiny_model, t
 
 def test_rerandomize_trial_draws_the_same_weights_in_two_processes():
     code = (
-        "import torch, timm; from layercrit.resets import Rerandomize;"
+        "import torch, timm; from layercrit.measurement.resets import Rerandomize;"
         "r = Rerandomize(seed=7, fresh=lambda: timm.create_model('resnet10t', num_classes=5));"
         "m = timm.create_model('resnet10t', num_classes=5);"
         "s = r.new_state('layer2.0.conv1', m.get_submodule('layer2.0.conv1'), 1);"

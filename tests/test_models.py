@@ -5,7 +5,7 @@ import timm
 import torch
 
 from layercrit.errors import LayercritError
-from layercrit.layers import select_layers
+from layercrit.measurement.layers import select_layers
 from layercrit.models import Normalized, load_state_dict, resolve_model
 
 

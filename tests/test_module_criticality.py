@@ -14,10 +14,10 @@ import layercrit
 from layercrit.cli import main
 from layercrit.data import load_data, load_fashion_mnist, subset_indices
 from layercrit.errors import LayercritError
-from layercrit.layers import select_layers
+from layercrit.measurement.layers import select_layers
+from layercrit.measurement.module_criticality import module_criticality
+from layercrit.measurement.resets import Interpolate, Noise, Reinit
 from layercrit.models import Preprocessing, wrap_module
-from layercrit.module_criticality import module_criticality
-from layercrit.resets import Interpolate, Noise, Reinit
 
 from .conftest import TinyCNN
 

@@ -7,7 +7,7 @@ from matplotlib.collections import PathCollection, PolyCollection, QuadMesh
 from matplotlib.colors import to_rgba
 from PIL import Image
 
-from layercrit import plots
+from layercrit.analysis import plots
 
 LAYERS = ["[0.0] conv1:7x7", "[1.0] conv1:1x1", "[1.0] conv2:3x3", "[Head] fc"]
 MODELS = ["Baseline [76.15%]", "PGD ε=1 [70.00%]", "PGD ε=3 [62.80%]"]
@@ -216,7 +216,7 @@ def test_heatmap_marks_uncertain_cells_with_a_dot_at_their_centre(matrix):
 
 def _paper_matrix() -> tuple[pd.DataFrame, list[str]]:
     """The paper's heatmap: 50 models (their names and accuracies from the registry) × its 54 layers."""
-    from layercrit.analysis import display_layer
+    from layercrit.analysis.tables import display_layer
     from layercrit.zoo import paper
 
     entries = sorted((e for e in paper.entries() if e["accuracy"] is not None), key=lambda e: e["category"])

@@ -66,7 +66,7 @@ def test_two_runs_of_a_random_init_give_identical_results(tmp_path, capsys):
 
 
 def test_a_random_init_is_built_as_a_sweep_builds_it_seeded_by_seed_and_model_id():
-    from layercrit.sweep import ModelEntry, resolve_entry
+    from layercrit.sweeps.sweep import ModelEntry, resolve_entry
 
     entry = ModelEntry(id="mine", spec="layercrit:fmnist_resnet8", pretrained=False)
     state = resolve_model(entry.spec, pretrained=False, seed=3, model_id="mine").model.state_dict()

@@ -19,14 +19,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from layercrit import cli, store
+from layercrit import cli
 from layercrit.cli import main
 from layercrit.columns import COLUMNS
 from layercrit.data import EvalSet
 from layercrit.errors import LayercritError
-from layercrit.measure import measure
-from layercrit.store import Store, export_frame, status_frame
-from layercrit.sweep import load_config, run_sweep
+from layercrit.measurement.measure import measure
+from layercrit.sweeps import store
+from layercrit.sweeps.store import Store, export_frame, status_frame
+from layercrit.sweeps.sweep import load_config, run_sweep
 
 from .test_store import planned_store, rows_of  # noqa: F401 - rows_of is a fixture
 from .test_sweep import write_config

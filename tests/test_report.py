@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from layercrit import analysis, plots, report
+from layercrit.analysis import plots, report
+from layercrit.analysis import tables as analysis
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
@@ -97,7 +98,7 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(analyzed_repo
 
 
 def test_the_report_opens_with_the_run_conditions_read_from_the_rows(tmp_path):
-    from layercrit.analysis import analyze, run_conditions
+    from layercrit.analysis.tables import analyze, run_conditions
 
     rows = pd.DataFrame({
         "model_id": ["a"] * 5, "layer": ["original", "conv1", "conv1", "fc", "fc"], "trial": [0, 0, 1, 0, 1],

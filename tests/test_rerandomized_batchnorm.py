@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import layercrit
-from layercrit.resets import get_reset, load_in_place
+from layercrit.measurement.resets import get_reset, load_in_place
 
 
 def rerandomized(spec: str, layer: str):

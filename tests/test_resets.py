@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import layercrit
-from layercrit import analysis
+from layercrit.analysis import tables as analysis
 from layercrit.cli import main
 from layercrit.columns import METRIC_COLUMNS
 from layercrit.errors import LayercritError
-from layercrit.layers import Target
-from layercrit.resets import Interpolate, Noise, Reinit, Rerandomize, get_reset
+from layercrit.measurement.layers import Target
+from layercrit.measurement.resets import Interpolate, Noise, Reinit, Rerandomize, get_reset
 
 from .conftest import TinyCNN
 
@@ -277,7 +277,7 @@ def test_reset_object_with_measure_options_is_refused(tiny_model, tiny_data):
 
 
 def test_a_sweep_takes_a_resets_options_as_keys_and_refuses_a_reset_missing_them():
-    from layercrit.sweep import SweepConfig
+    from layercrit.sweeps.sweep import SweepConfig
 
     config = {"data": "fashion-mnist", "models": [{"id": "m", "spec": "zoo:fmnist/baseline"}], "reset": ["noise"]}
     with pytest.raises(LayercritError, match=r"reset 'noise' needs either a relative scale= or an absolute sigma="):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import layercrit
-from layercrit.estimate import layer_table
-from layercrit.sequential import SequentialDesign
+from layercrit.measurement.estimate import layer_table
+from layercrit.measurement.sequential import SequentialDesign
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import yaml
 
 from layercrit import cli
 from layercrit.spec import FIELDS, MEASURED, Experiment
-from layercrit.sweep import SweepConfig, export_frame, run_sweep
+from layercrit.sweeps.sweep import SweepConfig, export_frame, run_sweep
 
 RUN_ONLY = {"out", "quiet", "func", "command", "verbose"}  # where a run writes and how it talks
 MODEL_FLAGS = {"model": "spec", "model_id": "id", "arch": "arch", "pretrained": "pretrained",
@@ -33,7 +33,7 @@ def test_every_run_option_is_a_sweep_key_of_the_same_name_and_back():
 
 
 def cli_model_keys():
-    from layercrit.sweep import ModelEntry
+    from layercrit.sweeps.sweep import ModelEntry
 
     return ModelEntry.__dataclass_fields__
 

@@ -8,7 +8,7 @@ import pytest
 from layercrit import measure
 from layercrit.columns import COLUMNS
 from layercrit.errors import LayercritError
-from layercrit.store import Store, Unit, export_frame, status_frame
+from layercrit.sweeps.store import Store, Unit, export_frame, status_frame
 
 LAYERS = ["model.conv1", "model.conv2", "model.fc"]
 

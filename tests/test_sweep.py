@@ -12,14 +12,15 @@ import torch
 import yaml
 from torch import nn
 
-from layercrit import measure, sweep
+from layercrit import measure
 from layercrit.cli import main
 from layercrit.columns import COLUMNS
 from layercrit.errors import LayercritError
-from layercrit.layers import select_layers
+from layercrit.measurement.layers import select_layers
 from layercrit.models import Preprocessing, wrap_module
-from layercrit.store import export_frame, status_frame
-from layercrit.sweep import (
+from layercrit.sweeps import sweep
+from layercrit.sweeps.store import export_frame, status_frame
+from layercrit.sweeps.sweep import (
     SweepConfig,
     SweepWorker,
     conflict,

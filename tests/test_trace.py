@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from layercrit.trace import trace
+from layercrit.measurement.trace import trace
 
 
 class Twice(nn.Module):

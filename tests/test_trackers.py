@@ -10,7 +10,7 @@ import pytest
 
 from layercrit import cli, measure
 from layercrit.errors import LayercritError
-from layercrit.estimate import layer_table
+from layercrit.measurement.estimate import layer_table
 from layercrit.trackers import Tracker, log_models, parse
 
 

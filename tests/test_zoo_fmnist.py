@@ -10,7 +10,7 @@ import yaml
 from layercrit import cli, resolve_model
 from layercrit.data import load_fashion_mnist, subset_indices
 from layercrit.errors import LayercritError
-from layercrit.layers import select_layers
+from layercrit.measurement.layers import select_layers
 from layercrit.training import accuracy
 from layercrit.zoo import fmnist
 

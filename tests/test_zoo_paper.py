@@ -16,9 +16,9 @@ import torch
 
 from layercrit import cli, zoo
 from layercrit.errors import LayercritError
-from layercrit.layers import select_layers
+from layercrit.measurement.layers import select_layers
 from layercrit.models import Normalized, build_architecture, load_strict
-from layercrit.sweep import load_config
+from layercrit.sweeps.sweep import load_config
 from layercrit.zoo import paper
 
 REAL_FETCH = paper._fetch

@@ -8,8 +8,6 @@ load torch.
 """
 
 import importlib
-import sys
-import types
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -22,16 +20,16 @@ from .errors import LayercritError
 _PUBLIC = {  # name -> the module that defines it
     "EvalSet": "data",
     "ResolvedModel": "models",
-    "analyze": "analysis",
-    "get_reset": "resets",
+    "analyze": "analysis.tables",
+    "get_reset": "measurement.resets",
     "load_data": "data",
-    "load_logits": "logits",
-    "measure": "measure",
-    "module_criticality": "module_criticality",
+    "load_logits": "measurement.logits",
+    "measure": "measurement.measure",
+    "module_criticality": "measurement.module_criticality",
     "resolve_model": "models",
-    "run_sweep": "sweep",
-    "select_layers": "layers",
-    "select_targets": "layers",
+    "run_sweep": "sweeps.sweep",
+    "select_layers": "measurement.layers",
+    "select_targets": "measurement.layers",
 }
 
 
@@ -46,17 +44,5 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted({*globals(), *_PUBLIC})
 
-
-class _Package(types.ModuleType):
-    """Importing submodule ``layercrit.measure`` makes Python set the package's attribute ``measure`` to that
-    module; the function of the same name must stay what ``layercrit.measure`` means."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = ["LayercritError", "__version__", *sorted(_PUBLIC)]

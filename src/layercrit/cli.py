@@ -174,7 +174,7 @@ def _add_run(sub) -> None:
 
 
 def _cmd_run(args) -> int:
-    from .measure import check_device, measure, override_transform
+    from .measurement.measure import check_device, measure, override_transform
     from .models import resolve_model
     from .results import check_output_folder, write_results
 
@@ -230,7 +230,7 @@ def experiment_from_args(args):
 
 
 def print_summary(df) -> None:
-    from .estimate import layer_table
+    from .measurement.estimate import layer_table
 
     original = df[df.layer == "original"].iloc[0]
     skipped = int(original.n_skipped)
@@ -290,7 +290,7 @@ def _cmd_zoo_list(args) -> int:
 def _cmd_zoo_train(args) -> int:
     import torch
 
-    from .measure import check_device
+    from .measurement.measure import check_device
     from .zoo.fmnist import train_zoo
 
     check_device(args.device, "--device")
@@ -346,7 +346,7 @@ def _add_analyze(sub) -> None:
 
 
 def _cmd_analyze(args) -> int:
-    from .analysis import analyze, summary
+    from .analysis.tables import analyze, summary
 
     result = analyze(args.results, args.out, meta=args.meta, baseline=args.baseline, metric=args.metric,
                      reset=args.reset, ci_threshold=args.ci_threshold, order=args.order, registry=args.registry,
@@ -366,7 +366,7 @@ def _add_diff(sub) -> None:
 
 
 def _cmd_diff(args) -> int:
-    from .compare import compare
+    from .analysis.compare import compare
     from .results import read_table, write_table
 
     table = compare(read_table(args.a), read_table(args.b))
@@ -407,8 +407,8 @@ def _add_sweep(sub) -> None:
 
 
 def _cmd_sweep(args) -> int:
-    from .store import export_frame, status_frame
-    from .sweep import load_config, plan_sweep, run_sweep
+    from .sweeps.store import export_frame, status_frame
+    from .sweeps.sweep import load_config, plan_sweep, run_sweep
 
     config = load_config(args.config, data=args.data, data_root=args.data_root, images=args.images,
                          cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device)
@@ -441,7 +441,7 @@ def _add_status(sub) -> None:
 
 
 def _cmd_status(args) -> int:
-    from .store import status_frame
+    from .sweeps.store import status_frame
 
     print_status(status_frame(args.store))
     return 0
@@ -463,7 +463,7 @@ def _add_export(sub) -> None:
 
 def _cmd_export(args) -> int:
     from .results import write_table
-    from .store import export_frame
+    from .sweeps.store import export_frame
 
     table = export_frame(args.store)
     path = write_table(table, args.out)
@@ -489,7 +489,7 @@ def _add_demo(sub) -> None:
 
 def _cmd_demo(args) -> int:
     from .demo import DEMO_IMAGES, format_summary, run_demo
-    from .measure import check_device
+    from .measurement.measure import check_device
 
     check_device(args.device, "--device")
     result = run_demo(args.out, images=args.images or DEMO_IMAGES, trials=args.trials, models=args.models,
@@ -534,9 +534,9 @@ def _add_module_criticality(sub) -> None:
 
 
 def _cmd_module_criticality(args) -> int:
-    from .measure import check_device, override_transform
+    from .measurement.measure import check_device, override_transform
+    from .measurement.module_criticality import DEFAULT_ALPHAS, DEFAULT_SIGMAS, module_criticality
     from .models import resolve_model
-    from .module_criticality import DEFAULT_ALPHAS, DEFAULT_SIGMAS, module_criticality
     from .results import check_output_folder, write_table
 
     check_device(args.device, "--device")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import zoo
-from .analysis import analyze
+from .analysis.tables import analyze
 from .errors import LayercritError
-from .measure import measure
+from .measurement.measure import measure
 from .results import write_table
 
 DEMO_IMAGES = 300
@@ -38,7 +38,7 @@ def run_demo(
     """Measure the Fashion-MNIST zoo with ``rerandomize`` and write ``results.csv``, ``heatmap.png``, ``report.html``.
 
     ``results.csv`` is rewritten after every model, so an interrupted demo keeps the models that finished. The
-    figures, tables and report come from :func:`layercrit.analysis.analyze` (written into ``out_dir`` too).
+    figures, tables and report come from :func:`layercrit.analysis.tables.analyze` (written into ``out_dir`` too).
 
     Args:
         out_dir: output folder (created). images: Fashion-MNIST test images per model (seeded subset).

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import LayercritError
-from .estimate import layer_table
+from .measurement.estimate import layer_table
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
@@ -26,7 +26,7 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
 
 def write_results(df: pd.DataFrame, out_dir: str | Path, run: Mapping | None = None) -> tuple[Path, Path]:
     """``OUT/results.csv``, ``OUT/results.parquet`` and ``OUT/results.json`` (a list of records), ``OUT/layers.csv`` (each layer's estimate with its 95%
-    interval, :func:`layercrit.estimate.layer_table`) and ``OUT/run.json`` (``run``: the options that made them).
+    interval, :func:`layercrit.measurement.estimate.layer_table`) and ``OUT/run.json`` (``run``: the options that made them).
 
     All files are written in full beside their targets and only then renamed into place: a failed write (a full
     disk) leaves the previous files as they were, a killed one leaves every file whole (at worst, killed between
@@ -122,7 +122,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     elif path.suffix == ".json":
         table = pd.read_json(path, orient="records")
     elif path.suffix in (".sqlite", ".db"):
-        from .store import export_frame  # only SQLite users pay for importing the store
+        from .sweeps.store import export_frame
 
         table = export_frame(path)
     else:

@@ -2,7 +2,7 @@
 
 A :class:`Tracker` is a ``measure(on_rows=...)`` callback: after every chunk of layers it logs each layer that the
 chunk finished, at step = the layer's position in the network, as ``criticality`` with its 95% half-width
-``criticality_ci`` and the interval's ends (:func:`layercrit.estimate.layer_table`), plus ``top1_acc``. The
+``criticality_ci`` and the interval's ends (:func:`layercrit.measurement.estimate.layer_table`), plus ``top1_acc``. The
 unmodified model's accuracy and loss go to the run's summary, the options to its config/params, and the whole
 layer table, when the run ends, to a ``layers.csv`` (MLflow artifact, W&B table, TensorBoard text).
 The sequential design (``target_ci``) adds trials to a layer until its interval is narrow enough, so there
@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import LayercritError
-from .estimate import layer_table
+from .measurement.estimate import layer_table
 
 TRACKERS = ("wandb", "mlflow", "tensorboard")
 _PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny", "tensorboard": "tensorboard"}

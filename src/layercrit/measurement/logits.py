@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .errors import LayercritError
+from ..errors import LayercritError
 
 FORMAT = "layercrit-logits-v1"
 

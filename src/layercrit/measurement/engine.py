@@ -11,7 +11,7 @@ Two paths, same numbers:
   the naive path, on the same inputs, so results are identical, not just close.
 
 By default the fast engine also runs convolutions in NHWC layout and folds each eval-mode BatchNorm into the
-convolution before it (:mod:`layercrit.folding`); both change fp32 results in the last bits only. With both off
+convolution before it (:mod:`layercrit.measurement.folding`); both change fp32 results in the last bits only. With both off
 (``--exact``), the fast engine's results equal the naive engine's bit for bit.
 
 Prefix replay works on the eager model, so it needs no tracing and handles any architecture. A module is
@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .data import EvalSet, to_model_input
-from .errors import LayercritError
+from ..data import EvalSet, to_model_input
+from ..errors import LayercritError
 from .folding import find_pairs, folded_batchnorm, patched_forwards
 from .layers import Target
 from .metrics import PredictionMetrics
@@ -106,7 +106,7 @@ def run(
 ) -> list[dict]:
     """Evaluate the unmodified model and every (layer, trial); return one row dict per unit, original first.
 
-    ``layers`` are module names or :class:`~layercrit.layers.Target` groups of modules reset together.
+    ``layers`` are module names or :class:`~layercrit.measurement.layers.Target` groups of modules reset together.
 
     ``on_chunk`` receives the rows finished so far (original row included) after every chunk of layers, so a
     caller can persist them. ``memo``: a dict the caller keeps between calls on the same model and input size

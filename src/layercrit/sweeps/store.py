@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .columns import COLUMNS, METRIC_COLUMNS
-from .errors import LayercritError
+from ..columns import COLUMNS, METRIC_COLUMNS
+from ..errors import LayercritError
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class Store:
     # ------------------------------------------------------------ reading
 
     def results(self) -> pd.DataFrame:
-        """Every stored row (columns :data:`layercrit.measure.COLUMNS`, then each model's metadata), in sweep
+        """Every stored row (columns :data:`layercrit.columns.COLUMNS`, then each model's metadata), in sweep
         order: model, reset, layer in network order (the original row first), trial."""
         stored = {name for _, name, *_ in self.conn.execute("PRAGMA table_info(rows)")}
         present = ", ".join(f'"{c}"' for c in COLUMNS if c in stored)

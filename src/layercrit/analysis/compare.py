@@ -1,6 +1,6 @@
 """Two measurements of the same model side by side, per layer: ``layercrit diff A B``.
 
-Each side's estimate is :func:`layercrit.estimate.layer_table`'s: the mean criticality over reset draws with its
+Each side's estimate is :func:`layercrit.measurement.estimate.layer_table`'s: the mean criticality over reset draws with its
 95% half-width. The difference is ``B − A``; its half-width combines the two in quadrature,
 ``sqrt(h_A² + h_B²)``, which is the 95% half-width of a difference of two independent, normally distributed
 estimates (it treats the t quantiles of each side as the normal's, so with few trials it is the sides' own
@@ -14,8 +14,8 @@ import math
 
 import pandas as pd
 
-from .errors import LayercritError
-from .estimate import layer_table
+from ..errors import LayercritError
+from ..measurement.estimate import layer_table
 
 COLUMNS = ("layer", "criticality_a", "criticality_ci_a", "criticality_b", "criticality_ci_b", "difference",
            "difference_ci", "significant")

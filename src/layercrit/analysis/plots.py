@@ -380,7 +380,7 @@ def profile_plot(profile: pd.DataFrame, *, ylabel: str = "Layer criticality [%]"
     """Criticality over relative depth, one line (mean) and band (± std over models) per category.
 
     Args:
-        profile: the table of :func:`layercrit.analysis.depth_profile`.
+        profile: the table of :func:`layercrit.analysis.tables.depth_profile`.
     """
     fig = Figure(figsize=(4.6, 2.6), layout="constrained")
     ax = fig.add_subplot(label="profile")

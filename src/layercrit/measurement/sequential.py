@@ -9,9 +9,9 @@ layercrit instead estimates every layer's expected criticality (over resets and 
    every layer and every model, so comparisons between layers and models stay paired.
 2. **Pilot.** Trials ``0 .. min_trials-1`` run for every layer on blocks of ``pilot_images`` images.
 3. **Images per trial** (unless given): Cochran's two-stage rule on the pilot's variance components, pooled over
-   layers (:func:`layercrit.estimate.images_per_trial`), with a fixed per-trial overhead in image-forward
+   layers (:func:`layercrit.measurement.estimate.images_per_trial`), with a fixed per-trial overhead in image-forward
    equivalents (a constant, not a timing, so every process chooses the same size).
-4. **Looks.** At the trial counts of :func:`~layercrit.estimate.look_schedule` (``min_trials``, ×1.5, ...,
+4. **Looks.** At the trial counts of :func:`~layercrit.measurement.estimate.look_schedule` (``min_trials``, ×1.5, ...,
    ``max_trials``), a layer whose Bonferroni-over-looks t-interval is ±H or narrower stops; the others get trials
    up to the next look. A layer still wider at ``max_trials`` stops there, its rows marked ``capped``.
 
@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import EvalSet
+from ..errors import LayercritError
 from . import engine
-from .data import EvalSet
-from .errors import LayercritError
 from .estimate import ALPHA, half_width, images_per_trial, look_schedule
 from .layers import Target
 from .resets import Reset
@@ -113,7 +113,7 @@ def run(
     on_chunk: Callable[[list[dict]], None] | None = None,
     memo: dict | None = None,
 ) -> list[dict]:
-    """Run the sequential design with the engine (``memo`` as for :func:`layercrit.engine.run`); rows as it gives them (original
+    """Run the sequential design with the engine (``memo`` as for :func:`layercrit.measurement.engine.run`); rows as it gives them (original
     first), each (layer, trial) row with its block's ``image_offset``, ``ci_looks`` and ``capped``."""
     by_name = {target.name: target for target in targets}
     originals: dict[int, dict] = {}  # the unmodified model on each block, by offset

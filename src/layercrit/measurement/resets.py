@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .data import to_model_input
-from .errors import LayercritError
+from ..data import to_model_input
+from ..errors import LayercritError
+from ..models.checkpoints import load_state_dict
 from .layers import WRAPPER_PREFIX, Target
-from .models.checkpoints import load_state_dict
 from .trace import trace
 
 State = dict[str, torch.Tensor]  # one module's tensors by name

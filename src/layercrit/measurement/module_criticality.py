@@ -50,11 +50,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import EvalSet, load_data
-from .errors import LayercritError
+from ..data import EvalSet, load_data
+from ..errors import LayercritError
+from ..models import ResolvedModel
 from .layers import DEFAULT_LAYERS, Target, select_targets
 from .measure import as_resolved, check_sizes, measure
-from .models import ResolvedModel
 from .resets import Interpolate, Noise, Reinit, Reset, State
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))

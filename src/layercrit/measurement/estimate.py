@@ -10,7 +10,7 @@ estimate is the mean of the trial means, and the interval is a Student-t interva
   (whose own sampling error is small at 10,000 images) and honest about the resets: with 3 trials the t quantile
   is 4.30, so intervals are wide when resets disagree. A deterministic reset (``zero``) computed once has no
   spread over resets: its interval is 0.
-* **Sequential design** (``target_ci = H``; see :mod:`layercrit.sequential`). Each trial has its own block of
+* **Sequential design** (``target_ci = H``; see :mod:`layercrit.measurement.sequential`). Each trial has its own block of
   images, so the interval covers image sampling too. The stopping rule looks at the interval only at the trial
   counts of a fixed schedule (:func:`look_schedule`, ``K`` looks) and splits the error rate over them
   (Bonferroni: ``t(1 - α/(2K), n-1)``); the intervals at all ``K`` looks then hold together with probability

@@ -1,7 +1,7 @@
 """Sweeps: one YAML config, many models, resumable.
 
 The work is cut into units, (model, reset, trial, chunk of layers); a worker computes a unit with
-:func:`layercrit.measure` and the driver commits it, with its rows, to the SQLite store (:mod:`layercrit.store`).
+:func:`layercrit.measure` and the driver commits it, with its rows, to the SQLite store (:mod:`layercrit.sweeps.store`).
 A rerun skips finished units, so a sweep killed at any moment loses only the units in flight. Workers are local
 processes (``spawn``ed: torch and ``fork`` do not mix) or Ray actors, one per GPU or CPU slot; each keeps its
 current model and evaluation set between units of that model. Every process builds the same numbers: random
@@ -51,16 +51,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .columns import COLUMNS
-from .data import EvalSet, load_data
-from .engine import out_of_memory
-from .errors import LayercritError
-from .layers import select_targets
-from .measure import measure, override_transform
-from .models import ResolvedModel, resolve_model
-from .resets import RESETS, get_reset
-from .sequential import SequentialDesign
-from .spec import MEASURED, RESET_OPTIONS, Experiment
+from ..columns import COLUMNS
+from ..data import EvalSet, load_data
+from ..errors import LayercritError
+from ..measurement.engine import out_of_memory
+from ..measurement.layers import select_targets
+from ..measurement.measure import measure, override_transform
+from ..measurement.resets import RESETS, get_reset
+from ..measurement.sequential import SequentialDesign
+from ..models import ResolvedModel, resolve_model
+from ..spec import MEASURED, RESET_OPTIONS, Experiment
 from .store import Store, Unit, export_frame
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class SweepConfig(Experiment):
         return config
 
     def _validate(self, source: str) -> None:
-        from .engine import EngineOptions
+        from ..measurement.engine import EngineOptions
 
         for name in ("images", "trials", "layers_per_unit", "batch_size", "max_trials", "images_per_trial"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -401,7 +401,7 @@ def run_sweep(
         progress: show the overall bar and the per-worker status.
 
     Returns:
-        :func:`layercrit.store.export_frame` of the store. Failed units are recorded there (``layercrit status``)
+        :func:`layercrit.sweeps.store.export_frame` of the store. Failed units are recorded there (``layercrit status``)
         and retried by the next run.
     """
     if not isinstance(config, SweepConfig):

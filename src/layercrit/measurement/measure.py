@@ -12,15 +12,15 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
+from ..data import EvalSet, load_data, to_model_input
+from ..errors import LayercritError
+from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
 from . import engine as engines
 from . import sequential
 from .breakdown import Breakdown
-from .columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
-from .data import EvalSet, load_data, to_model_input
-from .errors import LayercritError
 from .layers import DEFAULT_LAYERS, Target, select_targets
 from .logits import LogitsWriter
-from .models import Normalized, Preprocessing, ResolvedModel, resolve_model
 from .resets import Reset, get_reset
 from .sequential import SequentialDesign
 
@@ -91,14 +91,14 @@ def measure(
         mean, std: normalise with these instead of the model's pretrained config (an ``nn.Module`` given without
             a wrapper is then wrapped, and its layers are named ``model.*``).
         layers: kinds (``conv``, ``linear``, ``bn``, ``ln``) and/or name globs, comma separated; or a list of
-            module names and :class:`~layercrit.layers.Target` groups.
+            module names and :class:`~layercrit.measurement.layers.Target` groups.
         reset: ``rerandomize`` (fresh init, seeded by (seed, trial)), ``zero``, ``reinit``, ``rewind``, ``noise``,
-            ``interpolate`` (see :mod:`layercrit.resets`), or a :class:`Reset` object.
+            ``interpolate`` (see :mod:`layercrit.measurement.resets`), or a :class:`Reset` object.
         reset_options: the named reset's options, e.g. ``{"checkpoint": "init.pth"}`` (reinit/rewind),
             ``{"scale": 0.1}`` (noise), ``{"alpha": [0.25, 0.5, 1.0], "base": "rerandomize"}`` (interpolate:
             one set of rows per α, with an ``alpha`` column).
         bn, bn_batches: BatchNorm running statistics around a reset layer: ``keep`` (the paper's method),
-            ``reset``, or ``recalibrate`` on ``bn_batches`` batches (see :class:`~layercrit.resets.BatchNormStats`).
+            ``reset``, or ``recalibrate`` on ``bn_batches`` batches (see :class:`~layercrit.measurement.resets.BatchNormStats`).
         groups: reset ``blocks``, ``stages`` or the groups of a YAML/JSON file together, one row per group.
         cumulative: ``prefix`` (row k resets targets 1..k) or ``suffix`` (targets k..L).
         trials: resets per layer (or the trial numbers to run, e.g. ``[2]``). images: subset size (seeded as the paper's loader). seed: data and reset seed.
@@ -114,7 +114,7 @@ def measure(
         fold_bn: fold each eval-mode BatchNorm into the convolution before it (default: on for the fast engine
             without ``compile``, off for the naive one); last bits only, like ``channels_last``. With both off the
             fast engine's results equal the naive engine's bit for bit.
-        target_ci: the sequential design (:mod:`layercrit.sequential`): estimate every layer's expected criticality
+        target_ci: the sequential design (:mod:`layercrit.measurement.sequential`): estimate every layer's expected criticality
             over resets and images to ± this (fraction) at 95%, each trial a new reset draw on its own block of
             images, ``trials`` of them at least and ``max_trials`` at most; ``images_per_trial`` sets the block
             size after the pilot (default: Cochran's rule on the pilot). Default None: the paper's fixed design,
@@ -127,18 +127,18 @@ def measure(
             reset variant when an interpolation gives several.
         log_batches: add a ``batch_acc`` column: each batch's top-1 in percent, as a JSON list (the paper's column).
         per_class: a CSV file to write each class's accuracy, its drop and agreement per (layer, trial) to, in long
-            format (:meth:`layercrit.breakdown.Breakdown.per_class`). Both: the paper's fixed design only.
+            format (:meth:`layercrit.measurement.breakdown.Breakdown.per_class`). Both: the paper's fixed design only.
         progress: a progress bar over (layer, trial) × batches; default: when someone is watching (a terminal
             or a notebook, see :func:`interactive`).
         on_rows: called with the rows finished so far after each chunk of layers (to persist them).
         memo: a dict kept between calls on the same model (a sweep worker's units), where the engine keeps what it
-            learned: the model's structure and the batch size that fits in memory (see :func:`layercrit.engine.run`).
+            learned: the model's structure and the batch size that fits in memory (see :func:`layercrit.measurement.engine.run`).
 
     Returns:
         A DataFrame with one row for the unmodified model (``layer == "original"``) and one per (layer, trial),
         columns :data:`COLUMNS` (plus ``alpha`` after ``reset`` for an interpolation).
     """
-    from . import __version__
+    from .. import __version__
 
     check_sizes(images=images, batch_size=batch_size, max_cache_mb=max_cache_mb)
     device = check_device(device)
@@ -228,7 +228,7 @@ def measure(
         if per_class is not None:
             per_class_tables.append(breakdown.per_class(finished[-1]))
     if per_class is not None:
-        from .results import write_table
+        from ..results import write_table
 
         write_table(pd.concat(per_class_tables, ignore_index=True), per_class)
     return pd.concat(finished, ignore_index=True)

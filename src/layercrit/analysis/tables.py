@@ -24,9 +24,10 @@ import pandas as pd
 import yaml
 from scipy import stats as scipy_stats
 
-from . import estimate, plots, report
-from .errors import LayercritError
-from .results import read_table, write_table
+from ..errors import LayercritError
+from ..measurement import estimate
+from ..results import read_table, write_table
+from . import plots, report
 
 ORIGINAL = "original"
 OTHER = "other"
@@ -313,7 +314,7 @@ def layer_criticality(
         Columns ``model_id, layer, layer_display, depth`` (index in the network order over all models),
         ``relative_depth`` (0 = the model's first measured layer, 1 = its last), ``criticality_pct,
         criticality_std_pct, trials``, ``criticality_ci_pct`` (half-width of the 95% interval of the mean over resets,
-        see :mod:`layercrit.estimate`) and ``capped`` (the sequential design hit its trial cap); models in order of
+        see :mod:`layercrit.measurement.estimate`) and ``capped`` (the sequential design hit its trial cap); models in order of
         appearance, layers in network order.
     """
     rows = _measurements(results, metric, reset)
@@ -345,7 +346,7 @@ def _estimates(rows: pd.DataFrame, metric: str, table, by: list[str]) -> pd.Data
 
 def model_intervals(results: pd.DataFrame, metric: str = "cos", *, reset: str | None = None) -> pd.Series:
     """Per model_id: half-width (percent) of the 95% interval of its average criticality over layers
-    (:func:`layercrit.estimate.model_table`)."""
+    (:func:`layercrit.measurement.estimate.model_table`)."""
     table = _estimates(_measurements(results, metric, reset), metric, estimate.model_table, by=["model_id"])
     return table.set_index("model_id")["criticality_ci_pct"]
 
@@ -442,7 +443,7 @@ def registry_meta(model_ids: Sequence[str]) -> pd.DataFrame:
         Columns ``model_id``, :data:`META_FIELDS` and ``registry`` (``zoo:paper``, ``zoo:fmnist``), one row per
         known id, in zoo order then record order; unknown ids are left out.
     """
-    from . import zoo
+    from .. import zoo
 
     records: dict[str, dict[str, dict]] = {}
     for name in REGISTRY_ZOOS:
