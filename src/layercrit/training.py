@@ -31,6 +31,7 @@ from torch import nn
 
 from .data import to_model_input
 from .errors import LayercritError
+from .measurement.resets import recalibrate_batchnorm
 from .models.base import Normalized
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -441,15 +442,8 @@ def train_linear_probe(
 def calibrate_batchnorm(net: Normalized, images: torch.Tensor, *, device: str = "cpu", batch_size: int = 1000) -> None:
     """Set every BatchNorm's running mean/variance to the exact statistics over ``images`` (weights untouched)."""
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
-    net.train()
-    for start in range(0, len(images), batch_size):
-        net(to_model_input(images[start:start + batch_size]).to(device))
-    for m in norms:
-        m.momentum = 0.1
-    net.eval()
+    net.to(device).eval()
+    recalibrate_batchnorm(net, norms, (images[i:i + batch_size] for i in range(0, len(images), batch_size)))
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -122,23 +122,12 @@ class BatchNormStats:
                  if isinstance(m, _BatchNorm) and m.track_running_stats and self._order.get(n, -1) >= start]
         layers = {n: model.get_submodule(n) for n in names}
         saved = {n: snapshot(model.get_submodule(n)) for n in {*states, *names}}
-        momenta = {n: bn.momentum for n, bn in layers.items()}
-        device = next(model.parameters()).device
         try:
             for name, state in states.items():
                 load_in_place(model.get_submodule(name), state)
-            for bn in layers.values():
-                bn.reset_running_stats()
-                bn.momentum = None  # cumulative average over the calibration batches
-                bn.train()
-            with torch.no_grad():
-                for images in self._calibration:
-                    model(to_model_input(images).to(device))
+            recalibrate_batchnorm(model, layers.values(), self._calibration)
             return {n: {k: getattr(bn, k).detach().clone() for k in _BN_STATS} for n, bn in layers.items()}
         finally:
-            for name, bn in layers.items():
-                bn.momentum = momenta[name]
-                bn.eval()
             for name, state in saved.items():
                 load_in_place(model.get_submodule(name), state)
 
@@ -165,6 +154,28 @@ class BatchNormStats:
                 source = outputs.get(first.data_ptr())
                 if source is not None and source != call.name:
                     self._consumers.setdefault(source, []).append(call.name)
+
+
+def recalibrate_batchnorm(model: nn.Module, norms: Iterable[_BatchNorm], batches: Iterable[torch.Tensor]) -> None:
+    """Set the running statistics of ``norms`` to the exact statistics of their inputs while ``model`` runs on
+    ``batches`` of images (uint8, or float in [0, 1]): a cumulative average, not a momentum. Each BatchNorm's momentum
+    and eval mode are restored; nothing else of the model changes mode. The one recalibration: ``--bn
+    recalibrate`` and the zoo's frozen random backbone both use it."""
+    norms = list(norms)
+    momenta = [bn.momentum for bn in norms]
+    device = next(model.parameters()).device
+    try:
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the batches
+            bn.train()
+        with torch.no_grad():
+            for images in batches:
+                model(to_model_input(images).to(device))
+    finally:
+        for bn, momentum in zip(norms, momenta, strict=True):
+            bn.momentum = momentum
+            bn.eval()
 
 
 def _initial_stats(bn: _BatchNorm) -> State:
