@@ -99,3 +99,15 @@ def test_data_seed_keeps_the_images_while_the_resets_follow_seed(tiny_model, tin
     assert not first[first.layer != "original"].criticality.equals(second[second.layer != "original"].criticality)
     plain = measure(tiny_model, "fashion-mnist", layers="fc", trials=1, images=20, seed=5)
     assert plain.data_id.iloc[0] == first.data_id.iloc[0]
+
+
+def test_measure_takes_the_spec_itself_and_gives_what_its_keywords_give(tiny_model, tiny_data):
+    from layercrit import measure
+
+    spec = Experiment(layers="conv1,fc", trials=2, images=None, reset="zero", batch_size=16)
+    by_spec = measure(tiny_model, tiny_data, spec)
+    by_keywords = measure(tiny_model, tiny_data, layers="conv1,fc", trials=2, images=None, reset="zero",
+                          batch_size=16)
+    assert by_spec.drop(columns="layercrit_version").equals(by_keywords.drop(columns="layercrit_version"))
+    on_its_data = measure(tiny_model, spec=Experiment(data="fashion-mnist", images=20, layers="fc", trials=1))
+    assert on_its_data.data_id.iloc[0] == "fashion-mnist-test-n20-s0"

@@ -16,6 +16,7 @@ from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
 from ..data import EvalSet, load_data, to_model_input
 from ..errors import LayercritError
 from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
+from ..spec import Experiment
 from . import engine as engines
 from . import sequential
 from .breakdown import Breakdown
@@ -27,7 +28,9 @@ from .sequential import SequentialDesign
 
 def measure(
     model: str | nn.Module | ResolvedModel,
-    data: str | EvalSet | tuple[torch.Tensor, torch.Tensor] | torch.utils.data.Dataset | torch.utils.data.DataLoader,
+    data: str | EvalSet | tuple[torch.Tensor, torch.Tensor] | torch.utils.data.Dataset | torch.utils.data.DataLoader
+    | None = None,
+    spec: Experiment | None = None,
     *,
     layers: str | Sequence[str | Target] = DEFAULT_LAYERS,
     reset: str | Reset = "rerandomize",
@@ -82,6 +85,9 @@ def measure(
             path with ``arch=``), an ``nn.Module`` taking images in [0, 1] (give ``fresh_model`` to rerandomize
             with the architecture's own init; otherwise each layer's ``reset_parameters()`` is used), or a
             :class:`~layercrit.models.ResolvedModel`.
+        spec: the experiment (:class:`~layercrit.spec.Experiment`, as ``layercrit run`` and sweeps build it): its
+            fields set the options they name (the keywords below then only add what a spec does not hold: the
+            model's id and factory, progress, callbacks); ``data`` defaults to ``spec.data``.
         data: ``fashion-mnist``, an image folder, an :class:`EvalSet`, ``(images, labels)`` tensors, or a torch
             ``Dataset`` / ``DataLoader`` of (image, label), images C×H×W tensors or PIL images
             (:mod:`layercrit.data.torch_data`; a Dataset gives the seeded subset of ``images``, a DataLoader its first ones).
@@ -139,6 +145,15 @@ def measure(
         columns :data:`COLUMNS` (plus ``alpha`` after ``reset`` for an interpolation).
     """
     from .. import __version__
+
+    if spec is not None:
+        options = spec.measure_options()
+        return measure(model, spec.data if data is None else data, **options, model_id=model_id,
+                       fresh_model=fresh_model, arch=arch, pretrained=pretrained, progress=progress, on_rows=on_rows,
+                       memo=memo, save_logits=save_logits, normalize=normalize, mean=mean, std=std,
+                       per_class=per_class)
+    if data is None:
+        raise LayercritError("data=None: give the evaluation data (a spec, tensors, a Dataset) or spec= with its data")
 
     check_sizes(images=images, batch_size=batch_size, max_cache_mb=max_cache_mb)
     device = check_device(device)
