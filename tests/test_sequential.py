@@ -105,3 +105,19 @@ def test_run_writes_layers_csv_and_prints_each_layers_interval(tmp_path, capsys)
     printed = capsys.readouterr().out
     for _, layer in layers.iterrows():
         assert f"{layer.criticality:.4f} ± {layer.criticality_ci:.4f}  ({layer.trials} resets" in printed
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--target-ci", "0"], "--target-ci=0.0: give a half-width as a fraction of 1"),
+    (["--target-ci", "0.05", "--max-trials", "0"], "--max-trials"),
+    (["--target-ci", "0.05", "--max-trials", "2"], "--max-trials=2: give at least trials (3)"),
+    (["--target-ci", "0.05", "--images-per-trial", "-4"], "--images-per-trial"),
+    (["--save-logits", "--save-logits-top-k", "0"], "--save-logits-top-k"),
+])
+def test_bad_design_flags_are_one_line_errors(tmp_path, capsys, argv, fragment):
+    from layercrit.cli import main
+
+    code = main(["run", "--model", "zoo:fmnist/baseline", "--data", "fashion-mnist", "--images", "20",
+                 "--layers", "fc", "--device", "cpu", "--out", str(tmp_path / "out"), "--quiet", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err

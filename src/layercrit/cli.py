@@ -62,6 +62,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: a count that may be 0 (none), never negative (a negative slice would mean "all but")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"give a whole number of 0 or more, not {text!r}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -126,13 +137,13 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-ci", type=float, help="sequential design: estimate each layer's expected criticality "
                    "over resets and images to ± this (fraction, 95%%), each trial a new reset on its own block of "
                    "images, trials added where the interval is still wide (default: the paper's fixed design)")
-    g.add_argument("--max-trials", type=int, default=100, help="with --target-ci: most trials per layer (100)")
-    g.add_argument("--images-per-trial", type=int, help="with --target-ci: images per trial after the pilot "
+    g.add_argument("--max-trials", type=_positive_int, default=100, help="with --target-ci: most trials per layer (100)")
+    g.add_argument("--images-per-trial", type=_positive_int, help="with --target-ci: images per trial after the pilot "
                    "(default: Cochran's rule on the pilot's variance components)")
     o = p.add_argument_group("outputs")
     o.add_argument("--save-logits", action="store_true", help="keep every evaluation's logits in OUT/logits (float16; "
                    "read with layercrit.load_logits); 10,000 images x 1,000 classes x 163 evaluations is ~3 GB")
-    o.add_argument("--save-logits-top-k", type=int, help="with --save-logits: only the k largest logits and their "
+    o.add_argument("--save-logits-top-k", type=_positive_int, help="with --save-logits: only the k largest logits and their "
                    "classes")
     o.add_argument("--log-to", metavar="TRACKER[:DIR]", help="log each layer's criticality (with its interval) and the "
                    "options to wandb | mlflow | tensorboard as layers finish (DIR: where; default OUT/TRACKER, "
@@ -265,7 +276,7 @@ def _add_zoo(sub) -> None:
     train.add_argument("--seed", type=int, default=0, help="seed of init, batch order and augmentation")
     train.add_argument("--test-images", type=_positive_int, help="evaluate on the first N test images (default all 10000)")
     train.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
-    train.add_argument("--robust-images", type=int, default=1000, help="test images for the robust accuracy under "
+    train.add_argument("--robust-images", type=_non_negative_int, default=1000, help="test images for the robust accuracy under "
                        "PGD-10 at every adversarial budget of the zoo (default 1000; 0: skip)")
     train.add_argument("--force", action="store_true", help="train members again that the folder already holds with "
                        "the same recipe and seed (by default they are skipped, so a killed run goes on)")
@@ -332,7 +343,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--metric", default="cos", help="cos: 100(1 - cos sim of softmax) (default) | top1: "
                                                    "100(1 - recovered acc.) | agreement: 100(1 - agreement)")
     p.add_argument("--reset", help="analyze only the rows of this reset method (needed when results mix several)")
-    p.add_argument("--ci-threshold", type=float, default=5.0,
+    p.add_argument("--ci-threshold", type=_non_negative_float, default=5.0,
                    help="heatmap cells whose 95%% interval is wider than ± this (points) get a dot (default 5)")
     p.add_argument("--order", default="notebook", choices=["notebook", "metadata"],
                    help="rows: baseline, then categories and model ids alphabetically as the paper's notebook "

@@ -61,13 +61,13 @@ class SequentialDesign:
 
     def __post_init__(self) -> None:
         if not 0 < self.target_ci < 1:
-            raise LayercritError(f"target_ci is a half-width as a fraction of 1, e.g. 0.03; got {self.target_ci}")
+            raise LayercritError(f"target_ci={self.target_ci}: give a half-width as a fraction of 1, e.g. 0.03")
         if self.min_trials < 2:
-            raise LayercritError(f"the sequential design needs trials >= 2 (its pilot), got {self.min_trials}")
+            raise LayercritError(f"trials={self.min_trials}: the sequential design needs trials >= 2 (its pilot)")
         if self.max_trials < self.min_trials:
-            raise LayercritError(f"max_trials ({self.max_trials}) must be at least trials ({self.min_trials})")
+            raise LayercritError(f"max_trials={self.max_trials}: give at least trials ({self.min_trials})")
         if self.images_per_trial is not None and self.images_per_trial < 1:
-            raise LayercritError(f"images_per_trial must be at least 1, got {self.images_per_trial}")
+            raise LayercritError(f"images_per_trial={self.images_per_trial}: give at least 1")
 
     @property
     def looks(self) -> list[int]:
