@@ -57,3 +57,21 @@ def tiny_data():
     images = torch.randint(0, 256, (48, 1, 16, 16), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (48,), generator=generator)
     return images, labels
+
+
+def run_cli(capsys, *argv):
+    """``layercrit ARGV...`` in this process: (exit status, stdout, stderr)."""
+    from layercrit.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    """A user mistake: exit status 2 and one line ``layercrit: error: ...`` holding every fragment."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("layercrit: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

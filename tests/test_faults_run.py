@@ -17,25 +17,13 @@ import torch
 from layercrit.cli import main
 from layercrit.models import resolve_model
 
+from .conftest import assert_one_line_error, run_cli
+
 # The Fashion-MNIST ResNet-20 (22 conv/linear layers); no memory for recorded activations, so every layer is a
 # chunk of its own and results.csv is rewritten 22 times.
 RUN = ["run", "--model", "zoo:fmnist/baseline", "--data", "fashion-mnist", "--images", "100", "--trials", "2",
        "--batch-size", "50", "--max-cache-mb", "0", "--quiet"]
 N_ROWS = 1 + 22 * 2
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("layercrit: error:"), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,26 +16,13 @@ import torch
 from PIL import Image
 
 import layercrit
-from layercrit.cli import main
 from layercrit.errors import LayercritError
 from layercrit.models import resolve_model
 
+from .conftest import assert_one_line_error, run_cli
+
 FMNIST = ("--data", "fashion-mnist", "--images", 20, "--trials", 1, "--quiet")
 RESNET8 = ("--model", "layercrit:fmnist_resnet8", "--no-pretrained", "--layers", "model.fc,model.layer3.*", *FMNIST)
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("layercrit: error:"), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def outputs(folder: Path) -> dict[str, bytes]:

@@ -51,26 +51,21 @@ class _Parser(argparse.ArgumentParser):
         raise LayercritError(f"{message} (see {self.prog} --help)")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: a count that must be at least 1 (``--images -5`` would mean "all but five")."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"give a whole number of at least 1, not {text!r}")
-    return value
+def _whole_number(least: int):
+    """argparse type: a count of at least ``least`` (``--images -5`` would mean "all but five")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"give a whole number of at least {least}, not {text!r}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """argparse type: a count that may be 0 (none), never negative (a negative slice would mean "all but")."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"give a whole number of 0 or more, not {text!r}")
-    return value
+_positive_int = _whole_number(1)
+_non_negative_int = _whole_number(0)  # 0 means none
 
 
 def _non_negative_float(text: str) -> float:

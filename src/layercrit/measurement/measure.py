@@ -191,6 +191,9 @@ def measure(
                                    image_target_ci=image_target_ci)
     design = None if target_ci is None else SequentialDesign(
         target_ci, min_trials=len(trial_ids), max_trials=max_trials, images_per_trial=images_per_trial)
+    if design is not None and (log_batches or per_class is not None):
+        raise LayercritError(f"target_ci={target_ci}: log_batches and per_class follow the paper's fixed design: "
+                             "leave out target_ci (or them)")
     if design is not None and trial_ids != list(range(len(trial_ids))):
         raise LayercritError("target_ci runs trials 0, 1, 2, ... itself: give trials as a number")
     meta = {
@@ -207,8 +210,6 @@ def measure(
     kernels = {t.name: _kernel(resolved.model, t) for t in targets}  # for display names like conv1:3x3
     finished: list[pd.DataFrame] = []  # earlier variants' rows (interpolate: one variant per alpha)
     variants = strategy.variants()
-    if design is not None and (log_batches or per_class is not None):
-        raise LayercritError("log_batches and per_class follow the paper's fixed design: leave out target_ci")
     per_class_tables: list[pd.DataFrame] = []
     for columns, variant in variants:
         labels = {**meta, "reset": variant.describe(), **columns}
