@@ -96,6 +96,30 @@ def test_fit_lowers_the_loss_and_is_reproducible_from_the_seed():
     assert all(torch.equal(state[k], state_again[k]) for k in state)
 
 
+def test_bf16_mixed_precision_runs_the_batches_in_bfloat16_keeps_float32_weights_and_is_reproducible():
+    images, labels = tiny_data(32)
+    seen, runs = [], []
+    for _ in range(2):
+        net = tiny_net()
+        hook = net.model.fc.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        losses = training.train_supervised(net, images, labels, epochs=4, batch_size=16, lr=0.05, schedule="constant",
+                                           precision="bf16")
+        hook.remove()
+        runs.append((losses, net.model.state_dict()))
+    (losses, state), (losses_again, state_again) = runs
+    assert set(seen) == {torch.bfloat16}
+    assert losses[-1] < losses[0] and losses == losses_again
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    assert all(torch.equal(state[k], state_again[k]) for k in state)
+    assert all(v.is_contiguous() for v in state.values()), "the trained weights are handed back contiguous"
+
+
+def test_unknown_precision_is_an_error():
+    images, labels = tiny_data(4)
+    with pytest.raises(LayercritError, match="unknown training precision 'fp16': one of fp32, bf16"):
+        training.train_supervised(tiny_net(), images, labels, epochs=1, precision="fp16")
+
+
 def test_fractional_epochs_stop_after_that_share_of_the_steps():
     images, labels = tiny_data(40)
     calls = []

@@ -48,6 +48,8 @@ def test_trained_member_is_written_with_its_record_and_resolves_to_the_measured_
     assert baseline["test_images"] == 200 and baseline["seed"] == 0 and baseline["storage"] == "float16"
     assert baseline["hyperparameters"]["epochs"] == 1 and baseline["train_time_s"] > 0
     assert lines[0].startswith("baseline") and f"{baseline['accuracy']:.2f}%" in lines[0]
+    assert 0 <= baseline["probe_accuracy"] <= 100, "a linear probe on its frozen features, the SimCLR reference"
+    assert "probe_accuracy" not in records[1], "frozen_random's classifier is itself a probe"
 
     resolved = resolve_model("zoo:fmnist/baseline")
     assert resolved.spec == "zoo:fmnist/baseline"

@@ -31,7 +31,7 @@ from ..errors import LayercritError
 from ..models.base import Normalized, ResolvedModel, wrap_module
 from ..models.builders import build_architecture
 from ..models.checkpoints import load_strict
-from ..training import METHODS, accuracy, resumable, robust_accuracy
+from ..training import METHODS, accuracy, resumable, robust_accuracy, train_linear_probe
 
 ARCH = "layercrit:fmnist_resnet20"
 MANIFEST = "manifest.yaml"
@@ -39,42 +39,49 @@ STORAGE_DTYPE = torch.float16
 DATA_SEED = 0  # every member sees the same training images, so only the method differs
 
 
+TRAIN_IMAGES = 60000  # the whole Fashion-MNIST training split
+PROBE = {"epochs": 30, "lr": 0.5}  # the linear probe of simclr, frozen_random and every member's probe_accuracy
+
+
 def _pgd(norm: str, eps: float, label: str, key: str) -> dict:
     return {
         "id": f"pgd_{norm}_{key}", "method": "adversarial", "category": "adversarial_training",
         "display": f"PGD {'L∞' if norm == 'linf' else 'L2'} ε={label}", "budget": f"{norm} {label}",
-        "train_images": 8000,
-        "hyperparameters": {"epochs": 1, "norm": norm, "eps": eps, "steps": 2, "augment": ["crop", "flip"],
-                            "lr": 0.1, "schedule": "step"},
+        "train_images": TRAIN_IMAGES,
+        "hyperparameters": {"epochs": 5, "norm": norm, "eps": eps, "steps": 3, "augment": ["crop", "flip"],
+                            "lr": 0.1, "schedule": "step", "precision": "bf16"},
     }
 
 
 RECIPES: list[dict] = [
     {"id": "baseline", "method": "supervised", "category": "baseline", "display": "Baseline (SGD, step decay)",
-     "train_images": 12000,
-     "hyperparameters": {"epochs": 2, "augment": ["crop", "flip"], "lr": 0.1, "schedule": "step"}},
+     "train_images": TRAIN_IMAGES,
+     "hyperparameters": {"epochs": 10, "augment": ["crop", "flip"], "lr": 0.1, "schedule": "step",
+                         "precision": "bf16"}},
     {"id": "improved", "method": "supervised", "category": "training_recipes",
-     "display": "Improved (cosine, label smoothing, mixup, longer)", "train_images": 12000,
-     "hyperparameters": {"epochs": 3, "augment": ["crop", "flip"], "lr": 0.1, "schedule": "cosine",
-                         "nesterov": True, "label_smoothing": 0.1, "mixup": 0.2}},
+     "display": "Improved (cosine, label smoothing, mixup, longer)", "train_images": TRAIN_IMAGES,
+     "hyperparameters": {"epochs": 15, "augment": ["crop", "flip"], "lr": 0.1, "schedule": "cosine",
+                         "nesterov": True, "label_smoothing": 0.1, "mixup": 0.2, "precision": "bf16"}},
     {"id": "aug_erase", "method": "supervised", "category": "augmentation", "display": "Random erasing",
-     "train_images": 12000,
-     "hyperparameters": {"epochs": 2, "augment": ["crop", "flip", "erase"], "lr": 0.1, "schedule": "step"}},
+     "train_images": TRAIN_IMAGES,
+     "hyperparameters": {"epochs": 10, "augment": ["crop", "flip", "erase"], "lr": 0.1, "schedule": "step",
+                         "precision": "bf16"}},
     {"id": "aug_noise", "method": "supervised", "category": "augmentation", "display": "Gaussian noise",
-     "train_images": 12000,
-     "hyperparameters": {"epochs": 2, "augment": ["crop", "flip", "noise"], "lr": 0.1, "schedule": "step"}},
+     "train_images": TRAIN_IMAGES,
+     "hyperparameters": {"epochs": 10, "augment": ["crop", "flip", "noise"], "lr": 0.1, "schedule": "step",
+                         "precision": "bf16"}},
     _pgd("linf", 2 / 255, "2/255", "2"),
     _pgd("linf", 8 / 255, "8/255", "8"),
     _pgd("linf", 24 / 255, "24/255", "24"),
     _pgd("l2", 0.5, "0.5", "0.5"),
     _pgd("l2", 1.5, "1.5", "1.5"),
     {"id": "simclr", "method": "simclr", "category": "contrastive", "display": "SimCLR + linear probe",
-     "train_images": 8000,
-     "hyperparameters": {"epochs": 1, "lr": 0.3, "schedule": "cosine", "weight_decay": 1e-4, "temperature": 0.5,
-                         "probe": {"epochs": 30, "lr": 0.5}}},
+     "train_images": TRAIN_IMAGES,
+     "hyperparameters": {"epochs": 12, "batch_size": 256, "lr": 0.5, "schedule": "cosine", "weight_decay": 1e-4,
+                         "temperature": 0.5, "precision": "bf16", "probe": dict(PROBE)}},
     {"id": "frozen_random", "method": "frozen_random", "category": "freezing",
-     "display": "Frozen random backbone + linear probe", "train_images": 12000,
-     "hyperparameters": {"probe": {"epochs": 30, "lr": 0.5}}},
+     "display": "Frozen random backbone + linear probe", "train_images": TRAIN_IMAGES,
+     "hyperparameters": {"probe": dict(PROBE)}},
 ]
 """How each member is trained. ``budget`` is the adversarial budget (pixel scale [0, 1]) for the figures."""
 
@@ -195,6 +202,9 @@ def train_zoo(
             "threads": torch.get_num_threads(), "storage": str(STORAGE_DTYPE).removeprefix("torch."),
             "torch": str(torch.__version__), "platform": platform.machine(),
         }
+        if recipe["method"] in ("supervised", "adversarial"):
+            record["probe_accuracy"] = round(probe_accuracy(net, train_images[subset], train_labels[subset], test_x,
+                                                            test_y, device=device, seed=seed), 2)
         if robust_images:
             record["robust_accuracy"] = {
                 budget: round(robust_accuracy(net, test_x[:robust_images], test_y[:robust_images], norm=norm, eps=eps,
@@ -207,6 +217,15 @@ def train_zoo(
         written.append(record)
         log(f"{record['id']:<16} {record['accuracy']:6.2f}%  {seconds:7.1f}s  ({record['display']})")
     return pd.DataFrame(written)
+
+
+def probe_accuracy(net: Normalized, images: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor,
+                   test_y: torch.Tensor, *, device: str = "cpu", seed: int = 0) -> float:
+    """Test accuracy (percent) of a linear probe (:data:`PROBE`) on ``net``'s frozen features, trained on (images,
+    labels): the supervised reference for the SimCLR and frozen-random members, whose classifier is such a probe."""
+    probed = copy.deepcopy(net)
+    train_linear_probe(probed, images, labels, device=device, seed=seed, **PROBE)
+    return accuracy(probed, test_x, test_y, device=device)
 
 
 def _finished(record: dict | None, recipe: dict, seed: int, out: Path) -> bool:
