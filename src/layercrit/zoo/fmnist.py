@@ -48,7 +48,7 @@ def _pgd(norm: str, eps: float, label: str, key: str) -> dict:
         "id": f"pgd_{norm}_{key}", "method": "adversarial", "category": "adversarial_training",
         "display": f"PGD {'L∞' if norm == 'linf' else 'L2'} ε={label}", "budget": f"{norm} {label}",
         "train_images": TRAIN_IMAGES,
-        "hyperparameters": {"epochs": 5, "norm": norm, "eps": eps, "steps": 3, "augment": ["crop", "flip"],
+        "hyperparameters": {"epochs": 4, "norm": norm, "eps": eps, "steps": 3, "augment": ["crop", "flip"],
                             "lr": 0.1, "schedule": "step", "precision": "bf16"},
     }
 
@@ -60,7 +60,7 @@ RECIPES: list[dict] = [
                          "precision": "bf16"}},
     {"id": "improved", "method": "supervised", "category": "training_recipes",
      "display": "Improved (cosine, label smoothing, mixup, longer)", "train_images": TRAIN_IMAGES,
-     "hyperparameters": {"epochs": 15, "augment": ["crop", "flip"], "lr": 0.1, "schedule": "cosine",
+     "hyperparameters": {"epochs": 12, "augment": ["crop", "flip"], "lr": 0.1, "schedule": "cosine",
                          "nesterov": True, "label_smoothing": 0.1, "mixup": 0.2, "precision": "bf16"}},
     {"id": "aug_erase", "method": "supervised", "category": "augmentation", "display": "Random erasing",
      "train_images": TRAIN_IMAGES,
@@ -77,7 +77,7 @@ RECIPES: list[dict] = [
     _pgd("l2", 1.5, "1.5", "1.5"),
     {"id": "simclr", "method": "simclr", "category": "contrastive", "display": "SimCLR + linear probe",
      "train_images": TRAIN_IMAGES,
-     "hyperparameters": {"epochs": 12, "batch_size": 256, "lr": 0.5, "schedule": "cosine", "weight_decay": 1e-4,
+     "hyperparameters": {"epochs": 10, "batch_size": 256, "lr": 0.5, "schedule": "cosine", "weight_decay": 1e-4,
                          "temperature": 0.5, "precision": "bf16", "probe": dict(PROBE)}},
     {"id": "frozen_random", "method": "frozen_random", "category": "freezing",
      "display": "Frozen random backbone + linear probe", "train_images": TRAIN_IMAGES,
