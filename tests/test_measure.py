@@ -183,3 +183,39 @@ def test_rows_name_the_kernel_size_of_convolutions(tiny_model, tiny_data):
     kernels = dict(zip(df.layer, df.kernel, strict=True))
     assert kernels["model.conv1"] == "3x3" and kernels["model.unused"] == "1x1"
     assert pd.isna(kernels["model.fc"]) and pd.isna(kernels["original"])
+
+
+# ---------------------------------------------------------------- the metrics, declared once
+
+
+def test_every_metric_is_declared_once_and_every_reader_takes_its_columns_from_there(tiny_model, tiny_data):
+    from pathlib import Path
+
+    from layercrit.columns import COLUMNS, METRIC_COLUMNS
+    from layercrit.measurement.metrics import METRICS
+
+    assert METRIC_COLUMNS == tuple(m.column for m in METRICS) and len(set(METRIC_COLUMNS)) == len(METRICS)
+    assert all((m.per_image is None) != (m.derive is None) and m.description for m in METRICS)
+    df = layercrit.measure(tiny_model, tiny_data, layers="fc", trials=1)
+    assert [c for c in df.columns if c in METRIC_COLUMNS] == list(METRIC_COLUMNS)
+    assert set(METRIC_COLUMNS) <= set(COLUMNS)  # the sweep store's schema
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = [line for line in readme.splitlines() if line.startswith("| `")]
+    undocumented = [c for c in METRIC_COLUMNS if not any(f"`{c}`" in line.split("|")[1] for line in table)]
+    assert undocumented == []
+
+
+def test_a_metric_added_to_the_registry_is_accumulated_per_image_with_its_worst_value(monkeypatch):
+    from layercrit.measurement import metrics
+
+    margin = metrics.Metric("margin", "top logit minus the second", lambda b: b.logits.topk(2, dim=1).values
+                            .diff(dim=1).neg().squeeze(1), worst=-1.0)
+    monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, margin))
+    monkeypatch.setattr(metrics, "METRIC_COLUMNS", (*metrics.METRIC_COLUMNS, "margin"))
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.5, 2.5], [float("nan"), 0.0, 0.0]])
+    m = metrics.PredictionMetrics()
+    m.update(logits[:2], logits[:2], torch.tensor([0, 2]))  # two batches: the result does not depend on the split
+    m.update(logits[2:], torch.zeros(1, 3), torch.tensor([1]))
+    row = m.result()
+    assert row["margin"] == pytest.approx((2.0 + 2.0 - 1.0) / 3)
+    assert list(row)[-1] == "margin" and row["nonfinite"] == 1 and row["top1_acc"] == pytest.approx(200 / 3)

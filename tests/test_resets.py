@@ -12,7 +12,15 @@ from layercrit.cli import main
 from layercrit.columns import METRIC_COLUMNS
 from layercrit.errors import LayercritError
 from layercrit.measurement.layers import Target
-from layercrit.measurement.resets import Interpolate, Noise, Reinit, Rerandomize, get_reset
+from layercrit.measurement.resets import (
+    Interpolate,
+    Noise,
+    Reinit,
+    Rerandomize,
+    Reset,
+    get_reset,
+    reset_options,
+)
 
 from .conftest import TinyCNN
 
@@ -259,15 +267,62 @@ def test_bn_recalibrate_needs_a_number_of_batches():
 
 
 def test_an_option_the_reset_does_not_take_is_named_with_the_resets_options():
-    with pytest.raises(LayercritError, match=r"reset 'rewind' takes no option 'scale' \(its options: checkpoint, "
-                                             r"trust_checkpoint\)"):
+    with pytest.raises(LayercritError, match=r"reset 'rewind' takes no option 'scale' \(its options: checkpoint\)"):
         get_reset("rewind", scale=0.1, checkpoint="x.pth")
     with pytest.raises(LayercritError, match=r"reset 'rerandomize' takes no option 'scale'"):
         get_reset("interpolate", alpha=0.5, scale=0.1)  # options beyond alpha and base go to the base reset
 
 
+def test_every_reset_declares_its_options_once_as_typed_keywords():
+    assert reset_options("noise") == {"scale": "a number", "sigma": "a number", "base": "a reset"}
+    assert reset_options("interpolate") == {"alpha": "a number or numbers separated by |", "base": "a reset"}
+    assert reset_options("reinit") == {"checkpoint": "a file"} and reset_options("zero") == {}
+    noise = get_reset("noise(sigma=0.02,base=zero)")
+    assert (noise.sigma, noise.scale, noise.base.name) == (0.02, None, "zero")
+    assert get_reset("interpolate(alpha=0.25|1)").alphas == [0.25, 1.0]
+    with pytest.raises(LayercritError, match=r"reset noise\(scale=big\): give a number"):
+        get_reset("noise(scale=big)")
+
+
+def test_a_config_file_cannot_trust_a_checkpoint_through_the_reset_text():
+    with pytest.raises(LayercritError, match="reset 'reinit' takes no option 'trust_checkpoint'"):
+        get_reset("reinit(checkpoint=x.pth,trust_checkpoint=true)")
+
+
+class Shrink(Reset):
+    """A reset that only this test knows: the trained values times ``factor``."""
+
+    name = "shrink"
+
+    def __init__(self, *, factor: float = 0.5, seed=0, fresh=None, bn="keep", bn_batches=None):
+        super().__init__(seed=seed, fresh=fresh, bn=bn, bn_batches=bn_batches)
+        self.factor = factor
+
+    def new_state(self, layer, module, trial):
+        return {name: p.detach() * self.factor for name, p in module.named_parameters()}
+
+    def label(self):
+        return f"shrink(factor={self.factor:g})"
+
+
+def test_a_new_reset_declared_in_the_registry_alone_is_usable_from_measure_run_and_a_sweep(
+        tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
+    from layercrit.measurement import resets
+    from layercrit.sweeps.sweep import SweepConfig
+
+    monkeypatch.setitem(resets.RESETS, "shrink", Shrink)
+    assert reset_options("shrink") == {"factor": "a number"}
+    rows = layercrit.measure(tiny_model, tiny_data, layers="fc", reset="shrink(factor=1)", trials=1)
+    assert rows.loc[rows.layer != "original", "reset"].tolist() == ["shrink(factor=1)"]
+    assert rows.loc[rows.layer != "original", "criticality"].abs().max() < 1e-6  # factor 1 changes nothing
+    config = SweepConfig.from_dict({"data": "d", "models": [{"id": "m", "spec": "s"}], "reset": "shrink(factor=0)"})
+    assert config.experiment(config.reset[0]).measure_options()["reset"] == "shrink(factor=0)"
+    with pytest.raises(LayercritError, match="reset 'shrink' takes no option 'size'"):
+        SweepConfig.from_dict({"data": "d", "models": [{"id": "m", "spec": "s"}], "reset": "shrink(size=0)"})
+
+
 def test_noise_needs_exactly_one_of_scale_and_sigma():
-    with pytest.raises(LayercritError, match=r"reset 'noise' needs either a relative scale= or an absolute sigma="):
+    with pytest.raises(LayercritError, match=r"reset 'noise' needs either a relative scale or an absolute sigma: noise\(scale=S\) or noise\(sigma=S\)"):
         get_reset("noise")
 
 
@@ -280,10 +335,11 @@ def test_a_sweep_takes_a_resets_options_as_keys_and_refuses_a_reset_missing_them
     from layercrit.sweeps.sweep import SweepConfig
 
     config = {"data": "fashion-mnist", "models": [{"id": "m", "spec": "zoo:fmnist/baseline"}], "reset": ["noise"]}
-    with pytest.raises(LayercritError, match=r"reset 'noise' needs either a relative scale= or an absolute sigma="):
+    with pytest.raises(LayercritError, match=r"reset 'noise' needs either a relative scale or an absolute sigma: noise\(scale=S\) or noise\(sigma=S\)"):
         SweepConfig.from_dict(config)
     swept = SweepConfig.from_dict({**config, "scale": 0.5, "reset": ["noise", "zero"]})
-    assert swept.experiment("noise").measure_options()["reset_options"] == {"scale": 0.5}
+    assert swept.reset == ("noise(scale=0.5)", "zero")
+    assert get_reset(swept.experiment(swept.reset[0]).measure_options()["reset"]).scale == 0.5
 
 
 def test_every_reset_leaves_the_model_bit_identical(tiny_model, tiny_data, init_checkpoint):
@@ -335,9 +391,11 @@ def test_run_command_takes_reset_options_batchnorm_statistics_and_groups(fmnist_
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--bn", "recalibrate", "x"], "--bn='recalibrate x': use keep, reset or recalibrate K (K a number of batches)"),
-    (["--reset", "noise"], "reset 'noise' needs either a relative --scale= or an absolute sigma="),
+    (["--reset", "noise"], "reset 'noise' needs either a relative scale or an absolute sigma: noise(scale=S) or "
+                            "noise(sigma=S)"),
     (["--scale", "0.1"], "reset 'rerandomize' takes no option 'scale' (its options: none)"),
-    (["--reset", "interpolate", "--alpha", "0.5,x"], "--alpha='0.5,x': give numbers, comma separated"),
+    (["--reset", "interpolate", "--alpha", "0.5,x"], "reset interpolate(alpha=0.5|x): give a number or numbers "
+                                                     "separated by |"),
     (["--groups", "block"], "--groups='block' is neither blocks nor stages nor a group file (YAML/JSON)"),
 ])
 def test_run_command_reports_reset_mistakes_in_one_line(fmnist_checkpoints, tmp_path, capsys, argv, message):

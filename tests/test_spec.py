@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from layercrit import cli
-from layercrit.spec import FIELDS, MEASURED, Experiment
+from layercrit.errors import LayercritError
+from layercrit.spec import FIELDS, MEASURED, RESET_SHORTHANDS, Experiment, split_reset
 from layercrit.sweeps.sweep import SweepConfig, export_frame, run_sweep
 
 RUN_ONLY = {"out", "quiet", "func", "command", "verbose"}  # where a run writes and how it talks
@@ -26,10 +27,58 @@ def run_options() -> set[str]:
 
 def test_every_run_option_is_a_sweep_key_of_the_same_name_and_back():
     options = run_options() - RUN_ONLY
-    assert options - set(MODEL_FLAGS) == set(FIELDS)
+    assert options - set(MODEL_FLAGS) == set(FIELDS) | set(RESET_SHORTHANDS)
     sweep_keys = {name for name in SweepConfig.__dataclass_fields__} - SWEEP_ONLY
     assert sweep_keys == set(FIELDS)
     assert set(MODEL_FLAGS.values()) <= set(cli_model_keys())
+
+
+@pytest.mark.parametrize(("flags", "keys", "reset"), [
+    (["--reset", "noise", "--scale", "0.1"], {"reset": "noise", "scale": 0.1}, "noise(scale=0.1)"),
+    (["--reset", "interpolate", "--alpha", "0.25,0.5"], {"reset": "interpolate", "alpha": [0.25, 0.5]},
+     "interpolate(alpha=0.25|0.5)"),
+    (["--reset", "reinit", "--init", "c.pth"], {"reset": "reinit", "checkpoint": "c.pth"}, "reinit(checkpoint=c.pth)"),
+    (["--reset", "noise(sigma=0.01)"], {"reset": "noise(sigma=0.01)"}, "noise(sigma=0.01)"),
+])
+def test_reset_shorthand_flags_and_keys_fold_into_the_reset_the_same_way(tmp_path, monkeypatch, flags, keys, reset):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"fc.weight": torch.zeros(1)}, "c.pth")
+    parser = argparse.ArgumentParser()
+    cli._add_run(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["run", "--model", "m", "--data", "d", "--out", "o", *flags])
+    assert cli.experiment_from_args(args).reset == reset
+    config = SweepConfig.from_dict({"data": "d", "models": [{"id": "m", "spec": "s"}], **keys})
+    assert config.reset == (reset,) and config.experiment(reset) == cli.experiment_from_args(args)
+
+
+def test_a_sweeps_shorthand_goes_to_the_resets_that_take_it_and_is_refused_when_none_does():
+    config = SweepConfig.from_dict({"data": "d", "models": [{"id": "m", "spec": "s"}], "reset": ["zero", "noise"],
+                                    "scale": 0.5})
+    assert config.reset == ("zero", "noise(scale=0.5)")
+    with pytest.raises(LayercritError, match="scale: none of the resets .zero. takes it"):
+        SweepConfig.from_dict({"data": "d", "models": [{"id": "m", "spec": "s"}], "reset": "zero", "scale": 0.5})
+
+
+@pytest.mark.parametrize(("text", "parsed"), [
+    ("zero", ("zero", {})),
+    ("noise(scale=0.1, base=zero)", ("noise", {"scale": "0.1", "base": "zero"})),
+    ("interpolate(base=noise(scale=0.1,base=zero),alpha=0|1)",
+     ("interpolate", {"base": "noise(scale=0.1,base=zero)", "alpha": "0|1"})),
+])
+def test_a_reset_is_written_name_then_its_options(text, parsed):
+    assert split_reset(text) == parsed
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("noise(scale=0.1", "write NAME"), ("noise(scale)", "'scale' is not OPTION=VALUE"),
+    ("noise(scale=1,scale=2)", "option 'scale' given twice"), ("a b", "give a reset name"),
+    ("interpolate(base=noise(scale=1),alpha=1))", "unbalanced"),
+])
+def test_a_badly_written_reset_is_a_one_line_error(text, error):
+    with pytest.raises(LayercritError, match=error):
+        split_reset(text)
 
 
 def cli_model_keys():
@@ -50,13 +99,15 @@ def test_run_flags_become_the_experiment():
     parser = argparse.ArgumentParser()
     cli._add_run(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["run", "--model", "m", "--data", "d", "--out", "o", "--bn", "recalibrate", "8",
-                              "--target-ci", "0.03", "--init", "c.pth", "--exact"])
+                              "--target-ci", "0.03", "--reset", "reinit", "--init", "c.pth", "--exact"])
     experiment = cli.experiment_from_args(args)
-    assert experiment == Experiment(data="d", bn="recalibrate 8", target_ci=0.03, checkpoint="c.pth", exact=True)
+    assert experiment == Experiment(data="d", bn="recalibrate 8", target_ci=0.03, reset="reinit(checkpoint=c.pth)",
+                                    exact=True)
     options = experiment.measure_options()
     assert (options["bn"], options["bn_batches"]) == ("recalibrate", 8)
     assert options["channels_last"] is False and options["fold_bn"] is False
-    assert options["reset_options"] == {"checkpoint": "c.pth"}
+    assert options["reset"] == "reinit(checkpoint=c.pth)" and options["reset_options"] == {}
+    assert experiment.measure_options(trust_checkpoint=True)["reset_options"] == {"trust_checkpoint": True}
 
 
 @pytest.mark.parametrize("extra, rtol", [

@@ -2,6 +2,7 @@
 and for Ray, and the sweep / status / export commands. Kills, full disks and hostile input: test_faults_sweep.py,
 test_reliability_sweep.py."""
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -212,6 +213,21 @@ def test_rerunning_a_finished_sweep_recomputes_nothing(reference, tmp_path):
     pd.testing.assert_frame_equal(results, expected)
     attempts = sqlite3.connect(copy).execute("SELECT attempts, COUNT(*) FROM units GROUP BY attempts").fetchall()
     assert attempts == [(1, N_UNITS)]
+
+
+def test_a_store_made_before_resets_carried_their_options_resumes_without_recomputing(tmp_path):
+    """Earlier versions named a sweep's units by the bare reset (``noise``) and kept ``scale`` beside it."""
+    small = {"models": CONFIG["models"][:1], "reset": "noise", "scale": 0.5, "trials": 1, "layers_per_unit": 10}
+    config = write_config(tmp_path / "sweep.yaml", **small)
+    store = tmp_path / "old.sqlite"
+    expected = run_sweep(config, store, workers=1, progress=False)
+    with sqlite3.connect(store) as db:  # as the previous version wrote it
+        db.execute("UPDATE units SET reset = 'noise'")
+        db.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps({**CONFIG, **small}),))
+    results = run_sweep(config, store, workers=1, progress=False)
+    pd.testing.assert_frame_equal(results, expected)
+    units = sqlite3.connect(store).execute("SELECT reset, attempts FROM units").fetchall()
+    assert set(units) == {("noise(scale=0.5)", 1)}
 
 
 def test_conflicting_config_is_refused_and_new_store_moves_the_old_one_aside(reference, tmp_path):

@@ -105,14 +105,17 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
     g.add_argument("--layers", default="conv,linear", help="kinds (conv, linear, bn, ln) and/or name globs")
     g.add_argument("--reset", default="rerandomize",
-                   help="rerandomize | zero | reinit --init CKPT | rewind --to CKPT | noise --scale S | "
-                        "interpolate --alpha A[,A2,...] [--base RESET]")
+                   help="NAME or NAME(OPTION=VALUE,...): rerandomize | zero | reinit(checkpoint=CKPT) | "
+                        "rewind(checkpoint=CKPT) | noise(scale=S or sigma=S[,base=RESET]) | "
+                        "interpolate(alpha=A[|A2...][,base=RESET]); --init/--to, --scale, --alpha, --base are "
+                        "shorthands for the common options")
     g.add_argument("--trials", type=_positive_int, default=3, help="resets per layer (default 3)")
     g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the random resets")
     g.add_argument("--data-seed", type=int, default=-1, help="seed of the image subset alone, so the same images "
                    "can be kept while resets vary (default -1: --seed)")
-    g.add_argument("--init", "--to", dest="checkpoint", help="checkpoint for reinit (--init) / rewind (--to)")
-    g.add_argument("--scale", type=float, help="noise: std as a multiple of each tensor's std")
+    g.add_argument("--init", "--to", dest="checkpoint", help="checkpoint for reinit (--init) / rewind (--to): "
+                   "reinit(checkpoint=CKPT)")
+    g.add_argument("--scale", type=float, help="noise: std as a multiple of each tensor's std: noise(scale=S)")
     g.add_argument("--alpha", help="interpolate: weights of the base reset, comma separated, each in [0, 1]")
     g.add_argument("--base", help="interpolate / noise: the reset to move towards / add noise to")
     g.add_argument("--bn", nargs="+", default=["keep"], metavar="MODE",
@@ -228,10 +231,11 @@ def _cmd_run(args) -> int:
 def experiment_from_args(args):
     """The :class:`~layercrit.spec.Experiment` that ``run``'s flags describe (``--bn recalibrate 8`` as one
     string, as a sweep config writes it)."""
-    from .spec import FIELDS, Experiment
+    from .spec import FIELDS, RESET_SHORTHANDS, Experiment, with_shorthands
 
     values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     values["bn"] = " ".join(args.bn)
+    values["reset"] = with_shorthands(args.reset, {name: getattr(args, name, None) for name in RESET_SHORTHANDS})
     return Experiment(**values)
 
 

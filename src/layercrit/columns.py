@@ -1,14 +1,11 @@
 """The columns of a results row: one declaration read by the engine's rows, the store's schema and the analysis.
 
 A row is one (model, layer, trial, reset) evaluation (``layer == "original"`` for the unmodified model). The names
-of the ids and metrics are the paper's, so either tool reads the other's results.
+of the ids and metrics are the paper's, so either tool reads the other's results. The metric columns are declared
+by the metrics themselves (:data:`layercrit.measurement.metrics.METRICS`).
 """
 
-METRIC_COLUMNS = (
-    "top1_acc", "top5_acc", "loss", "recovered_acc", "pred_cos_sim", "pred_l1_err", "pred_l2_err",
-    "pred_ce_loss", "pred_kl", "agreement", "criticality", "criticality_sd", "nonfinite", "n_images",
-    "criticality_ci", "top1_ci",
-)
+from .measurement.metrics import METRIC_COLUMNS
 
 ID_COLUMNS = ("model_id", "layer", "trial", "reset")
 META_COLUMNS = ("computed_in_trial", "kernel", "seed", "data_id", "n_skipped", "model_spec", "engine", "precision",

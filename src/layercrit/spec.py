@@ -34,11 +34,7 @@ class Experiment:
     layers: str = "conv,linear"
     groups: str | None = None
     cumulative: str | None = None
-    reset: str = "rerandomize"
-    checkpoint: str | None = None  # reinit --init / rewind --to
-    scale: float | None = None  # noise
-    alpha: str | None = None  # interpolate: "a1,a2,..."
-    base: str | None = None  # interpolate / noise
+    reset: str = "rerandomize"  # NAME or NAME(OPTION=VALUE,...), e.g. "noise(scale=0.1)": see split_reset
     bn: str = "keep"  # keep | reset | recalibrate K
     trials: int = 3
     seed: int = 0
@@ -66,13 +62,10 @@ class Experiment:
         """Keywords for :func:`layercrit.measure` (all but ``model`` and ``data``); ``trust_checkpoint`` lets the
         reset's checkpoint hold pickled objects."""
         bn, bn_batches = parse_bn(self.bn)
-        reset_options = {"checkpoint": self.checkpoint, "scale": self.scale, "base": self.base,
-                         "alpha": numbers(self.alpha, "alpha")}
-        if self.checkpoint and trust_checkpoint:
-            reset_options["trust_checkpoint"] = True
+        trust = trust_checkpoint and "checkpoint" in split_reset(self.reset)[1]
         return {
             "layers": self.layers, "groups": self.groups, "cumulative": self.cumulative, "reset": self.reset,
-            "reset_options": {k: v for k, v in reset_options.items() if v is not None}, "bn": bn,
+            "reset_options": {"trust_checkpoint": True} if trust else {}, "bn": bn,
             "bn_batches": bn_batches, "trials": self.trials, "seed": self.seed, "data_seed": self.data_seed,
             "images": self.images,
             "data_root": self.data_root, "cache_dir": self.cache_dir, "use_cache": self.use_cache,
@@ -103,11 +96,78 @@ class Experiment:
 
 
 FIELDS = tuple(f.name for f in fields(Experiment))
-RESET_OPTIONS = ("checkpoint", "scale", "alpha", "base")  # fields a reset strategy takes as its own options
+# Shorthands for a reset's options, as run's --init/--to, --scale, --alpha, --base and the sweep keys of the same
+# names: folded into ``reset`` ("noise" with scale 0.1 is "noise(scale=0.1)"). A reset's options are declared by
+# the reset itself (layercrit.measurement.resets); these are only spellings kept for the common ones.
+RESET_SHORTHANDS = ("checkpoint", "scale", "alpha", "base")
 # Where the data is kept, how it is cached, and how the work is cut up or placed do not change the numbers.
 UNMEASURED = ("data_root", "cache_dir", "use_cache", "batch_size", "device", "max_cache_mb", "save_logits",
               "save_logits_top_k", "log_to", "log_batches", "per_class")
 MEASURED = tuple(name for name in FIELDS if name not in UNMEASURED)
+
+
+def split_reset(text: str) -> tuple[str, dict[str, str]]:
+    """``"noise(scale=0.1, base=zero)"`` -> ``("noise", {"scale": "0.1", "base": "zero"})``; values stay text
+    (the reset converts them to the types it declares) and may nest: ``interpolate(base=noise(scale=0.1),alpha=1)``.
+    A list of α is written ``alpha=0.25|0.5``."""
+    text = str(text).strip()
+    name, paren, rest = text.partition("(")
+    name = name.strip()
+    if not paren:
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise LayercritError(f"reset={text!r}: give a reset name, or NAME(OPTION=VALUE,...)")
+        return name, {}
+    if not rest.endswith(")") or not name:
+        raise LayercritError(f"reset={text!r}: write NAME(OPTION=VALUE,...), e.g. noise(scale=0.1)")
+    options: dict[str, str] = {}
+    for part in _top_level_parts(rest[:-1], text):
+        key, equals, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not equals or not key.isidentifier() or not value:
+            raise LayercritError(f"reset={text!r}: {part.strip()!r} is not OPTION=VALUE")
+        if key in options:
+            raise LayercritError(f"reset={text!r}: option {key!r} given twice")
+        options[key] = value
+    return name, options
+
+
+def join_reset(name: str, options: dict) -> str:
+    """The inverse of :func:`split_reset`: ``("noise", {"scale": 0.1})`` -> ``"noise(scale=0.1)"`` (lists of
+    numbers joined with ``|``)."""
+    if not options:
+        return name
+    text = ",".join(f"{key}={'|'.join(map(str, value)) if isinstance(value, list | tuple) else value}"
+                    for key, value in options.items())
+    return f"{name}({text})"
+
+
+def with_shorthands(reset: str, shorthands: dict, takes: tuple[str, ...] | None = None) -> str:
+    """``reset`` with the shorthand options (:data:`RESET_SHORTHANDS`, None: not given) folded in; with ``takes``
+    only those the reset takes (a sweep's ``scale`` goes to its noise reset, not to zero). Options written in
+    ``reset`` itself win over shorthands."""
+    name, options = split_reset(reset)
+    given = {key: value for key, value in shorthands.items() if value is not None and (takes is None or key in takes)}
+    if isinstance(given.get("alpha"), str):  # run's --alpha 0.25,0.5
+        given["alpha"] = given["alpha"].replace(",", "|")
+    if not given:
+        return reset
+    return join_reset(name, {**given, **options})
+
+
+def _top_level_parts(text: str, whole: str) -> list[str]:
+    """``text`` split at the commas outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            break
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise LayercritError(f"reset={whole!r}: unbalanced parentheses")
+    parts.append(text[start:])
+    return [p for p in parts if p.strip()] if len(parts) > 1 or parts[0].strip() else []
 
 
 def parse_bn(value: str | list[str]) -> tuple[str, int | None]:
@@ -116,13 +176,3 @@ def parse_bn(value: str | list[str]) -> tuple[str, int | None]:
     if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
         raise LayercritError(f"bn={' '.join(parts)!r}: use keep, reset or recalibrate K (K a number of batches)")
     return parts[0], int(parts[1]) if len(parts) == 2 else None
-
-
-def numbers(text: str | None, name: str) -> list[float] | None:
-    """``"0.25,0.5"`` -> [0.25, 0.5]."""
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in str(text).split(",")]
-    except ValueError:
-        raise LayercritError(f"{name}={text!r}: give numbers, comma separated") from None

@@ -1,12 +1,17 @@
 """Metrics of one evaluation: accuracy against the labels and similarity to the unmodified model's predictions.
 
-Accumulated per image over batches, so the result does not depend on batch size or order. Names follow the
-paper's published columns (``top1_acc``, ``pred_cos_sim``, ...).
+Every metric declares itself once, in :data:`METRICS`: its column, what it means, and either its value per image
+(the row holds the mean over images, accumulated over batches, so the result does not depend on batch size or
+order) or how it is derived from the others. The row schema (:data:`layercrit.columns.METRIC_COLUMNS`), the
+engine's rows and the sweep store's columns all read this list; adding a metric is one entry here (and a test).
+Names follow the paper's published columns (``top1_acc``, ``pred_cos_sim``, ...).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,22 +19,105 @@ import torch.nn.functional as F
 from .confidence import BettingCS
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One batch's predictions, as the per-image metrics see them (float64; non-finite logits replaced by 0)."""
+
+    logits: torch.Tensor  # the reset model's, N × classes
+    clean_logits: torch.Tensor  # the unmodified model's
+    labels: torch.Tensor
+    finite: torch.Tensor  # N bools: the reset logits are all finite
+    probs: torch.Tensor
+    clean_probs: torch.Tensor
+    top: torch.Tensor  # N × min(5, classes): the reset model's best classes, best first
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A column of the results rows.
+
+    Either ``per_image`` (a value per image; the column is the mean × ``scale``; images with non-finite logits
+    count as ``worst``, or are left out of the mean with ``finite_only``), or ``derive`` (computed from the
+    accumulated :class:`PredictionMetrics` and the row's other columns).
+    """
+
+    column: str
+    description: str
+    per_image: Callable[[Batch], torch.Tensor] | None = None
+    worst: float = 0.0
+    finite_only: bool = False
+    scale: float = 1.0
+    derive: Callable[[PredictionMetrics, dict], float] | None = None
+
+
+def _hit(b: Batch, k: int) -> torch.Tensor:
+    return (b.top[:, :k] == b.labels[:, None]).any(dim=1)
+
+
+def _criticality_sd(m: PredictionMetrics, row: dict) -> float:
+    return math.sqrt(max(m.criticality_sq / max(m.n, 1) - row["criticality"] ** 2, 0.0))
+
+
+def _half_width(which: int, scale: float) -> Callable[[PredictionMetrics, dict], float]:
+    return lambda m, row: scale * m.sequences[which].half_width if m.sequences else float("nan")
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("top1_acc", "top-1 accuracy against the labels (percent)", lambda b: _hit(b, 1), scale=100.0),
+    Metric("top5_acc", "top-5 accuracy (percent)", lambda b: _hit(b, 5), scale=100.0),
+    Metric("loss", "cross-entropy against the labels", lambda b: F.cross_entropy(b.logits, b.labels, reduction="none"),
+           finite_only=True),
+    Metric("recovered_acc", "top-1 as a share of the unmodified model's top-1",
+           derive=lambda m, row: row["top1_acc"] / m.clean_top1 if m.clean_top1 else float("nan")),
+    Metric("pred_cos_sim", "mean cosine similarity of the reset and the unmodified model's softmax",
+           lambda b: F.cosine_similarity(b.probs, b.clean_probs, dim=1)),
+    Metric("pred_l1_err", "mean L1 distance of the two softmax vectors", lambda b: (b.probs - b.clean_probs).abs().sum(1),
+           worst=2.0),
+    Metric("pred_l2_err", "mean L2 distance of the two softmax vectors", lambda b: (b.probs - b.clean_probs).norm(dim=1),
+           worst=math.sqrt(2.0)),
+    # The paper's pred_ce_loss: F.cross_entropy(original_logits, reset_logits), i.e. the reset *logits* (not
+    # probabilities) used as soft targets. Kept as is for compatibility; pred_kl is the sound measure.
+    Metric("pred_ce_loss", "the paper's F.cross_entropy(original_logits, reset_logits)",
+           lambda b: F.cross_entropy(b.clean_logits, b.logits, reduction="none"), finite_only=True),
+    Metric("pred_kl", "mean KL(original softmax ‖ reset softmax)",
+           lambda b: F.kl_div(F.log_softmax(b.logits, dim=1), F.log_softmax(b.clean_logits, dim=1), reduction="none",
+                              log_target=True).sum(1), finite_only=True),
+    Metric("agreement", "share of images whose top-1 class is unchanged",
+           lambda b: b.logits.argmax(dim=1) == b.clean_logits.argmax(dim=1)),
+    Metric("criticality", "1 − pred_cos_sim: how far the predictions moved", derive=lambda m, row: 1.0 - row["pred_cos_sim"]),
+    Metric("criticality_sd", "standard deviation of the per-image criticality over the row's images",
+           derive=_criticality_sd),
+    Metric("nonfinite", "images whose reset logits were not finite", derive=lambda m, row: m.n - m.n_finite),
+    Metric("n_images", "images evaluated", derive=lambda m, row: m.n),
+    Metric("criticality_ci", "half-width of the per-image criticality's confidence sequence (--image-target-ci)",
+           derive=_half_width(0, 1.0)),
+    Metric("top1_ci", "half-width of top-1's confidence sequence, in points (--image-target-ci)",
+           derive=_half_width(1, 100.0)),
+)
+"""Every metric column, in the rows' order."""
+
+METRIC_COLUMNS = tuple(metric.column for metric in METRICS)
+
+
 class PredictionMetrics:
-    """Running sums of per-image metrics for one (layer, trial); :meth:`result` gives the row's values.
+    """Running sums of the per-image metrics of :data:`METRICS` for one (layer, trial); :meth:`result` gives the
+    row's values.
 
     With ``alpha`` set, also tracks confidence sequences (level 1 − alpha) for the per-image criticality and
     top-1, whose half-widths are reported as ``criticality_ci`` (fraction) and ``top1_ci`` (points).
 
-    Images whose logits are not finite count as wrong, are flagged in ``nonfinite``, and get the most
-    dissimilar value each similarity can take (cosine 0, L1 2, L2 √2, agreement 0); loss, ``pred_ce_loss``
-    and ``pred_kl`` average over the finite images only.
+    Images whose logits are not finite count as wrong, are flagged in ``nonfinite``, and get each metric's
+    ``worst`` value (cosine 0, L1 2, L2 √2, agreement 0); loss, ``pred_ce_loss`` and ``pred_kl`` average over the
+    finite images only.
     """
 
     def __init__(self, alpha: float | None = None) -> None:
         self.n = 0
         self.n_finite = 0
-        self.sums = dict.fromkeys(("top1", "top5", "loss", "cos", "crit_sq", "l1", "l2", "ce", "kl", "agree"), 0.0)
-        # With --target-ci: confidence sequences for per-image criticality and top-1 (see confidence.py).
+        self.clean_top1: float | None = None
+        self.sums = {metric.column: 0.0 for metric in METRICS if metric.per_image is not None}
+        self.criticality_sq = 0.0  # of the per-image criticality, for criticality_sd (the sequential design's σ_w)
+        # With --image-target-ci: confidence sequences for per-image criticality and top-1 (see confidence.py).
         self.sequences = (BettingCS(alpha), BettingCS(alpha)) if alpha else None
 
     def settled(self, target: float) -> bool:
@@ -41,58 +129,35 @@ class PredictionMetrics:
         logits, clean_logits = logits.double(), clean_logits.double()
         finite = torch.isfinite(logits).all(dim=1)
         safe = torch.where(finite[:, None], logits, torch.zeros_like(logits))
-        k = min(5, logits.shape[1])
-        top = safe.topk(k, dim=1).indices
-        hit = (top == labels[:, None]) & finite[:, None]
-        probs, clean_probs = F.softmax(safe, dim=1), F.softmax(clean_logits, dim=1)
-        diff = probs - clean_probs
-        cos = F.cosine_similarity(probs, clean_probs, dim=1)
-        l1, l2 = diff.abs().sum(dim=1), diff.norm(dim=1)
-        agree = safe.argmax(dim=1) == clean_logits.argmax(dim=1)
-        worst = {"cos": 0.0, "l1": 2.0, "l2": math.sqrt(2.0)}
-        s = self.sums
-        s["top1"] += hit[:, 0].sum().item()
-        s["top5"] += hit.any(dim=1).sum().item()
-        s["cos"] += torch.where(finite, cos, worst["cos"]).sum().item()
-        per_image_criticality = torch.where(finite, 1 - cos, 1.0).clamp(0, 1)
-        s["crit_sq"] += per_image_criticality.square().sum().item()
-        s["l1"] += torch.where(finite, l1, worst["l1"]).sum().item()
-        s["l2"] += torch.where(finite, l2, worst["l2"]).sum().item()
-        s["agree"] += (agree & finite).sum().item()
-        if finite.any():
-            f_logits, f_clean = safe[finite], clean_logits[finite]
-            s["loss"] += F.cross_entropy(f_logits, labels[finite], reduction="sum").item()
-            # The paper's pred_ce_loss: F.cross_entropy(original_logits, reset_logits), i.e. the reset *logits*
-            # (not probabilities) used as soft targets. Kept as is for compatibility; pred_kl is the sound measure.
-            s["ce"] += F.cross_entropy(f_clean, f_logits, reduction="sum").item()
-            s["kl"] += F.kl_div(F.log_softmax(f_logits, dim=1), F.log_softmax(f_clean, dim=1),
-                                reduction="sum", log_target=True).item()
+        batch = Batch(logits=safe, clean_logits=clean_logits, labels=labels, finite=finite,
+                      probs=F.softmax(safe, dim=1), clean_probs=F.softmax(clean_logits, dim=1),
+                      top=safe.topk(min(5, logits.shape[1]), dim=1).indices)
+        values = {}
+        for metric in METRICS:
+            if metric.per_image is None:
+                continue
+            value = metric.per_image(batch).double()
+            values[metric.column] = value
+            kept = value[finite] if metric.finite_only else torch.where(finite, value, metric.worst)
+            self.sums[metric.column] += kept.sum().item()
+        criticality = torch.where(finite, 1 - values["pred_cos_sim"], 1.0).clamp(0, 1)
+        self.criticality_sq += criticality.square().sum().item()
         self.n += len(labels)
         self.n_finite += int(finite.sum().item())
         if self.sequences is not None:
-            self.sequences[0].update(per_image_criticality.cpu().numpy())
-            self.sequences[1].update(hit[:, 0].double().cpu().numpy())
+            self.sequences[0].update(criticality.cpu().numpy())
+            self.sequences[1].update(torch.where(finite, values["top1_acc"], 0.0).cpu().numpy())
 
     def result(self, clean_top1: float | None = None) -> dict[str, float]:
-        n, nf, s = max(self.n, 1), max(self.n_finite, 1), self.sums
-        top1 = 100.0 * s["top1"] / n
-        cos = s["cos"] / n
-        return {
-            "top1_acc": top1,
-            "top5_acc": 100.0 * s["top5"] / n,
-            "loss": s["loss"] / nf if self.n_finite else float("nan"),
-            "recovered_acc": top1 / clean_top1 if clean_top1 else float("nan"),
-            "pred_cos_sim": cos,
-            "pred_l1_err": s["l1"] / n,
-            "pred_l2_err": s["l2"] / n,
-            "pred_ce_loss": s["ce"] / nf if self.n_finite else float("nan"),
-            "pred_kl": s["kl"] / nf if self.n_finite else float("nan"),
-            "agreement": s["agree"] / n,
-            "criticality": 1.0 - cos,
-            # spread of the per-image criticality over this evaluation's images (the sequential design's σ_w)
-            "criticality_sd": math.sqrt(max(s["crit_sq"] / n - (1.0 - cos) ** 2, 0.0)),
-            "nonfinite": self.n - self.n_finite,
-            "n_images": self.n,
-            "criticality_ci": self.sequences[0].half_width if self.sequences else float("nan"),
-            "top1_ci": 100.0 * self.sequences[1].half_width if self.sequences else float("nan"),
-        }
+        """The row's metric columns, in :data:`METRICS` order; ``clean_top1``: the unmodified model's top-1."""
+        self.clean_top1 = clean_top1
+        row: dict[str, float] = {}
+        for metric in METRICS:
+            if metric.per_image is not None:
+                count = self.n_finite if metric.finite_only else self.n
+                row[metric.column] = metric.scale * self.sums[metric.column] / count if count else (
+                    float("nan") if metric.finite_only else 0.0)
+        for metric in METRICS:
+            if metric.derive is not None:
+                row[metric.column] = metric.derive(self, row)
+        return {column: row[column] for column in METRIC_COLUMNS}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import types
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..data import to_model_input
 from ..errors import LayercritError
 from ..models.checkpoints import load_state_dict
+from ..spec import split_reset
 from .layers import WRAPPER_PREFIX, Target
 from .trace import trace
 
@@ -358,7 +361,8 @@ class Noise(Reset):
                  bn_batches: int | None = None, **base_options):
         super().__init__(seed=seed, fresh=fresh, bn=bn, bn_batches=bn_batches)
         if (scale is None) == (sigma is None):
-            raise LayercritError("reset 'noise' needs either a relative scale= or an absolute sigma=")
+            raise LayercritError("reset 'noise' needs either a relative scale or an absolute sigma: noise(scale=S) "
+                                 "or noise(sigma=S)")
         if (scale if scale is not None else sigma) < 0:
             raise LayercritError(f"scale={scale if scale is not None else sigma}: the noise's size must be >= 0")
         self.scale, self.sigma = scale, sigma
@@ -443,21 +447,75 @@ class Interpolate(Reset):
 RESETS: dict[str, type[Reset]] = {cls.name: cls for cls in (Rerandomize, Zero, Reinit, Rewind, Noise, Interpolate)}
 
 
-def get_reset(name: str | Reset, **options) -> Reset:
-    """A reset strategy by name (one of :data:`RESETS`) with its options (``seed``, ``fresh``, ``scale``, ...).
+# Every strategy's, set by measure(), not written in a reset's text (trust_checkpoint comes from the caller alone:
+# a config file must not let a checkpoint run code).
+COMMON_OPTIONS = ("self", "seed", "fresh", "bn", "bn_batches", "trust_checkpoint")
 
+
+def reset_options(name: str) -> dict[str, str]:
+    """The options reset ``name`` declares (its keyword arguments beyond :data:`COMMON_OPTIONS`), each with what it
+    takes: ``reset_options("noise") == {"scale": "a number", "sigma": "a number", "base": "a reset"}``."""
+    cls = RESETS[name]
+    hints = typing.get_type_hints(cls.__init__)
+    return {key: _type_name(hints.get(key)) for key, p in inspect.signature(cls.__init__).parameters.items()
+            if key not in COMMON_OPTIONS and p.kind is p.KEYWORD_ONLY}
+
+
+def get_reset(name: str | Reset, **options) -> Reset:
+    """A reset strategy by name (one of :data:`RESETS`) or by ``NAME(OPTION=VALUE,...)`` text, with its options
+    (``seed``, ``fresh``, ``scale``, ...).
+
+    A strategy declares its options once, as the keyword arguments of its ``__init__`` with their types; options
+    written in the text are converted to those types (``noise(scale=0.1)``; a list of numbers as ``0.25|0.5``).
     Options a strategy does not take are an error, except ``seed`` and ``fresh``, which every strategy accepts.
     """
     if isinstance(name, Reset):
         return name
+    name, written = split_reset(name)
     if name not in RESETS:
         raise LayercritError(f"unknown reset {name!r}: one of {', '.join(RESETS)}")
     cls = RESETS[name]
     parameters = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        unknown = [k for k in options if k not in parameters]
-        if unknown:
-            own = [p for p in parameters if p not in ("self", "seed", "fresh", "bn", "bn_batches")]
-            raise LayercritError(f"reset {name!r} takes no option {unknown[0]!r} "
-                                 f"(its options: {', '.join(own) or 'none'})")
-    return cls(**options)
+    declared = reset_options(name)
+    takes_more = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    unknown = [k for k in [*written, *options] if k not in parameters and not takes_more]
+    unknown = [k for k in written if k in COMMON_OPTIONS] or unknown
+    if unknown:
+        raise LayercritError(f"reset {name!r} takes no option {unknown[0]!r} "
+                             f"(its options: {', '.join(declared) or 'none'})")
+    hints = typing.get_type_hints(cls.__init__)
+    converted = {key: _convert(value, hints.get(key), f"{name}({key}={value})") for key, value in written.items()}
+    return cls(**{**options, **converted})
+
+
+def _convert(text: str, hint, where: str):
+    """Option text -> the declared type: a number, a list of numbers (``0.25|0.5``), a bool, or the text."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    lists = [k for k in kinds if typing.get_origin(k) in (Sequence, list, tuple)]
+    try:
+        if lists and "|" in text:
+            item = typing.get_args(lists[0])[0]
+            return [item(v) for v in text.split("|")]
+        for kind in (bool, int, float):
+            if kind in kinds:
+                if kind is bool:
+                    if text not in ("true", "false"):
+                        raise ValueError(text)
+                    return text == "true"
+                return kind(text)
+    except ValueError:
+        raise LayercritError(f"reset {where}: give {_type_name(hint)}") from None
+    return text
+
+
+def _type_name(hint) -> str:
+    """What an option of type ``hint`` takes, in words."""
+    kinds = set(typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)) - {type(None)}
+    if any(typing.get_origin(k) in (Sequence, list, tuple) for k in kinds):
+        return "a number or numbers separated by |"
+    if Reset in kinds or "Reset" in str(hint):
+        return "a reset"
+    if Path in kinds:
+        return "a file"
+    return {bool: "true or false", int: "a whole number", float: "a number"}.get(next(iter(kinds), None), "text")

@@ -195,6 +195,10 @@ class Store:
 
     # ------------------------------------------------------------ models and units
 
+    def rename_reset(self, old: str, new: str) -> None:
+        """Units of reset ``old`` become units of ``new`` (a config's reset spelled anew, same measurement)."""
+        self.conn.execute("UPDATE units SET reset = ? WHERE reset = ?", (new, old))
+
     def model_layers(self) -> dict[str, list[str] | None]:
         """Each stored model's planned layer names (None when planning it failed)."""
         found = self.conn.execute("SELECT model_id, layers FROM models").fetchall()

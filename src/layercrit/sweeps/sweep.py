@@ -15,7 +15,7 @@ underscores: ``target_ci``, ``bn``, ``groups``, ``exact``, ...), plus ``models``
     images: 10000
     seed: 0
     layers: conv,linear            # kinds and/or name globs, as --layers
-    reset: [rerandomize, zero]     # one or a list
+    reset: [rerandomize, zero, "noise(scale=0.1)"]  # one or a list; NAME(OPTION=VALUE,...) sets a reset's options
     trials: 3
     layers_per_unit: 16            # layers measured together in one unit
     engine: fast                   # and every other option of `layercrit run`
@@ -31,7 +31,6 @@ gives the rows ``layercrit run`` gives.
 from __future__ import annotations
 
 import difflib
-import inspect
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -57,10 +56,10 @@ from ..errors import LayercritError
 from ..measurement.engine import out_of_memory
 from ..measurement.layers import select_targets
 from ..measurement.measure import measure, override_transform
-from ..measurement.resets import RESETS, get_reset
+from ..measurement.resets import RESETS, get_reset, reset_options
 from ..measurement.sequential import SequentialDesign
 from ..models import ResolvedModel, resolve_model
-from ..spec import MEASURED, RESET_OPTIONS, Experiment
+from ..spec import MEASURED, RESET_SHORTHANDS, Experiment, split_reset, with_shorthands
 from .store import Store, Unit, export_frame
 
 log = logging.getLogger(__name__)
@@ -103,13 +102,8 @@ class SweepConfig(Experiment):
     layers_per_unit: int = 16
 
     def experiment(self, reset: str) -> Experiment:
-        """The experiment of one of the sweep's resets, with the reset options that reset takes (``scale`` goes to
-        ``noise``, not to ``zero``)."""
-        values = {**{name: getattr(self, name) for name in FIELDS}, "reset": reset}
-        if reset in RESETS:
-            takes = inspect.signature(RESETS[reset].__init__).parameters
-            values.update({option: None for option in RESET_OPTIONS if option not in takes})
-        return Experiment(**values)
+        """The experiment of one of the sweep's resets."""
+        return Experiment(**{**{name: getattr(self, name) for name in FIELDS}, "reset": reset})
 
     @property
     def chunked(self) -> bool:
@@ -125,7 +119,7 @@ class SweepConfig(Experiment):
             raise LayercritError(f"{source} is over {MAX_CONFIG_BYTES // 1_000_000} MB once its YAML aliases are "
                                  "expanded: a sweep config lists settings and models, keep it small")
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(raw) - set(known))
+        unknown = sorted(set(raw) - set(known) - set(RESET_SHORTHANDS))
         if unknown:
             close = difflib.get_close_matches(unknown[0], known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
@@ -135,11 +129,10 @@ class SweepConfig(Experiment):
             raise LayercritError(f"{source} has no data: add 'data: /path/to/imagenet/val' (or fashion-mnist), or pass --data")
         values = {key: raw[key] for key in known if key in raw}
         values["models"] = _model_entries(raw.get("models"), source)
-        values["reset"] = tuple(_names(raw.get("reset", list(cls.reset)), f"{source}: reset"))
+        values["reset"] = _resets(raw, _names(raw.get("reset", list(cls.reset)), f"{source}: reset"), source)
         values["layers"] = ",".join(_names(raw.get("layers", cls.layers), f"{source}: layers"))
-        for name, sep in (("bn", " "), ("alpha", ",")):  # run's --bn recalibrate 8 and --alpha 0.25,0.5 as lists
-            if isinstance(values.get(name), list):
-                values[name] = sep.join(str(v) for v in values[name])
+        if isinstance(values.get("bn"), list):  # run's --bn recalibrate 8 as a list
+            values["bn"] = " ".join(str(v) for v in values["bn"])
         for name, hint in _CONFIG_TYPES.items():
             if name in values:
                 _check_type(values[name], hint, f"{source}: {name}")
@@ -155,7 +148,7 @@ class SweepConfig(Experiment):
                 raise LayercritError(f"{source}: {name} must be at least 1")
         if self.max_cache_mb < 0:
             raise LayercritError(f"{source}: max_cache_mb must be at least 0")
-        bad = [r for r in self.reset if r not in RESETS]
+        bad = [r for r in self.reset if split_reset(r)[0] not in RESETS]
         if bad or not self.reset:
             raise LayercritError(f"{source}: unknown reset {', '.join(map(repr, bad)) or '(none)'}; use one or a list of {', '.join(RESETS)}")
         for name in self.reset:
@@ -238,6 +231,30 @@ def _is_kind(value, kind: type) -> bool:
     if kind in (int, float) and isinstance(value, bool):
         return False
     return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _resets(raw: dict, names: list[str], source: str) -> tuple[str, ...]:
+    """The config's resets with the shorthand keys (``scale: 0.1``, ...) folded into those that take them."""
+    given = {key: raw[key] for key in RESET_SHORTHANDS if raw.get(key) is not None}
+    for key, value in given.items():
+        if key == "alpha" and isinstance(value, list):
+            for item in value:
+                _check_type(item, float, f"{source}: alpha")
+        else:
+            _check_type(value, {"scale": float, "alpha": float | str}.get(key, str), f"{source}: {key}")
+    resets = []
+    for text in names:
+        try:
+            name = split_reset(text)[0]
+        except LayercritError as error:
+            raise LayercritError(f"{source}: {error}") from None
+        takes = tuple(reset_options(name)) if name in RESETS else ()
+        resets.append(with_shorthands(text, given, takes))
+    unused = [key for key in given if not any(key in reset_options(split_reset(r)[0]) for r in names
+                                              if split_reset(r)[0] in RESETS)]
+    if unused and all(split_reset(r)[0] in RESETS for r in names):
+        raise LayercritError(f"{source}: {unused[0]}: none of the resets ({', '.join(names)}) takes it")
+    return tuple(resets)
 
 
 def _names(value, where: str) -> list[str]:
@@ -446,8 +463,23 @@ def _move_aside(path: Path) -> None:
 def _claim(db: Store, config: SweepConfig) -> None:
     """Make ``db`` the store of ``config``, unless it holds results that ``config`` would not be comparable with."""
     if db.get_meta("config"):
+        _fold_stored_shorthands(db)
         _refuse_conflict(db, config)
     db.set_meta("config", config.to_dict())
+
+
+def _fold_stored_shorthands(db: Store) -> None:
+    """A store made before resets carried their options (``reset: noise`` with ``scale: 0.1``) names its units
+    by the bare reset: name them as the config now does (``noise(scale=0.1)``), so they count as done."""
+    raw = db.get_meta("config")
+    if not any(raw.get(key) is not None for key in RESET_SHORTHANDS):
+        return
+    stored = SweepConfig.from_dict(raw, source=str(db.path))
+    bare = _names(raw.get("reset", list(SweepConfig.reset)), "reset")
+    for old, new in zip(bare, stored.reset, strict=True):
+        if old != new:
+            db.rename_reset(old, new)
+    db.set_meta("config", stored.to_dict())
 
 
 def _refuse_conflict(db: Store, config: SweepConfig) -> None:
