@@ -1,6 +1,7 @@
 """The Fashion-MNIST zoo: training members into a folder, the shipped members, and zoo:fmnist/ID specs."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -185,8 +186,11 @@ def test_killed_training_goes_on_from_its_last_epoch_with_the_same_weights(tmp_p
     with pytest.raises(_Killed):
         fmnist.train_zoo(tmp_path / "b", recipes=[recipe], test_images=100, log=lambda line: None)
     assert list((tmp_path / "b" / ".checkpoints" / recipe["id"]).glob("stage-*.pt"))
+    before = json.loads((tmp_path / "b" / ".checkpoints" / recipe["id"] / "elapsed.json").read_text())
     monkeypatch.undo()
     resumed = fmnist.train_zoo(tmp_path / "b", recipes=[recipe], test_images=100, log=lambda line: None)
+    # the recorded time is the member's, summed over both runs (the first one counted up to its last epoch)
+    assert resumed.train_time_s.item() >= round(before["seconds"], 1) > 0
     assert resumed.losses.tolist() == uninterrupted.losses.tolist()
     assert resumed.accuracy.tolist() == uninterrupted.accuracy.tolist()
     weights = f"{recipe['id']}.safetensors"

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -42,25 +44,49 @@ PRECISIONS = ("fp32", "bf16")
 _CHECKPOINTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("checkpoints", default=None)
 
 
+class TrainingClock:
+    """Wall and CPU seconds spent training one member, summed over the runs that resumed it (kept beside its
+    checkpoints in ``elapsed.json`` after every epoch)."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "elapsed.json"
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.before = (float(saved.get("seconds", 0.0)), float(saved.get("cpu_seconds", 0.0)))
+        self.start = (time.perf_counter(), time.process_time())
+
+    def total(self) -> tuple[float, float]:
+        """(wall seconds, CPU seconds) over every run so far."""
+        return (self.before[0] + time.perf_counter() - self.start[0],
+                self.before[1] + time.process_time() - self.start[1])
+
+    def save(self) -> None:
+        seconds, cpu_seconds = self.total()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}))
+        os.replace(tmp, self.path)
+
+
 @contextlib.contextmanager
-def resumable(folder: str | Path) -> Iterator[None]:
+def resumable(folder: str | Path) -> Iterator[TrainingClock]:
     """Within this block every :func:`fit` keeps its state in ``folder`` after each epoch (stage k of a method:
     ``stage-k.pt``) and starts from it when it is there, so a killed training run, started again, goes on from
-    its last finished epoch with the same numbers an uninterrupted run gives."""
+    its last finished epoch with the same numbers an uninterrupted run gives. Yields the member's
+    :class:`TrainingClock`, which counts the time of the earlier runs too."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    token = _CHECKPOINTS.set([Path(folder), 0])
+    clock = TrainingClock(Path(folder))
+    token = _CHECKPOINTS.set([Path(folder), 0, clock])
     try:
-        yield
+        yield clock
     finally:
         _CHECKPOINTS.reset(token)
 
 
-def _next_checkpoint() -> Path | None:
+def _next_checkpoint() -> tuple[Path, TrainingClock] | None:
     state = _CHECKPOINTS.get()
     if state is None:
         return None
     state[1] += 1
-    return state[0] / f"stage-{state[1] - 1}.pt"
+    return state[0] / f"stage-{state[1] - 1}.pt", state[2]
 
 
 # ---------------------------------------------------------------- augmentations
@@ -204,7 +230,7 @@ def fit(
     total = max(1, round(epochs * steps_per_epoch))
     losses: list[float] = []
     step = 0
-    checkpoint = _next_checkpoint()
+    checkpoint, clock = _next_checkpoint() or (None, None)
     if checkpoint is not None and checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=True)
         module.load_state_dict(saved["module"])
@@ -233,6 +259,7 @@ def fit(
         if checkpoint is not None:
             _save_checkpoint(checkpoint, {"module": module.state_dict(), "optimizer": optimizer.state_dict(),
                                           "generator": g.get_state(), "step": step, "losses": losses})
+            clock.save()
     module.to(memory_format=torch.contiguous_format)
     return losses
 

@@ -17,7 +17,6 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -185,12 +184,11 @@ def train_zoo(
             log(f"{recipe['id']:<16} already trained (same recipe and seed); --force to train it again")
             continue
         subset = torch.tensor(subset_indices(len(train_labels), recipe["train_images"], DATA_SEED))
-        start, cpu_start = time.perf_counter(), time.process_time()
         checkpoints = out / ".checkpoints" / recipe["id"]
-        with resumable(checkpoints):
+        with resumable(checkpoints) as clock:
             module, losses = train_member(recipe, train_images[subset], train_labels[subset], device=device,
                                           seed=seed)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        seconds, cpu_seconds = clock.total()  # over every run that trained this member, if it was resumed
         state = _storage(module.state_dict())
         module.load_state_dict(state)  # measure exactly the weights that are stored
         net = _wrapped(module, arch).to(device)
