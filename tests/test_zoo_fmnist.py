@@ -131,6 +131,21 @@ def test_zoo_list_prints_every_member_with_category_and_accuracy(capsys):
         assert (model_id, category, float(shown)) == (record["id"], record["category"], record["accuracy"])
 
 
+def test_the_zoo_summary_sets_each_member_beside_the_baseline_at_its_own_budget():
+    hp = {"epochs": 4}
+    records = [
+        {"id": "base", "category": "baseline", "method": "supervised", "hyperparameters": hp, "accuracy": 92.0,
+         "probe_accuracy": 92.5, "robust_accuracy": {"linf 8/255": 0.5, "l2 0.5": 20.0}, "train_time_s": 120},
+        {"id": "adv", "category": "adversarial_training", "method": "adversarial", "hyperparameters": hp,
+         "budget": "l2 0.5", "accuracy": 88.0, "probe_accuracy": 87.0, "robust_accuracy": {"l2 0.5": 70.0}},
+        {"id": "ssl", "category": "contrastive", "method": "simclr", "hyperparameters": hp, "accuracy": 85.0},
+    ]
+    table = fmnist.summary(records).set_index("id")
+    assert table.loc["adv", ["robust_accuracy", "baseline_robust_accuracy"]].tolist() == [70.0, 20.0]
+    assert table.loc["ssl", "probe_accuracy"] == 85.0, "SimCLR's classifier is its linear probe"
+    assert table.loc["base", "train_min"] == 2.0 and math.isnan(table.loc["ssl", "robust_accuracy"])
+
+
 # ---------------------------------------------------------------- mistakes
 
 

@@ -291,6 +291,11 @@ def _cmd_zoo_list(args) -> int:
 
     from . import zoo
 
+    if args.zoo == "fmnist":
+        from .zoo.fmnist import summary
+
+        print(summary().to_string(index=False, na_rep=""))
+        return 0
     table = pd.DataFrame(zoo.entries(args.zoo))
     columns = [c for c in ("id", "category", "accuracy", "display") if c in table]
     print(table[columns].to_string(index=False))

@@ -125,6 +125,31 @@ def resolve(model_id: str, pretrained: bool = True, *, trust_checkpoint: bool = 
     return resolved
 
 
+def summary(records: Sequence[dict] | None = None) -> pd.DataFrame:
+    """One row per member: training (epochs, images, minutes), clean test accuracy, the accuracy of a linear probe
+    on its frozen features, and robust accuracy (PGD-10) at its own adversarial budget next to the baseline's at
+    that budget. ``records``: manifest records (default: the zoo's)."""
+    records = list(entries() if records is None else records)
+    baseline = next((r for r in records if r.get("category") == "baseline"), {})
+    rows = []
+    for r in records:
+        robust = r.get("robust_accuracy") or {}
+        budget = r.get("budget")
+        probe = r["accuracy"] if r["method"] in ("simclr", "frozen_random") else r.get("probe_accuracy")
+        rows.append({
+            "id": r["id"], "category": r.get("category"), "accuracy": r.get("accuracy"), "probe_accuracy": probe,
+            "budget": budget, "robust_accuracy": robust.get(budget) if budget else None,
+            "baseline_robust_accuracy": (baseline.get("robust_accuracy") or {}).get(budget) if budget else None,
+            "epochs": r["hyperparameters"].get("epochs"), "train_images": r.get("train_images"),
+            "train_min": round(r.get("train_time_s", float("nan")) / 60, 1),
+        })
+    table = pd.DataFrame(rows)
+    numbers = ["epochs", "train_images", "train_min", "accuracy", "probe_accuracy", "robust_accuracy",
+               "baseline_robust_accuracy"]
+    table[numbers] = table[numbers].apply(pd.to_numeric)
+    return table
+
+
 def select_recipes(names: Sequence[str] | None, recipes: Sequence[dict] = RECIPES) -> list[dict]:
     """The recipes whose id, method or category is in ``names`` (all when ``names`` is empty), in zoo order."""
     if not names:
