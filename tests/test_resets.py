@@ -18,8 +18,8 @@ from layercrit.measurement.resets import (
     Reinit,
     Rerandomize,
     Reset,
+    declared_options,
     get_reset,
-    reset_options,
 )
 
 from .conftest import TinyCNN
@@ -274,9 +274,9 @@ def test_an_option_the_reset_does_not_take_is_named_with_the_resets_options():
 
 
 def test_every_reset_declares_its_options_once_as_typed_keywords():
-    assert reset_options("noise") == {"scale": "a number", "sigma": "a number", "base": "a reset"}
-    assert reset_options("interpolate") == {"alpha": "a number or numbers separated by |", "base": "a reset"}
-    assert reset_options("reinit") == {"checkpoint": "a file"} and reset_options("zero") == {}
+    assert declared_options("noise") == {"scale": "a number", "sigma": "a number", "base": "a reset"}
+    assert declared_options("interpolate") == {"alpha": "a number or numbers separated by |", "base": "a reset"}
+    assert declared_options("reinit") == {"checkpoint": "a file"} and declared_options("zero") == {}
     noise = get_reset("noise(sigma=0.02,base=zero)")
     assert (noise.sigma, noise.scale, noise.base.name) == (0.02, None, "zero")
     assert get_reset("interpolate(alpha=0.25|1)").alphas == [0.25, 1.0]
@@ -311,7 +311,7 @@ def test_a_new_reset_declared_in_the_registry_alone_is_usable_from_measure_run_a
     from layercrit.sweeps.sweep import SweepConfig
 
     monkeypatch.setitem(resets.RESETS, "shrink", Shrink)
-    assert reset_options("shrink") == {"factor": "a number"}
+    assert declared_options("shrink") == {"factor": "a number"}
     rows = layercrit.measure(tiny_model, tiny_data, layers="fc", reset="shrink(factor=1)", trials=1)
     assert rows.loc[rows.layer != "original", "reset"].tolist() == ["shrink(factor=1)"]
     assert rows.loc[rows.layer != "original", "criticality"].abs().max() < 1e-6  # factor 1 changes nothing

@@ -452,9 +452,9 @@ RESETS: dict[str, type[Reset]] = {cls.name: cls for cls in (Rerandomize, Zero, R
 COMMON_OPTIONS = ("self", "seed", "fresh", "bn", "bn_batches", "trust_checkpoint")
 
 
-def reset_options(name: str) -> dict[str, str]:
+def declared_options(name: str) -> dict[str, str]:
     """The options reset ``name`` declares (its keyword arguments beyond :data:`COMMON_OPTIONS`), each with what it
-    takes: ``reset_options("noise") == {"scale": "a number", "sigma": "a number", "base": "a reset"}``."""
+    takes: ``declared_options("noise") == {"scale": "a number", "sigma": "a number", "base": "a reset"}``."""
     cls = RESETS[name]
     hints = typing.get_type_hints(cls.__init__)
     return {key: _type_name(hints.get(key)) for key, p in inspect.signature(cls.__init__).parameters.items()
@@ -476,7 +476,7 @@ def get_reset(name: str | Reset, **options) -> Reset:
         raise LayercritError(f"unknown reset {name!r}: one of {', '.join(RESETS)}")
     cls = RESETS[name]
     parameters = inspect.signature(cls.__init__).parameters
-    declared = reset_options(name)
+    declared = declared_options(name)
     takes_more = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     unknown = [k for k in [*written, *options] if k not in parameters and not takes_more]
     unknown = [k for k in written if k in COMMON_OPTIONS] or unknown

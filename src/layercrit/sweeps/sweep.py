@@ -56,7 +56,7 @@ from ..errors import LayercritError
 from ..measurement.engine import out_of_memory
 from ..measurement.layers import select_targets
 from ..measurement.measure import measure, override_transform
-from ..measurement.resets import RESETS, get_reset, reset_options
+from ..measurement.resets import RESETS, declared_options, get_reset
 from ..measurement.sequential import SequentialDesign
 from ..models import ResolvedModel, resolve_model
 from ..spec import MEASURED, RESET_SHORTHANDS, Experiment, split_reset, with_shorthands
@@ -248,9 +248,9 @@ def _resets(raw: dict, names: list[str], source: str) -> tuple[str, ...]:
             name = split_reset(text)[0]
         except LayercritError as error:
             raise LayercritError(f"{source}: {error}") from None
-        takes = tuple(reset_options(name)) if name in RESETS else ()
+        takes = tuple(declared_options(name)) if name in RESETS else ()
         resets.append(with_shorthands(text, given, takes))
-    unused = [key for key in given if not any(key in reset_options(split_reset(r)[0]) for r in names
+    unused = [key for key in given if not any(key in declared_options(split_reset(r)[0]) for r in names
                                               if split_reset(r)[0] in RESETS)]
     if unused and all(split_reset(r)[0] in RESETS for r in names):
         raise LayercritError(f"{source}: {unused[0]}: none of the resets ({', '.join(names)}) takes it")
