@@ -1,0 +1,123 @@
+"""The measurement behind the README's "What the demo shows": every member of the Fashion-MNIST zoo under the
+sequential design, then each of the paper's findings as a comparison with its 95% interval.
+
+    .venv/bin/python scripts/zoo_findings.py --out runs/zoo-findings        # about 10 min on 2 CPU cores
+
+Each member is measured with ``layercrit.measure`` (``rerandomize``, every conv/linear layer, the 10,000 test
+images, ``target_ci`` ±0.03; seed 0) and kept in ``OUT/ID.csv``, so a killed run goes on with the members it lacks.
+It prints, and writes to ``OUT/findings.md``:
+
+- per model and stage (stem ``conv1``, ``layer1``..``layer3``, ``fc``): the mean criticality of the stage's layers
+  in percent, ± the mean of their 95% half-widths (as :func:`layercrit.measurement.estimate.model_table`: it bounds
+  the half-width of the average whatever the correlation between layers);
+- per model: test accuracy (manifest), mean criticality ± its half-width, and the *depth shift*: the deep stage's
+  (``layer3``) criticality minus the mean of the early stages' (stem and ``layer1``), in points;
+- each finding as a difference from the baseline with its half-width (members are measured with their own
+  resets, so half-widths of a difference add in quadrature);
+- Spearman's ρ between test accuracy and mean criticality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pandas as pd
+from scipy import stats
+
+import layercrit
+from layercrit.measurement.estimate import layer_table, model_table
+from layercrit.zoo import fmnist
+
+STAGES = ("conv1", "layer1", "layer2", "layer3", "fc")
+EARLY, DEEP = ("conv1", "layer1"), ("layer3",)
+
+
+def stage_of(layer: str) -> str:
+    """``model.layer2.0.conv1`` -> ``layer2``; ``model.conv1`` -> ``conv1``."""
+    return layer.removeprefix("model.").split(".")[0]
+
+
+def measure_zoo(out: Path, *, images: int, target_ci: float, models: list[str]) -> pd.DataFrame:
+    frames = []
+    for model_id in models:
+        path = out / f"{model_id}.csv"
+        if not path.is_file():
+            rows = layercrit.measure(f"zoo:fmnist/{model_id}", "fashion-mnist", images=images, target_ci=target_ci,
+                                     seed=0, batch_size=500, progress=False)
+            rows.assign(model_id=model_id).to_csv(path.with_suffix(".tmp"), index=False)
+            path.with_suffix(".tmp").replace(path)
+            print(f"measured {model_id}", flush=True)
+        frames.append(pd.read_csv(path))
+    return pd.concat(frames, ignore_index=True)
+
+
+def stage_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per model and stage: mean criticality of its layers and the mean of their half-widths (fractions)."""
+    layers = layer_table(rows).assign(stage=lambda t: t.layer.map(stage_of))
+    return (layers.groupby(["model_id", "stage"], sort=False)
+            .agg(criticality=("criticality", "mean"), criticality_ci=("criticality_ci", "mean"),
+                 layers=("layer", "size"), capped=("capped", "sum")).reset_index())
+
+
+def shift(stages: pd.DataFrame, model_id: str) -> tuple[float, float]:
+    """Depth shift of one model: deep minus early stage criticality (fraction) and its half-width."""
+    s = stages[stages.model_id == model_id].set_index("stage")
+    deep, early = s.loc[list(DEEP)], s.loc[list(EARLY)]
+    value = deep.criticality.mean() - early.criticality.mean()
+    width = math.hypot(deep.criticality_ci.mean(), early.criticality_ci.mean())
+    return value, width
+
+
+def pct(value: float, width: float) -> str:
+    return f"{100 * value:.1f} ± {100 * width:.1f}"
+
+
+def report(rows: pd.DataFrame, target_ci: float) -> str:
+    records = {r["id"]: r for r in fmnist.entries()}
+    stages = stage_table(rows)
+    models = model_table(rows).set_index("model_id")
+    ids = list(dict.fromkeys(rows.model_id))
+    lines = ["| model | test acc. | " + " | ".join(f"`{s}`" for s in STAGES) + " | mean | depth shift |",
+             "|---" * (len(STAGES) + 4) + "|"]
+    for model_id in ids:
+        s = stages[stages.model_id == model_id].set_index("stage")
+        cells = [pct(s.loc[stage, "criticality"], s.loc[stage, "criticality_ci"]) for stage in STAGES]
+        m = models.loc[model_id]
+        lines.append(f"| {model_id} | {records[model_id]['accuracy']:.1f} | " + " | ".join(cells)
+                     + f" | {pct(m.criticality, m.criticality_ci)} | {pct(*shift(stages, model_id))} |")
+    base_value, base_width = shift(stages, "baseline")
+    lines += ["", "Depth shift against the baseline's (points; > 0: deep layers matter more than in the baseline):", ""]
+    for model_id in ids:
+        if model_id != "baseline":
+            value, width = shift(stages, model_id)
+            lines.append(f"- {model_id}: {pct(value - base_value, math.hypot(width, base_width))}")
+    accuracy = [records[i]["accuracy"] for i in ids]
+    mean = [models.loc[i, "criticality"] for i in ids]
+    rho, p = stats.spearmanr(accuracy, mean)
+    kept = [i for i in ids if i != "frozen_random"]
+    rho_kept, p_kept = stats.spearmanr([records[i]["accuracy"] for i in kept], [models.loc[i, "criticality"] for i in kept])
+    capped = int(layer_table(rows).capped.sum())
+    lines += ["", f"Spearman ρ(test accuracy, mean criticality): {rho:.2f} (p = {p:.2g}, n = {len(ids)}); without "
+              f"frozen_random {rho_kept:.2f} (p = {p_kept:.2g}).",
+              f"Layers that hit the 100-trial cap before ±{target_ci:g}: {capped} of {len(layer_table(rows))}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/zoo-findings")
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--target-ci", type=float, default=0.03)
+    parser.add_argument("--models", nargs="+", default=[r["id"] for r in fmnist.entries()])
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = report(measure_zoo(out, images=args.images, target_ci=args.target_ci, models=args.models), args.target_ci)
+    (out / "findings.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
