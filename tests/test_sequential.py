@@ -121,3 +121,19 @@ def test_bad_design_flags_are_one_line_errors(tmp_path, capsys, argv, fragment):
                  "--layers", "fc", "--device", "cpu", "--out", str(tmp_path / "out"), "--quiet", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_the_weights_change_layout_once_per_run_not_once_per_trial(tiny_model, pool, monkeypatch):
+    conversions = []
+    to = torch.nn.Module.to
+
+    def counting(self, *args, **kwargs):
+        if kwargs.get("memory_format") is not None and any(p.dim() == 4 for p in self.parameters()):
+            conversions.append(kwargs["memory_format"])
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", counting)
+    df = sequential(tiny_model, pool, images_per_trial=40)
+    assert df.trial.max() >= 5  # many trials, each an engine call
+    assert conversions.count(torch.contiguous_format) == 1, "back to the caller's layout once, at the end"
+    assert all(p.is_contiguous() for p in tiny_model.model.parameters())

@@ -120,7 +120,7 @@ def run(
         log.warning("this CPU has no native bf16: --precision bf16 will be slower than fp32 here")
     # NHWC convolutions are faster on CPUs (oneDNN) and GPUs alike; they change fp32 results only in the last bits,
     # so the naive engine (the paper's method, our oracle) keeps PyTorch's default NCHW layout unless asked.
-    channels_last = options.channels_last if options.channels_last is not None else options.engine == "fast"
+    channels_last = _channels_last(options)
     with _memory_format(model, channels_last):  # the caller's model is left in the layout it came in
         return _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last,
                     {} if memo is None else memo)
@@ -585,6 +585,18 @@ def _replaying(model: nn.Module, names: Sequence[str], outputs: _Records, copy: 
         return lambda *args, **kwargs: fresh(value)
 
     return patched_forwards([(model.get_submodule(name), recorded(name)) for name in names])
+
+
+def _channels_last(options: EngineOptions) -> bool:
+    return options.channels_last if options.channels_last is not None else options.engine == "fast"
+
+
+@contextlib.contextmanager
+def layout(model: nn.Module, options: EngineOptions):
+    """The engine's memory layout for ``model`` held across several :func:`run` calls (the sequential design's
+    trials): each call finds the weights in place instead of converting them there and back."""
+    with _memory_format(model, _channels_last(options)):
+        yield
 
 
 @contextlib.contextmanager

@@ -137,7 +137,7 @@ def run(
         bar.update(1)
         return measured
 
-    with bar:
+    with bar, engine.layout(model, options):
         measured = design_loop(design, list(by_name), len(evalset), evaluate)
     return [_pooled(originals), *measured]
 
