@@ -284,6 +284,17 @@ def test_every_reset_declares_its_options_once_as_typed_keywords():
         get_reset("noise(scale=big)")
 
 
+def test_the_resets_command_lists_every_reset_with_the_options_it_declares(capsys):
+    from layercrit.measurement.resets import RESETS
+
+    assert main(["resets"]) == 0
+    out = capsys.readouterr().out
+    for name in RESETS:
+        line = next(line for line in out.splitlines() if line.split()[:1] == [name])
+        assert all(f"{key} (" in line for key in declared_options(name))
+    assert "rewind(checkpoint=CKPT)" in out
+
+
 def test_a_config_file_cannot_trust_a_checkpoint_through_the_reset_text():
     with pytest.raises(LayercritError, match="reset 'reinit' takes no option 'trust_checkpoint'"):
         get_reset("reinit(checkpoint=x.pth,trust_checkpoint=true)")

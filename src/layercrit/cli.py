@@ -258,6 +258,22 @@ def print_summary(df) -> None:
         print(f"{int(layers.capped.sum())} layer(s) hit --max-trials before reaching --target-ci; all layers: layers.csv")
 
 
+def _add_resets(sub) -> None:
+    p = sub.add_parser("resets", help="the reset strategies, each with the options it declares")
+    p.set_defaults(func=_cmd_resets)
+
+
+def _cmd_resets(args) -> int:
+    from .measurement.resets import RESETS, declared_options
+
+    print("--reset NAME or NAME(OPTION=VALUE,...):")
+    for name, cls in RESETS.items():
+        options = ", ".join(f"{key} ({what})" for key, what in declared_options(name).items()) or "no options"
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "")
+        print(f"  {name:<12} {options}\n  {'':<12} {summary}")
+    return 0
+
+
 # ---------------------------------------------------------------- zoo
 
 
@@ -585,7 +601,7 @@ def _numbers(text: str | None, flag: str) -> list[float] | None:
         raise LayercritError(f"{flag} {text!r}: give numbers, comma separated") from None
 
 
-_SUBCOMMANDS = [_add_run, _add_zoo, _add_analyze, _add_diff, _add_sweep, _add_status, _add_export, _add_demo, _add_module_criticality]
+_SUBCOMMANDS = [_add_run, _add_resets, _add_zoo, _add_analyze, _add_diff, _add_sweep, _add_status, _add_export, _add_demo, _add_module_criticality]
 
 
 if __name__ == "__main__":

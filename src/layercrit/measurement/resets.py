@@ -302,7 +302,7 @@ class Zero(Reset):
 
 
 class Rewind(Reset):
-    """The layer's state in an earlier checkpoint of the same model (``rewind --to CKPT``).
+    """The layer's state in an earlier checkpoint of the same model (``rewind(checkpoint=CKPT)``, or ``--to CKPT``).
 
     The checkpoint is read with :func:`layercrit.models.load_state_dict`; its keys may or may not carry the
     normalising wrapper's ``model.`` prefix. Every persistent tensor of a reset layer must be in it, with the
