@@ -1,7 +1,7 @@
 """The measurement behind the README's "What the demo shows": every member of the Fashion-MNIST zoo under the
 sequential design, then each of the paper's findings as a comparison with its 95% interval.
 
-    .venv/bin/python scripts/zoo_findings.py --out runs/zoo-findings        # about 10 min on 2 CPU cores
+    .venv/bin/python scripts/zoo_findings.py --out runs/zoo-findings        # about 3 min on 2 CPU cores
 
 Each member is measured with ``layercrit.measure`` (``rerandomize``, every conv/linear layer, the 10,000 test
 images, ``target_ci`` ±0.03; seed 0) and kept in ``OUT/ID.csv``, so a killed run goes on with the members it lacks.

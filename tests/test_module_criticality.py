@@ -363,17 +363,18 @@ SPREAD = "conv1,layer1.0.conv1,layer2.0.conv1,layer2.0.downsample.0,layer3.0.con
 
 def test_the_ranking_of_a_zoo_models_modules_is_stable_across_seeds(tmp_path):
     """The paper's procedure on `zoo:fmnist/baseline`, from a fresh seeded initialisation: the stem, the first conv
-    of each stage, both shortcuts and the classifier, ranked by μ on 128 training images (4 draws, α ∈ {0.5, 1},
-    relative σ ∈ {0.32, 0.16, 0.08}). A seed changes the images and the noise. Over the 6 pairs of seeds 0–3 the
-    Spearman ρ ranged from 0.75 to 1.0; we require ρ ≥ 0.7 between seeds 0 and 1."""
+    of each stage, both shortcuts and the classifier, ranked by μ on 512 training images (4 draws, α ∈ {0.5, 1},
+    relative σ ∈ {0.08, 0.04, 0.02, 0.01}: the converged zoo's training loss is low, so ε = 1.01 × it leaves
+    room only for small noise). A seed changes the images and the noise. Over the 6 pairs of seeds 0–3 the
+    Spearman ρ ranged from 0.89 to 1.0 (with 128 images, 0.43 to 1.0); we require ρ ≥ 0.8 between seeds 0 and 1."""
     resolved = layercrit.resolve_model("zoo:fmnist/baseline")
     torch.manual_seed(0)
     torch.save(resolved.fresh().state_dict(), tmp_path / "init.pth")
     ranks = []
     for seed in (0, 1):
         table = module_criticality(resolved, "fashion-mnist-train", init=tmp_path / "init.pth", layers=SPREAD,
-                                   alphas=[0.5, 1.0], sigmas=[0.32, 0.16, 0.08], draws=4, images=128, seed=seed,
-                                   batch_size=128)
-        assert table.data_id.iloc[0] == f"fashion-mnist-train-n128-s{seed}"
+                                   alphas=[0.5, 1.0], sigmas=[0.08, 0.04, 0.02, 0.01], draws=4, images=512, seed=seed,
+                                   batch_size=256)
+        assert table.data_id.iloc[0] == f"fashion-mnist-train-n512-s{seed}"
         ranks.append(table[table.layer != "network"].mu.to_numpy())
-    assert stats.spearmanr(*ranks).statistic >= 0.7
+    assert stats.spearmanr(*ranks).statistic >= 0.8

@@ -287,7 +287,7 @@ def _add_zoo(sub) -> None:
     train.add_argument("--methods", nargs="+", help="ids, methods or categories to train (default: all)")
     train.add_argument("--out", default="runs/zoo-fmnist", help="zoo folder to write (default runs/zoo-fmnist)")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    train.add_argument("--threads", type=_positive_int, help="CPU threads for torch (the shipped zoo used 1)")
+    train.add_argument("--threads", type=_positive_int, help="CPU threads for torch (the shipped zoo used 2)")
     train.add_argument("--seed", type=int, default=0, help="seed of init, batch order and augmentation")
     train.add_argument("--test-images", type=_positive_int, help="evaluate on the first N test images (default all 10000)")
     train.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")

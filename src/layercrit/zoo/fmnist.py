@@ -2,8 +2,10 @@
 
 :data:`RECIPES` are the records of how each member is trained (method family of :mod:`layercrit.training`,
 category as in the paper, hyperparameters). :func:`train_zoo` trains them and writes ``ID.safetensors`` plus
-``manifest.yaml`` (the recipe, measured test accuracy, seed, training time) into a folder; the package ships one
-such folder, trained with ``layercrit zoo train --threads 1 --out src/layercrit/zoo/fmnist``. Weights are stored
+``manifest.yaml`` (the recipe, measured test, linear-probe and robust accuracy, seed, device, training time) into
+a folder; the package ships one such folder, trained with ``layercrit zoo train --threads 2 --out DIR`` on this
+project's 2-core CPU (about 2 hours; resumable, so it may span several runs) and copied into
+``src/layercrit/zoo/fmnist``. Weights are stored
 in float16 (half the size) and loaded back as float32; the recorded accuracies are those of the stored weights.
 
 Set ``LAYERCRIT_FMNIST_ZOO=DIR`` to use a zoo you trained yourself as ``zoo:fmnist/ID``.
