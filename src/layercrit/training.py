@@ -213,7 +213,7 @@ def fit(
         epochs: passes over the data (fractions allowed: the last pass stops early).
         schedule: ``constant``, ``step`` (×0.1 after 50% and 75% of the steps) or ``cosine`` (to 0), per step.
         precision: ``fp32``, or ``bf16``: mixed precision (``torch.autocast`` to bfloat16 on the parameters'
-            device; weights, optimizer state and BatchNorm stay float32), 2.3× faster on a CPU with AMX.
+            device; weights, optimizer state and BatchNorm stay float32), 2.2× faster on a CPU with AMX (benchmarks/training.py).
         seed: seeds the batch order and the generator handed to ``loss_fn`` (augmentation, attack starts).
 
     Returns:
