@@ -53,12 +53,11 @@ def measure_zoo(out: Path, *, images: int, target_ci: float, models: list[str]) 
     return pd.concat(frames, ignore_index=True)
 
 
-def stage_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per model and stage: mean criticality of its layers and the mean of their half-widths (fractions)."""
-    layers = layer_table(rows).assign(stage=lambda t: t.layer.map(stage_of))
-    return (layers.groupby(["model_id", "stage"], sort=False)
-            .agg(criticality=("criticality", "mean"), criticality_ci=("criticality_ci", "mean"),
-                 layers=("layer", "size"), capped=("capped", "sum")).reset_index())
+def stage_table(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per model and stage: mean criticality of its layers and the mean of their half-widths (fractions), from
+    :func:`layer_table`'s rows."""
+    return (layers.assign(stage=layers.layer.map(stage_of)).groupby(["model_id", "stage"], sort=False)
+            .agg(criticality=("criticality", "mean"), criticality_ci=("criticality_ci", "mean")).reset_index())
 
 
 def shift(stages: pd.DataFrame, model_id: str) -> tuple[float, float]:
@@ -76,7 +75,8 @@ def pct(value: float, width: float) -> str:
 
 def report(rows: pd.DataFrame, target_ci: float) -> str:
     records = {r["id"]: r for r in fmnist.entries()}
-    stages = stage_table(rows)
+    layers = layer_table(rows)
+    stages = stage_table(layers)
     models = model_table(rows).set_index("model_id")
     ids = list(dict.fromkeys(rows.model_id))
     lines = ["| model | test acc. | " + " | ".join(f"`{s}`" for s in STAGES) + " | mean | depth shift |",
@@ -98,10 +98,10 @@ def report(rows: pd.DataFrame, target_ci: float) -> str:
     rho, p = stats.spearmanr(accuracy, mean)
     kept = [i for i in ids if i != "frozen_random"]
     rho_kept, p_kept = stats.spearmanr([records[i]["accuracy"] for i in kept], [models.loc[i, "criticality"] for i in kept])
-    capped = int(layer_table(rows).capped.sum())
+    capped = int(layers.capped.sum())
     lines += ["", f"Spearman ρ(test accuracy, mean criticality): {rho:.2f} (p = {p:.2g}, n = {len(ids)}); without "
               f"frozen_random {rho_kept:.2f} (p = {p_kept:.2g}).",
-              f"Layers that hit the 100-trial cap before ±{target_ci:g}: {capped} of {len(layer_table(rows))}."]
+              f"Layers that hit the 100-trial cap before ±{target_ci:g}: {capped} of {len(layers)}."]
     return "\n".join(lines)
 
 

@@ -295,6 +295,12 @@ def test_the_resets_command_lists_every_reset_with_the_options_it_declares(capsy
     assert "rewind(checkpoint=CKPT)" in out
 
 
+@pytest.mark.parametrize("text", ["noise(scale=nan)", "noise(sigma=inf)", "interpolate(alpha=0.5|nan)"])
+def test_a_reset_option_that_is_not_a_finite_number_is_refused(text):
+    with pytest.raises(LayercritError, match=r"give a number"):
+        get_reset(text)
+
+
 def test_a_config_file_cannot_trust_a_checkpoint_through_the_reset_text():
     with pytest.raises(LayercritError, match="reset 'reinit' takes no option 'trust_checkpoint'"):
         get_reset("reinit(checkpoint=x.pth,trust_checkpoint=true)")

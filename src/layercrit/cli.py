@@ -303,18 +303,9 @@ def _add_zoo(sub) -> None:
 
 
 def _cmd_zoo_list(args) -> int:
-    import pandas as pd
-
     from . import zoo
 
-    if args.zoo == "fmnist":
-        from .zoo.fmnist import summary
-
-        print(summary().to_string(index=False, na_rep=""))
-        return 0
-    table = pd.DataFrame(zoo.entries(args.zoo))
-    columns = [c for c in ("id", "category", "accuracy", "display") if c in table]
-    print(table[columns].to_string(index=False))
+    print(zoo.summary(args.zoo).to_string(index=False, na_rep=""))
     return 0
 
 

@@ -167,7 +167,7 @@ def _top_level_parts(text: str, whole: str) -> list[str]:
     if depth != 0:
         raise LayercritError(f"reset={whole!r}: unbalanced parentheses")
     parts.append(text[start:])
-    return [p for p in parts if p.strip()] if len(parts) > 1 or parts[0].strip() else []
+    return [p for p in parts if p.strip()]
 
 
 def parse_bn(value: str | list[str]) -> tuple[str, int | None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -488,30 +489,41 @@ def get_reset(name: str | Reset, **options) -> Reset:
     return cls(**{**options, **converted})
 
 
+def _kinds(hint) -> set:
+    """The types a type hint allows (``float | None`` -> {float}; ``None`` for no hint -> {})."""
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return set(typing.get_args(hint) if union else (hint,)) - {type(None), None}
+
+
 def _convert(text: str, hint, where: str):
-    """Option text -> the declared type: a number, a list of numbers (``0.25|0.5``), a bool, or the text."""
-    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else (hint,)
+    """Option text -> the declared type: a finite number, a list of them (``0.25|0.5``), a bool, or the text."""
+    kinds = _kinds(hint)
     lists = [k for k in kinds if typing.get_origin(k) in (Sequence, list, tuple)]
     try:
         if lists and "|" in text:
-            item = typing.get_args(lists[0])[0]
-            return [item(v) for v in text.split("|")]
-        for kind in (bool, int, float):
+            return [_number(typing.get_args(lists[0])[0], v) for v in text.split("|")]
+        if bool in kinds:
+            if text not in ("true", "false"):
+                raise ValueError(text)
+            return text == "true"
+        for kind in (int, float):
             if kind in kinds:
-                if kind is bool:
-                    if text not in ("true", "false"):
-                        raise ValueError(text)
-                    return text == "true"
-                return kind(text)
+                return _number(kind, text)
     except ValueError:
         raise LayercritError(f"reset {where}: give {_type_name(hint)}") from None
     return text
 
 
+def _number(kind: type, text: str):
+    value = kind(text)
+    if not math.isfinite(value):  # nan or inf would reset a layer to non-finite values
+        raise ValueError(text)
+    return value
+
+
 def _type_name(hint) -> str:
     """What an option of type ``hint`` takes, in words."""
-    kinds = set(typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)) - {type(None)}
+    kinds = _kinds(hint)
     if any(typing.get_origin(k) in (Sequence, list, tuple) for k in kinds):
         return "a number or numbers separated by |"
     if Reset in kinds or "Reset" in str(hint):

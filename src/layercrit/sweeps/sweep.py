@@ -242,19 +242,15 @@ def _resets(raw: dict, names: list[str], source: str) -> tuple[str, ...]:
                 _check_type(item, float, f"{source}: alpha")
         else:
             _check_type(value, {"scale": float, "alpha": float | str}.get(key, str), f"{source}: {key}")
-    resets = []
-    for text in names:
-        try:
-            name = split_reset(text)[0]
-        except LayercritError as error:
-            raise LayercritError(f"{source}: {error}") from None
-        takes = tuple(declared_options(name)) if name in RESETS else ()
-        resets.append(with_shorthands(text, given, takes))
-    unused = [key for key in given if not any(key in declared_options(split_reset(r)[0]) for r in names
-                                              if split_reset(r)[0] in RESETS)]
-    if unused and all(split_reset(r)[0] in RESETS for r in names):
+    try:
+        kinds = [split_reset(text)[0] for text in names]
+    except LayercritError as error:
+        raise LayercritError(f"{source}: {error}") from None
+    takes = [tuple(declared_options(kind)) if kind in RESETS else () for kind in kinds]
+    unused = [key for key in given if not any(key in options for options in takes)]
+    if unused and all(kind in RESETS for kind in kinds):  # an unknown reset is reported on its own, later
         raise LayercritError(f"{source}: {unused[0]}: none of the resets ({', '.join(names)}) takes it")
-    return tuple(resets)
+    return tuple(with_shorthands(text, given, options) for text, options in zip(names, takes, strict=True))
 
 
 def _names(value, where: str) -> list[str]:

@@ -3,6 +3,8 @@
 Each zoo is a module of this package with two functions:
     entries() -> list[dict]                       one record per model (id, category, display, accuracy, ...)
     resolve(model_id, pretrained, *, trust_checkpoint=False) -> ResolvedModel
+and optionally ``summary() -> DataFrame``, the table ``layercrit zoo list`` prints (default: id, category,
+accuracy, display of each record).
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ def _zoo(name: str):
 def entries(name: str) -> list[dict]:
     """The records of zoo ``name``."""
     return _zoo(name).entries()
+
+
+def summary(name: str):
+    """Zoo ``name`` as a table, one row per model: the zoo's own ``summary()`` where it has one, else each
+    record's id, category, accuracy and display name."""
+    import pandas as pd
+
+    module = _zoo(name)
+    if hasattr(module, "summary"):
+        return module.summary()
+    table = pd.DataFrame(module.entries())
+    return table[[c for c in ("id", "category", "accuracy", "display") if c in table]]
 
 
 def resolve(spec: str, *, pretrained: bool = True, trust_checkpoint: bool = False) -> ResolvedModel:
