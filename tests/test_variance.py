@@ -8,6 +8,7 @@ import pytest
 
 from layercrit.analysis import variance
 from layercrit.errors import LayercritError
+from layercrit.seeds import method_and_seed
 
 LAYERS = ("model.layer1.0.conv1", "model.layer1.0.conv2", "model.fc")
 TRUE_SD = {"method": 4.0, "seed": 2.0, "reset": 3.0, "image": 20.0}  # points
@@ -35,10 +36,10 @@ def spread_effects(methods: int, sd: float) -> np.ndarray:
 
 
 def test_a_seed_suffix_names_the_method_and_the_training_seed():
-    assert variance.method_and_seed("baseline@seed2") == ("baseline", 2)
-    assert variance.method_and_seed("zoo:fmnist/pgd_linf_8@seed1") == ("zoo:fmnist/pgd_linf_8", 1)
-    assert variance.method_and_seed("baseline") == ("baseline", 0)
-    assert variance.method_and_seed("my@seedling") == ("my@seedling", 0)
+    assert method_and_seed("baseline@seed2") == ("baseline", 2)
+    assert method_and_seed("zoo:fmnist/pgd_linf_8@seed1") == ("zoo:fmnist/pgd_linf_8", 1)
+    assert method_and_seed("baseline") == ("baseline", 0)
+    assert method_and_seed("my@seedling") == ("my@seedling", 0)
     assert variance.has_seeds(["baseline", "baseline@seed1", "improved"])
     assert not variance.has_seeds(["baseline", "improved", "baseline"])
 

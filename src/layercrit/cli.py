@@ -282,6 +282,7 @@ def _add_zoo(sub) -> None:
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True)
     listing = zoo_sub.add_parser("list", help="the models of a zoo with categories and accuracies")
     listing.add_argument("--zoo", default="fmnist", help="which zoo (default fmnist)")
+    listing.add_argument("--seeds", action="store_true", help="also the training-seed replicates (ID@seedN)")
     listing.set_defaults(func=_cmd_zoo_list)
     train = zoo_sub.add_parser("train", help="train the Fashion-MNIST zoo (seeded) into a folder")
     train.add_argument("--methods", nargs="+", help="ids, methods or categories to train (default: all)")
@@ -307,7 +308,7 @@ def _add_zoo(sub) -> None:
 def _cmd_zoo_list(args) -> int:
     from . import zoo
 
-    print(zoo.summary(args.zoo).to_string(index=False, na_rep=""))
+    print(zoo.summary(args.zoo, replicates=args.seeds).to_string(index=False, na_rep=""))
     return 0
 
 

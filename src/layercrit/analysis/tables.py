@@ -448,7 +448,7 @@ def registry_meta(model_ids: Sequence[str]) -> pd.DataFrame:
     records: dict[str, dict[str, dict]] = {}
     for name in REGISTRY_ZOOS:
         try:
-            records[name] = {str(entry["id"]): entry for entry in zoo.entries(name)}
+            records[name] = {str(entry["id"]): entry for entry in zoo.entries(name, replicates=True)}
         except LayercritError:
             continue
     rows = []

@@ -33,7 +33,6 @@ little wider than it needs to be, never narrower.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import numpy as np
@@ -42,17 +41,10 @@ from scipy import stats
 
 from ..errors import LayercritError
 from ..measurement.estimate import ALPHA
+from ..seeds import method_and_seed
 
 COMPONENTS = ("method", "seed", "reset", "image")
-SEED_PATTERN = re.compile(r"^(?P<method>.+)@seed(?P<seed>\d+)$")
 BOOTSTRAP = 1000
-
-
-def method_and_seed(model_id: str) -> tuple[str, int]:
-    """``baseline@seed2`` -> (``baseline``, 2); ``zoo:fmnist/baseline@seed1`` -> (``zoo:fmnist/baseline``, 1); an id
-    without ``@seedN`` is seed 0 of itself."""
-    match = SEED_PATTERN.match(str(model_id))
-    return (match["method"], int(match["seed"])) if match else (str(model_id), 0)
 
 
 def stage_of(layer: str) -> str:

@@ -9,6 +9,10 @@ project's 2-core CPU (about 2 hours; resumable, so it may span several runs) and
 in float16 (half the size) and loaded back as float32; the recorded accuracies are those of the stored weights.
 
 Set ``LAYERCRIT_FMNIST_ZOO=DIR`` to use a zoo you trained yourself as ``zoo:fmnist/ID``.
+
+Training-seed replicates of a member are ``zoo:fmnist/ID@seedN`` (``baseline@seed1``; ``ID`` itself is seed 0).
+They live in subfolders ``seedN`` of the zoo folder, each a zoo folder of its own as ``layercrit zoo train --seed N
+--out DIR/seedN`` writes it (see docs/demo.md for the replicates shipped and how to train the rest).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ..errors import LayercritError
 from ..models.base import Normalized, ResolvedModel, wrap_module
 from ..models.builders import build_architecture
 from ..models.checkpoints import load_strict
+from ..seeds import method_and_seed, with_seed
 from ..training import METHODS, PRECISIONS, accuracy, resumable, robust_accuracy, train_linear_probe
 
 ARCH = "layercrit:fmnist_resnet20"
@@ -92,9 +97,30 @@ def zoo_dir() -> Path:
     return Path(os.environ.get("LAYERCRIT_FMNIST_ZOO") or Path(__file__).with_name("fmnist"))
 
 
-def entries() -> list[dict]:
-    """The manifest records of the trained zoo (recipe fields plus ``accuracy``, ``file``, ``train_time_s``, ...)."""
-    path = zoo_dir() / MANIFEST
+def entries(replicates: bool = False) -> list[dict]:
+    """The manifest records of the trained zoo (recipe fields plus ``accuracy``, ``file``, ``train_time_s``, ...);
+    with ``replicates``, followed by those of every training-seed replicate (:func:`seed_replicates`)."""
+    return _manifest(zoo_dir()) + (seed_replicates() if replicates else [])
+
+
+def seed_replicates() -> list[dict]:
+    """The records of the training-seed replicates (folders ``seedN`` of the zoo folder), with ids ``ID@seedN``,
+    ``member`` the member's id and ``file`` relative to the zoo folder; by seed, then in zoo order."""
+    records = []
+    for folder in sorted(zoo_dir().glob("seed*"), key=lambda p: (len(p.name), p.name)):
+        if not (folder / MANIFEST).is_file():
+            continue
+        for record in _manifest(folder):
+            if f"seed{record.get('seed')}" != folder.name:
+                raise LayercritError(f"{folder / MANIFEST} holds {record['id']!r} trained with seed "
+                                     f"{record.get('seed')}: a folder seedN holds members trained with --seed N")
+            records.append({**record, "id": with_seed(record["id"], record["seed"]), "member": record["id"],
+                            "file": f"{folder.name}/{record['file']}"})
+    return records
+
+
+def _manifest(folder: Path) -> list[dict]:
+    path = folder / MANIFEST
     if not path.is_file():
         raise LayercritError(
             f"no Fashion-MNIST zoo in {path.parent}: train one with 'layercrit zoo train --out DIR' and set "
@@ -110,11 +136,14 @@ def resolve(model_id: str, pretrained: bool = True, *, trust_checkpoint: bool = 
     ``fresh`` builds randomly initialised networks of the same architecture (for the rerandomize reset);
     ``metadata`` carries the record's category, display name, accuracy, method and hyperparameters.
     """
-    records = {record["id"]: record for record in entries()}
+    method, seed = method_and_seed(model_id)
+    model_id = with_seed(method, seed)  # baseline@seed0 is baseline
+    records = {record["id"]: record for record in entries(replicates=seed != 0)}
     if model_id not in records:
         close = difflib.get_close_matches(model_id, list(records), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise LayercritError(f"no model {model_id!r} in the Fashion-MNIST zoo{hint}; see 'layercrit zoo list'")
+        raise LayercritError(f"no model {model_id!r} in the Fashion-MNIST zoo{hint}; see 'layercrit zoo list' "
+                             "(seed replicates: 'layercrit zoo list --seeds')")
     record = records[model_id]
     module, pre = build_architecture(record["arch"], pretrained=False)
     if pretrained:
@@ -123,7 +152,7 @@ def resolve(model_id: str, pretrained: bool = True, *, trust_checkpoint: bool = 
     resolved = wrap_module(module.eval(), lambda: build_architecture(record["arch"], pretrained=False)[0], pre,
                            spec=f"zoo:fmnist/{model_id}")
     resolved.metadata.update({key: record.get(key) for key in
-                              ("category", "display", "accuracy", "method", "hyperparameters", "budget")})
+                              ("category", "display", "accuracy", "method", "hyperparameters", "budget", "seed")})
     return resolved
 
 
@@ -143,10 +172,11 @@ def summary(records: Sequence[dict] | None = None) -> pd.DataFrame:
             "budget": budget, "robust_accuracy": robust.get(budget) if budget else None,
             "baseline_robust_accuracy": (baseline.get("robust_accuracy") or {}).get(budget) if budget else None,
             "epochs": r["hyperparameters"].get("epochs"), "train_images": r.get("train_images"),
-            "train_min": round(r.get("train_time_s", float("nan")) / 60, 1),
+            "train_min": round(r.get("train_time_s", float("nan")) / 60, 1), "seed": r.get("seed"),
+            "precision": r["hyperparameters"].get("precision"),
         })
     table = pd.DataFrame(rows)
-    numbers = ["epochs", "train_images", "train_min", "accuracy", "probe_accuracy", "robust_accuracy",
+    numbers = ["epochs", "train_images", "train_min", "seed", "accuracy", "probe_accuracy", "robust_accuracy",
                "baseline_robust_accuracy"]
     table[numbers] = table[numbers].apply(pd.to_numeric)
     return table
