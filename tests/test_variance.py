@@ -136,3 +136,43 @@ def test_a_deterministic_reset_counts_once_and_has_no_reset_variance():
     assert units.trials.tolist() == [1, 1, 1, 1]
     table = variance.variance_components(units, bootstrap=0).set_index(["level", "component"])
     assert table.loc[("layer", "seed"), "variance_pct2"] == pytest.approx(8.0)  # var(10, 14) with ddof 1
+
+
+def as_results(rows: pd.DataFrame) -> pd.DataFrame:
+    """Simulated trial rows in layercrit's results format."""
+    return rows.assign(pred_cos_sim=1.0 - rows.criticality_pct / 100.0, reset="rerandomize").drop(
+        columns="criticality_pct")
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory):
+    from layercrit.analysis.tables import analyze
+
+    rows = simulate(np.random.default_rng(2), methods=3, seeds=3, trials=3, images=100,
+                    effects=np.array([0.0, 8.0, -1.0]))
+    out = tmp_path_factory.mktemp("seeds")
+    return rows, out, analyze(as_results(rows), out, baseline="m0")
+
+
+def test_analyze_writes_the_seed_tables_and_figure_when_a_method_has_seeds(analyzed):
+    rows, out, result = analyzed
+    components = pd.read_csv(out / "variance_components.csv")
+    effects = pd.read_csv(out / "method_effects.csv")
+    assert (out / "variance_components.png").is_file() and (out / "variance_components.pdf").is_file()
+    assert set(components.component) == set(variance.COMPONENTS)
+    assert set(components.unit) == {*LAYERS, "layer1", "fc"}
+    assert set(effects.method) == {"m1", "m2"} and (effects.seeds == 3).all()
+    expected = variance.seed_analysis(rows, "m0")
+    pd.testing.assert_frame_equal(result["method_effects"], expected["method_effects"])
+    m1 = effects[(effects.level == "stage") & (effects.method == "m1")]
+    assert (m1.verdict == "higher").all(), "an effect of 8 points against a seed SD of 2 is told apart"
+    assert result["stats"]["seed_replicates"] == sorted(m for m in rows.model_id.unique() if "@seed" in m)
+    assert "Method effects against the baseline" in (out / "report.html").read_text()
+
+
+def test_analyze_writes_no_seed_tables_without_replicates(tmp_path):
+    from layercrit.analysis.tables import analyze
+
+    rows = simulate(np.random.default_rng(2), methods=2, seeds=1, trials=3, images=100)
+    result = analyze(as_results(rows), tmp_path)
+    assert "variance_components" not in result and not (tmp_path / "variance_components.csv").exists()

@@ -236,3 +236,15 @@ def _mean(values: np.ndarray) -> np.ndarray:
 
 def _generators(count: int, seed: int) -> list[np.random.Generator]:
     return [np.random.default_rng([seed, i]) for i in range(count)]
+
+
+def seed_analysis(rows: pd.DataFrame, baseline: str | None, *, value: str = "criticality_pct",
+                  image: bool = True, bootstrap: int = BOOTSTRAP) -> dict[str, pd.DataFrame]:
+    """The variance components and, given a ``baseline``, the method effects of trial ``rows`` whose model ids name
+    training seeds (``ID@seedN``). ``image``: the rows' ``criticality_sd`` is of ``value`` (the cos metric), so
+    the image component can be read from it."""
+    units = model_units(rows if image else rows.drop(columns="criticality_sd", errors="ignore"), value=value)
+    tables = {"variance_components": variance_components(units, bootstrap=bootstrap)}
+    if baseline is not None:
+        tables["method_effects"] = method_effects(units, baseline)
+    return tables
