@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from layercrit import cli, resolve_model
+from layercrit.analysis.tables import registry_meta
 from layercrit.data import load_fashion_mnist, subset_indices
 from layercrit.errors import LayercritError
 from layercrit.measurement.layers import select_layers
@@ -87,6 +88,9 @@ def test_a_seed_replicate_trained_into_a_seed_folder_resolves_as_id_at_seed(trai
     weight = "model.conv1.weight"
     assert torch.equal(seed0.model.state_dict()[weight], also_seed0.model.state_dict()[weight])
     assert not torch.equal(seed0.model.state_dict()[weight], replicate.model.state_dict()[weight])
+
+    known = registry_meta(["zoo:fmnist/baseline@seed1"])
+    assert known.accuracy.tolist() == [record["accuracy"]] and known.category.tolist() == ["baseline"]
 
     assert cli.main(["zoo", "list", "--seeds"]) == 0
     assert [row.split()[0] for row in capsys.readouterr().out.splitlines()[1:]] == [
