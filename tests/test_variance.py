@@ -151,7 +151,9 @@ def analyzed(tmp_path_factory):
     rows = simulate(np.random.default_rng(2), methods=3, seeds=3, trials=3, images=100,
                     effects=np.array([0.0, 8.0, -1.0]))
     out = tmp_path_factory.mktemp("seeds")
-    return rows, out, analyze(as_results(rows), out, baseline="m0")
+    meta = pd.DataFrame({"model_id": rows.model_id.unique()}).assign(
+        category=lambda f: np.where(f.model_id.str.startswith("m0"), "baseline", "other"))
+    return rows, out, analyze(as_results(rows), out, meta=meta)
 
 
 def test_analyze_writes_the_seed_tables_and_figure_when_a_method_has_seeds(analyzed):
@@ -166,6 +168,7 @@ def test_analyze_writes_the_seed_tables_and_figure_when_a_method_has_seeds(analy
     pd.testing.assert_frame_equal(result["method_effects"], expected["method_effects"])
     m1 = effects[(effects.level == "stage") & (effects.method == "m1")]
     assert (m1.verdict == "higher").all(), "an effect of 8 points against a seed SD of 2 is told apart"
+    assert result["stats"]["baseline"] == "m0", "the seed-0 model of the one method whose seeds are all baselines"
     assert result["stats"]["seed_replicates"] == sorted(m for m in rows.model_id.unique() if "@seed" in m)
     assert "Method effects against the baseline" in (out / "report.html").read_text()
 
