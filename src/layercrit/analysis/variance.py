@@ -33,7 +33,7 @@ little wider than it needs to be, never narrower.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -53,7 +53,7 @@ def stage_of(layer: str) -> str:
     return str(layer).removeprefix("model.").split(".")[0]
 
 
-def has_seeds(model_ids) -> bool:
+def has_seeds(model_ids: Iterable[str]) -> bool:
     """Whether some method among ``model_ids`` was measured in two or more training seeds."""
     methods = pd.Series([method_and_seed(m)[0] for m in dict.fromkeys(map(str, model_ids))], dtype=object)
     return bool((methods.value_counts() >= 2).any())
