@@ -29,6 +29,7 @@ import pandas as pd
 
 from .errors import LayercritError
 from .measurement.estimate import layer_table
+from .results import file_name
 
 TRACKERS = ("wandb", "mlflow", "tensorboard")
 _PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny", "tensorboard": "tensorboard"}
@@ -222,13 +223,15 @@ def log_models(rows: pd.DataFrame, log_to: str, *, config: Mapping | None = None
                out: str | Path | None = None) -> None:
     """Log a finished table (a sweep's export) to one tracker run per model, named by its ``model_id``.
 
-    TensorBoard writes each model into its own folder, ``DIR/MODEL_ID`` (default ``OUT/tensorboard/MODEL_ID``).
+    TensorBoard writes each model into its own folder, ``DIR/MODEL_ID`` (default ``OUT/tensorboard/MODEL_ID``), the
+    id escaped to one folder name (:func:`layercrit.results.file_name`: ``zoo:fmnist/baseline`` ->
+    ``zoo:fmnist%2Fbaseline``), so no id writes outside DIR.
     """
     kind, where = parse(log_to)
     for model_id, model_rows in rows.groupby("model_id", sort=False):
         target = log_to
         if kind == "tensorboard":
             folder = Path(where) if where else Path(out or ".") / "tensorboard"
-            target = f"tensorboard:{folder / str(model_id)}"
+            target = f"tensorboard:{folder / file_name(str(model_id))}"
         with Tracker(target, name=str(model_id), config=config, out=out) as tracker:
             tracker.close(model_rows)

@@ -16,6 +16,7 @@ from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
 from ..data import EvalSet, load_data, to_model_input
 from ..errors import LayercritError
 from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
+from ..results import file_name
 from ..spec import Experiment
 from . import engine as engines
 from . import sequential
@@ -215,7 +216,7 @@ def measure(
         labels = {**meta, "reset": variant.describe(), **columns}
         hooks: list[Callable] = []
         if save_logits is not None:
-            folder = Path(save_logits) / (variant.describe() if len(variants) > 1 else "")
+            folder = Path(save_logits) / (file_name(variant.describe()) if len(variants) > 1 else "")
             hooks.append(LogitsWriter(folder, top_k=save_logits_top_k))
         breakdown = Breakdown(evalset.labels) if log_batches or per_class is not None else None
         if breakdown is not None:
