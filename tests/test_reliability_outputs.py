@@ -2,14 +2,22 @@
 from an interrupted one, and saved logits and trackers fail with one line (a full disk, a folder that cannot be
 written, a logits folder cut short or edited)."""
 
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from layercrit.results import file_name
+from layercrit.cli import main
+from layercrit.results import file_name, read_table
 from layercrit.trackers import log_models
 
+from .conftest import assert_one_line_error, run_cli
 from .test_trackers import tensorboard_scalars
 
 HOSTILE_IDS = ["../../escaped", "/tmp/layercrit-absolute-id", "zoo:fmnist/baseline", ".", "..", ".hidden", "a%2Fb",
@@ -45,3 +53,110 @@ def test_a_sweeps_tensorboard_folders_stay_inside_dir_whatever_the_model_ids(tmp
     assert {path.name for path in board.iterdir()} == {file_name(i) for i in ids}
     for model_id in ids:
         assert tensorboard_scalars(board / file_name(model_id))["criticality"] == [(0, pytest.approx(0.3))]
+
+
+# ---------------------------------------------------------------- one writer per output folder, and a finished folder
+
+RUN = ("run", "--model", "layercrit:fmnist_resnet8", "--no-pretrained", "--layers", "model.fc,model.layer3.*",
+       "--data", "fashion-mnist", "--images", 20, "--trials", 1, "--quiet")
+
+HOLD = """import sys
+from layercrit.results import claim_output_folder
+with claim_output_folder(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held(folder: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``folder`` as a writer does, until it is killed with SIGKILL on leaving the block."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert process.stdout.readline() == "held\n"
+        yield process
+    finally:
+        process.kill()
+        assert process.wait() == -signal.SIGKILL
+
+
+def test_a_second_writer_into_a_held_output_folder_is_a_one_line_error_naming_the_first(tmp_path, capsys):
+    out = tmp_path / "out"
+    with held(out) as first:
+        code, _, err = run_cli(capsys, *RUN, "--out", out)
+        assert_one_line_error(code, err, f"output folder {out} is in use by another process (pid {first.pid} on ",
+                              "wait for it to end, or write to another folder")
+        assert f": -c {out}): " in err  # its command line (python -c HOLD OUT)
+        assert [path.name for path in out.iterdir()] == [".layercrit.lock"]  # nothing of the second run
+    # killed with SIGKILL, the first writer leaves no lock behind
+    code, _, err = run_cli(capsys, *RUN, "--out", out)
+    assert code == 0, err
+    assert not (out / ".layercrit.lock").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ("module-criticality", "--model", "layercrit:fmnist_resnet8", "--no-pretrained", "--init", "x.pt", "--data",
+     "fashion-mnist", "--images", 20),
+    ("analyze", "results.csv"),
+    ("demo", "--images", 10),
+], ids=lambda command: command[0])
+def test_every_command_that_writes_a_folder_refuses_one_held_by_another_process(tmp_path, capsys, command):
+    out = tmp_path / "out"
+    with held(out) as first:
+        code, _, err = run_cli(capsys, *command, "--out", out)
+        assert_one_line_error(code, err, f"output folder {out} is in use by another process (pid {first.pid} on ")
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory) -> Path:
+    """A run folder whose run was stopped after its chunks' results were written and before the final ones."""
+    out = tmp_path_factory.mktemp("interrupted")
+    from layercrit import results
+
+    write_results = results.write_results
+
+    def stopped_before_the_final_results(df, folder, run=None):
+        if run is not None and run.get("complete"):
+            raise KeyboardInterrupt
+        return write_results(df, folder, run)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(results, "write_results", stopped_before_the_final_results)
+        assert main([*map(str, RUN), "--out", str(out)]) == 130
+    return out
+
+
+def test_run_json_says_complete_only_beside_the_final_results(interrupted_run, tmp_path, capsys):
+    assert json.loads((interrupted_run / "run.json").read_text())["complete"] is False
+    assert len(pd.read_csv(interrupted_run / "results.csv")) > 1  # the chunks' rows are kept
+    code, _, err = run_cli(capsys, *RUN, "--out", tmp_path / "finished")
+    assert code == 0, err
+    assert json.loads((tmp_path / "finished" / "run.json").read_text())["complete"] is True
+
+
+@pytest.mark.parametrize("command", ["analyze", "diff"])
+def test_reading_the_results_of_an_interrupted_run_warns_that_they_are_partial(interrupted_run, tmp_path, capsys,
+                                                                               caplog, command):
+    extra = [interrupted_run] if command == "diff" else []
+    out = tmp_path / ("diff.csv" if command == "diff" else "analysis")
+    code, _, err = run_cli(capsys, command, interrupted_run, *extra, "--out", out)
+    assert code == 0, err
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert warning.startswith(f"the results in {interrupted_run} are from a run that did not finish")
+    assert warning.endswith("run it again to measure the rest")
+
+
+def test_reading_the_results_of_a_run_still_going_names_its_process(interrupted_run, caplog):
+    with held(interrupted_run) as writer:
+        read_table(interrupted_run)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"the results in {interrupted_run} are from a run that is still going (another "
+                              f"process (pid {writer.pid} on ")
+
+
+def test_the_results_of_a_finished_run_are_read_without_a_warning(tmp_path, capsys, caplog):
+    code, _, err = run_cli(capsys, *RUN, "--out", tmp_path / "finished")
+    assert code == 0, err
+    read_table(tmp_path / "finished")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
