@@ -4,6 +4,8 @@ written, a logits folder cut short or edited)."""
 
 import contextlib
 import json
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +15,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import layercrit
 from layercrit.cli import main
+from layercrit.errors import LayercritError
 from layercrit.results import file_name, read_table
 from layercrit.trackers import log_models
 
 from .conftest import assert_one_line_error, run_cli
+from .test_reliability_cli import read_only_below
 from .test_trackers import tensorboard_scalars
 
 HOSTILE_IDS = ["../../escaped", "/tmp/layercrit-absolute-id", "zoo:fmnist/baseline", ".", "..", ".hidden", "a%2Fb",
@@ -135,7 +140,7 @@ def test_run_json_says_complete_only_beside_the_final_results(interrupted_run, t
     assert json.loads((tmp_path / "finished" / "run.json").read_text())["complete"] is True
 
 
-@pytest.mark.parametrize("command", ["analyze", "diff"])
+@pytest.mark.parametrize("command", [pytest.param("analyze", marks=pytest.mark.slow), "diff"])
 def test_reading_the_results_of_an_interrupted_run_warns_that_they_are_partial(interrupted_run, tmp_path, capsys,
                                                                                caplog, command):
     extra = [interrupted_run] if command == "diff" else []
@@ -160,3 +165,120 @@ def test_the_results_of_a_finished_run_are_read_without_a_warning(tmp_path, caps
     assert code == 0, err
     read_table(tmp_path / "finished")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+# ---------------------------------------------------------------- trackers that cannot write where they are sent
+
+
+@pytest.mark.parametrize("where", ["file", "file/below", "/proc/layercrit-tb", "read-only"])
+def test_a_tensorboard_folder_that_cannot_be_written_is_a_one_line_error_before_any_work(tmp_path, capsys,
+                                                                                      monkeypatch, where):
+    pytest.importorskip("tensorboard")
+    (tmp_path / "file").write_text("mine")
+    board = Path(where) if where.startswith("/") else tmp_path / where
+    if where == "read-only":
+        read_only_below(monkeypatch, board)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *RUN, "--out", out, "--log-to", f"tensorboard:{board}")
+    assert_one_line_error(code, err, f"--log-to=tensorboard:{board}: ")
+    assert (tmp_path / "file").read_text() == "mine"
+    assert not (out / "results.csv").exists()
+
+
+# ---------------------------------------------------------------- saved logits: a full disk, a folder cut short
+
+
+def small_file_limit(limit: int):
+    """For a child process: no file may grow beyond ``limit`` bytes (as a full disk, but at a chosen point)."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+# batches of 10 images: the index of two units (about 260 bytes) outgrows 250 bytes before any .val (200 bytes a
+# batch) does; 6 kB is passed by each unit's .val (8 kB for 400 images) before any results.* are written
+@pytest.mark.slow
+@pytest.mark.parametrize("limit, full", [(250, "index.json"), (6_000, ".val")], ids=["index", "logits"])
+def test_save_logits_on_a_full_disk_is_a_one_line_error_and_leaves_no_temporary_index(tmp_path, limit, full):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "layercrit.cli", "run", "--model", "layercrit:fmnist_resnet8", "--no-pretrained",
+               "--layers", "model.fc", "--data", "fashion-mnist", "--images", "400", "--trials", "1", "--quiet",
+               "--batch-size", "10", "--save-logits", "--out", str(out)]
+    run = subprocess.run(command, preexec_fn=small_file_limit(limit), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2, run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith(f"layercrit: error: cannot write the logits to {out / 'logits'}/"), line
+    assert full in line and "File too large; free some space" in line
+    assert not list(out.rglob("*.tmp")) and not (out / ".layercrit.lock").exists()
+
+
+@pytest.fixture(scope="module")
+def saved_logits(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("logits") / "logits"
+    layercrit.measure("layercrit:fmnist_resnet8", "fashion-mnist", images=40, layers="model.fc", trials=2,
+                      save_logits=folder, device="cpu", batch_size=16, pretrained=False)
+    return folder
+
+
+@pytest.fixture
+def logits_copy(saved_logits, tmp_path) -> Path:
+    shutil.copytree(saved_logits, tmp_path / "logits")
+    return tmp_path / "logits"
+
+
+def test_saved_logits_of_a_finished_run_read_back_whole_without_a_warning(saved_logits, caplog):
+    logits = layercrit.load_logits(saved_logits)
+    assert set(logits) == {("original", 0), ("model.fc", 0), ("model.fc", 1)}
+    assert all(values.shape == (40, 10) for values in logits.values())
+    assert json.loads((saved_logits / "index.json").read_text())["complete"] is True
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_logits_cut_at_the_same_image_in_every_file_are_refused_not_read_as_half(logits_copy):
+    for path in logits_copy.glob("u00001.*"):
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(LayercritError) as excinfo:
+        layercrit.load_logits(logits_copy)
+    assert_one_line(excinfo, f"{logits_copy / 'u00001.pos'} holds 20 images where index.json says 40")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda folder: (folder / "u00001.val").unlink(), "u00001.val is missing"),
+    (lambda folder: (folder / "index.json").write_text("[1, 2]"), "index.json is not a logits index of layercrit"),
+    (lambda folder: edit_index(folder, lambda index: index.pop("units")), "index.json is not a logits index"),
+    (lambda folder: edit_index(folder, lambda index: index["units"][0].pop("file")), "index.json is not a logits"),
+    (lambda folder: edit_index(folder, lambda index: index.update(top_k="x")), "index.json is not a logits index"),
+], ids=["val missing", "index a list", "no units", "unit without file", "top_k not a number"])
+def test_a_logits_folder_missing_a_file_or_with_an_odd_index_is_a_one_line_error(logits_copy, change, message):
+    change(logits_copy)
+    with pytest.raises(LayercritError) as excinfo:
+        layercrit.load_logits(logits_copy)
+    assert_one_line(excinfo, message)
+
+
+def test_logits_of_a_run_that_did_not_finish_are_read_with_a_warning(logits_copy, caplog):
+    edit_index(logits_copy, lambda index: index.update(complete=False))
+    assert len(layercrit.load_logits(logits_copy)) == 3
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"the logits in {logits_copy} are from a run that did not finish")
+
+
+def test_a_rerun_into_a_logits_folder_never_shows_the_old_index_with_the_new_files(saved_logits, tmp_path):
+    from layercrit.measurement.logits import LogitsWriter
+
+    folder = tmp_path / "logits"
+    shutil.copytree(saved_logits, folder)
+    LogitsWriter(folder)  # a rerun starts: nothing written yet
+    assert layercrit.load_logits(folder) == {}
+
+
+def edit_index(folder: Path, edit) -> None:
+    index = json.loads((folder / "index.json").read_text())
+    edit(index)
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+def assert_one_line(excinfo, fragment: str) -> None:
+    message = str(excinfo.value)
+    assert "\n" not in message and fragment in message, message

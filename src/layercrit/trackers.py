@@ -29,7 +29,7 @@ import pandas as pd
 
 from .errors import LayercritError
 from .measurement.estimate import layer_table
-from .results import file_name
+from .results import check_output_folder, file_name
 
 TRACKERS = ("wandb", "mlflow", "tensorboard")
 _PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny", "tensorboard": "tensorboard"}
@@ -61,6 +61,8 @@ class Tracker:
         kind, where = parse(log_to)
         if where is None and out is not None and kind != "mlflow":
             where = str(Path(out) / kind)
+        if where is not None and kind != "mlflow":  # MLflow's DIR may be a URI; its own errors are caught below
+            _check_folder(kind, where)
         self.backend = _BACKENDS[kind](name, {k: _plain(v) for k, v in (config or {}).items()}, where)
         self.logged: set[tuple] = set()
         self.step = 0
@@ -119,6 +121,15 @@ class Tracker:
             self.step += 1
 
 
+def _check_folder(kind: str, where: str) -> None:
+    """A tracker folder that is a file, read-only or not creatable (``/proc/x``) is one line before any work, not
+    a traceback from the tracker's own writer."""
+    try:
+        check_output_folder(where)
+    except LayercritError as error:
+        raise LayercritError(f"log_to={kind}:{where}: {error}") from None
+
+
 def _plain(value: object) -> object:
     """A config value the trackers take (numbers, strings, booleans; anything else as text)."""
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
@@ -139,8 +150,6 @@ class _Wandb:
     def __init__(self, name: str | None, config: dict, where: str | None) -> None:
         wandb = _import("wandb")
         self.wandb = wandb
-        if where:
-            Path(where).mkdir(parents=True, exist_ok=True)
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "layercrit"), name=name, config=config,
                                   dir=where, reinit="create_new")
