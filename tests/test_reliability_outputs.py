@@ -23,6 +23,7 @@ from layercrit.trackers import log_models
 
 from .conftest import assert_one_line_error, run_cli
 from .test_reliability_cli import read_only_below
+from .test_store import rows_of  # noqa: F401 - a fixture
 from .test_trackers import tensorboard_scalars
 
 HOSTILE_IDS = ["../../escaped", "/tmp/layercrit-absolute-id", "zoo:fmnist/baseline", ".", "..", ".hidden", "a%2Fb",
@@ -282,3 +283,23 @@ def edit_index(folder: Path, edit) -> None:
 def assert_one_line(excinfo, fragment: str) -> None:
     message = str(excinfo.value)
     assert "\n" not in message and fragment in message, message
+
+
+def test_reading_a_sweep_store_with_units_left_warns_that_its_results_are_partial(tmp_path, rows_of,  # noqa: F811
+                                                                                   caplog):
+    from layercrit.sweeps.store import Store
+
+    from .test_store import planned_store
+
+    store, units = planned_store(tmp_path / "s.sqlite")
+    for unit in units[:-1]:
+        store.record_done(unit, rows_of(unit), seconds=0.1, worker="w", batch_size=16)
+    store.close()
+    read_table(tmp_path / "s.sqlite")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"the sweep store {tmp_path / 's.sqlite'} holds 3 of its 4 units (1 pending, 0 failed)")
+    caplog.clear()
+    with Store(tmp_path / "s.sqlite") as store:
+        store.record_done(units[-1], rows_of(units[-1]), seconds=0.1, worker="w", batch_size=16)
+    read_table(tmp_path / "s.sqlite")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

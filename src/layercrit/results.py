@@ -262,9 +262,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
     elif path.suffix == ".json":
         table = pd.read_json(path, orient="records")
     elif path.suffix in (".sqlite", ".db"):
-        from .sweeps.store import export_frame
+        from .sweeps.store import export_frame, status_frame
 
         table = export_frame(path)
+        status = status_frame(path)
+        if status.pending.sum() or status.failed.sum():
+            log.warning("the sweep store %s holds %d of its %d units (%d pending, %d failed): its results are "
+                        "partial; run the sweep again with --store %s to finish it", path, status.done.sum(),
+                        status.units.sum(), status.pending.sum(), status.failed.sum(), path)
     else:
         raise LayercritError(f"cannot read {path}: expected .csv, .parquet, .json, .sqlite or a run folder")
     if table.empty:
