@@ -303,3 +303,13 @@ def test_reading_a_sweep_store_with_units_left_warns_that_its_results_are_partia
         store.record_done(units[-1], rows_of(units[-1]), seconds=0.1, worker="w", batch_size=16)
     read_table(tmp_path / "s.sqlite")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_sweeps_tracker_folder_that_cannot_be_written_is_refused_before_any_unit(tmp_path, capsys):
+    from .test_sweep import write_config
+
+    (tmp_path / "file").write_text("mine")
+    config = write_config(tmp_path / "sweep.yaml", log_to=f"tensorboard:{tmp_path / 'file'}")
+    code, _, err = run_cli(capsys, "sweep", config, "--store", tmp_path / "s.sqlite", "--quiet")
+    assert_one_line_error(code, err, f"--log-to=tensorboard:{tmp_path / 'file'}: output folder")
+    assert not (tmp_path / "s.sqlite").exists()

@@ -459,10 +459,13 @@ def _cmd_sweep(args) -> int:
         for model_id, problem in zip(problems.model_id, problems.problem, strict=True):
             print(f"cannot measure {model_id}: {problem}")
         return 1 if len(problems) else 0
+    if config.log_to:  # a tracker folder that cannot be written fails now, not after the sweep's hours
+        from .trackers import check_destination, log_models
+
+        check_destination(config.log_to, store.with_suffix(""))
     run_sweep(config, store, workers=args.workers, backend=args.backend, address=args.address,
               new_store=args.new_store, progress=not args.quiet)
     if config.log_to:  # a model's units run on several workers: its layers are complete only now
-        from .trackers import log_models
 
         log_models(export_frame(store), config.log_to, config=config.to_dict(), out=store.with_suffix(""))
     status = status_frame(store)

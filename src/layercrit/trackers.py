@@ -58,11 +58,7 @@ class Tracker:
 
     def __init__(self, log_to: str, *, name: str | None = None, config: Mapping | None = None,
                  out: str | Path | None = None, sequential: bool = False) -> None:
-        kind, where = parse(log_to)
-        if where is None and out is not None and kind != "mlflow":
-            where = str(Path(out) / kind)
-        if where is not None and kind != "mlflow":  # MLflow's DIR may be a URI; its own errors are caught below
-            _check_folder(kind, where)
+        kind, where = check_destination(log_to, out)
         self.backend = _BACKENDS[kind](name, {k: _plain(v) for k, v in (config or {}).items()}, where)
         self.logged: set[tuple] = set()
         self.step = 0
@@ -121,13 +117,20 @@ class Tracker:
             self.step += 1
 
 
-def _check_folder(kind: str, where: str) -> None:
-    """A tracker folder that is a file, read-only or not creatable (``/proc/x``) is one line before any work, not
-    a traceback from the tracker's own writer."""
-    try:
-        check_output_folder(where)
-    except LayercritError as error:
-        raise LayercritError(f"log_to={kind}:{where}: {error}") from None
+def check_destination(log_to: str, out: str | Path | None = None) -> tuple[str, str | None]:
+    """The tracker kind and the folder it writes to (``OUT/KIND`` when ``log_to`` names none; None: the tracker's
+    default), created and checked: a folder that is a file, read-only or not creatable (``/proc/x``) is one line
+    before any work, not a traceback from the tracker's own writer. MLflow's DIR may be a URI: its own errors are
+    caught when its run starts."""
+    kind, where = parse(log_to)
+    if where is None and out is not None and kind != "mlflow":
+        where = str(Path(out) / kind)
+    if where is not None and kind != "mlflow":
+        try:
+            check_output_folder(where)
+        except LayercritError as error:
+            raise LayercritError(f"log_to={kind}:{where}: {error}") from None
+    return kind, where
 
 
 def _plain(value: object) -> object:
