@@ -141,8 +141,9 @@ def _lock(path: Path) -> int | None:
         os.close(fd)  # the previous holder removed the file between our open and our lock: lock the one there now
     holder = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": shlex.join(sys.argv)}
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps(holder).encode())
+    with contextlib.suppress(OSError):  # a courtesy to the next writer: a full disk fails the run at its results
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
     return fd
 
 
@@ -174,7 +175,7 @@ def running_writer(folder: str | Path) -> str | None:
         os.close(fd)
 
 
-def check_complete(folder: Path, what: str) -> None:
+def _warn_if_partial(folder: Path, what: str) -> None:
     """Warn when ``folder``'s ``run.json`` says that the run that wrote it has not finished (still running, or
     interrupted); ``what`` names what is being read. A folder without ``run.json``, or whose ``run.json`` has no
     ``complete`` (written by hand, by another tool, by an older layercrit), is read silently."""
@@ -251,7 +252,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise LayercritError(f"results not found: {path}")
     if path.stem == "results":
-        check_complete(path.parent, "the results")
+        _warn_if_partial(path.parent, "the results")
     if path.suffix == ".parquet":
         table = pd.read_parquet(path)
     elif path.suffix == ".csv":
