@@ -173,11 +173,76 @@ def test_trust_checkpoint_that_is_not_a_yaml_boolean_is_refused_and_the_pickle_n
     assert not store.exists()
 
 
-def test_hostile_checkpoint_runs_only_when_trust_checkpoint_is_true(tmp_path, capsys, hostile_checkpoint):
+def test_hostile_checkpoint_runs_only_when_trust_checkpoint_is_true_and_code_is_allowed(tmp_path, capsys,
+                                                                                       hostile_checkpoint):
     checkpoint, marker = hostile_checkpoint
     store = str(tmp_path / "sweep.sqlite")
     assert main(["sweep", str(config_with(tmp_path, checkpoint, False)), "--store", store, "--dry-run"]) == 1
     assert "cannot measure evil: " in capsys.readouterr().out
     assert not marker.exists()
-    assert main(["sweep", str(config_with(tmp_path, checkpoint, True)), "--store", store, "--dry-run"]) == 1
-    assert marker.exists(), "the fixture's pickle does run code when trusted"
+    trusted = str(config_with(tmp_path, checkpoint, True))
+    assert main(["sweep", trusted, "--store", store, "--dry-run"]) == 2
+    assert "model 'evil': trust_checkpoint (unpickling runs code)" in capsys.readouterr().err
+    assert main(["sweep", trusted, "--store", store, "--dry-run", "--allow-code"]) == 0
+    assert "not built (a dry run runs no code from the config): evil" in capsys.readouterr().out
+    assert not marker.exists(), "a dry run unpickles nothing"
+    assert main(["sweep", trusted, "--store", store, "--quiet", "--allow-code"]) == 1
+    assert marker.exists(), "the fixture's pickle does run code when trusted and allowed"
+
+
+# ---------------------------------------------------------------- code named in a config
+
+
+FACTORY = """
+from pathlib import Path
+Path(__file__).with_name("imported").touch()
+
+from layercrit.models.architectures import SmallResNet
+
+def build(pretrained=False, **kwargs):
+    return SmallResNet(depth=8, **kwargs)
+"""
+
+
+@pytest.fixture
+def factory_file(tmp_path) -> Path:
+    """A model factory in its own folder that leaves a marker there when it is imported."""
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "nets.py").write_text(FACTORY)
+    return tmp_path / "code" / "nets.py"
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("where", ["file spec", "module spec", "file arch"])
+def test_code_named_in_a_sweep_config_is_refused_without_allow_code_and_nothing_is_imported(
+        tmp_path, capsys, factory_file, where, dry_run):
+    spec, named = {
+        "file spec": ({"spec": f"{factory_file}:build", "pretrained": False}, f"spec '{factory_file}:build'"),
+        "module spec": ({"spec": "this:x"}, "spec 'this:x'"),
+        "file arch": ({"spec": str(tmp_path / "w.pth"), "arch": f"{factory_file}:build"},
+                      f"arch '{factory_file}:build'"),
+    }[where]
+    config = write_config(tmp_path / "sweep.yaml", models=[{"id": "mine", **spec}])
+    store = tmp_path / "sweep.sqlite"
+    assert "this" not in sys.modules
+    path_before = list(sys.path)
+    assert main(["sweep", str(config), "--store", str(store), *(["--dry-run"] if dry_run else [])]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"model 'mine': {named}" in error and "only with --allow-code" in error
+    assert not (factory_file.parent / "imported").exists() and "this" not in sys.modules
+    assert sys.path == path_before and not store.exists()
+
+
+def test_a_dry_run_with_allow_code_imports_nothing_and_the_sweep_then_runs_the_factory(tmp_path, capsys, factory_file):
+    config = write_config(tmp_path / "sweep.yaml", images=16, trials=1, models=[
+        {"id": "mine", "spec": f"{factory_file}:build", "pretrained": False},
+        {"id": "plain", "spec": "layercrit:fmnist_resnet8", "pretrained": False}])
+    store = tmp_path / "sweep.sqlite"
+    path_before = list(sys.path)
+    assert main(["sweep", str(config), "--store", str(store), "--dry-run", "--allow-code"]) == 0
+    out = capsys.readouterr().out
+    assert "not built (a dry run runs no code from the config): mine" in out
+    assert not (factory_file.parent / "imported").exists() and sys.path == path_before
+    assert main(["sweep", str(config), "--store", str(store), "--quiet", "--allow-code"]) == 0
+    assert (factory_file.parent / "imported").exists()
+    assert set(export_frame(store).model_id) == {"mine", "plain"}

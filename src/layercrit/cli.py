@@ -417,6 +417,9 @@ def _add_sweep(sub) -> None:
                    help="move an existing store aside (to NAME.old-TIME.sqlite) and start a new one")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve every model (fetching missing weights), count units, report problems; measure nothing")
+    p.add_argument("--allow-code", action="store_true", help="run the Python code the config names: MODULE:FACTORY "
+                   "and FILE.py:FACTORY specs or archs, trust_checkpoint: true (refused without it; a dry run "
+                   "never runs it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("overrides of the config")
     g.add_argument("--data", help="image folder (ImageNet-val layout) or 'fashion-mnist'")
@@ -436,16 +439,19 @@ def _cmd_sweep(args) -> int:
                          cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device)
     store = Path(args.store or Path("runs") / f"{Path(args.config).stem}.sqlite")
     if args.dry_run:
-        plan = plan_sweep(config, store)
+        plan = plan_sweep(config, store, allow_code=args.allow_code)
         print(plan.drop(columns="problem").to_string(index=False))
         grid = f"{len(config.reset)} reset(s) x {config.trials} trial(s) x chunks of {config.layers_per_unit} layers"
         print(f"{int(plan.to_run.sum())} of {int(plan.units.sum())} units to run ({grid}); store {store}")
+        unbuilt = plan.model_id[plan.units.isna()]
+        if len(unbuilt):
+            print(f"not built (a dry run runs no code from the config): {', '.join(unbuilt)}")
         problems = plan[plan.problem != ""]
         for model_id, problem in zip(problems.model_id, problems.problem, strict=True):
             print(f"cannot measure {model_id}: {problem}")
         return 1 if len(problems) else 0
     run_sweep(config, store, workers=args.workers, backend=args.backend, address=args.address,
-              new_store=args.new_store, progress=not args.quiet)
+              new_store=args.new_store, progress=not args.quiet, allow_code=args.allow_code)
     if config.log_to:  # a model's units run on several workers: its layers are complete only now
         from .trackers import log_models
 

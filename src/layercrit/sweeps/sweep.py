@@ -59,6 +59,7 @@ from ..measurement.measure import measure, override_transform
 from ..measurement.resets import RESETS, declared_options, get_reset
 from ..measurement.sequential import SequentialDesign
 from ..models import ResolvedModel, resolve_model
+from ..models.resolve import runs_code
 from ..spec import MEASURED, RESET_SHORTHANDS, Experiment, split_reset, with_shorthands
 from .store import Store, Unit, export_frame
 
@@ -363,15 +364,33 @@ def resolve_entry(entry: ModelEntry, seed: int) -> ResolvedModel:
                          trust_checkpoint=entry.trust_checkpoint, seed=seed, model_id=entry.id)
 
 
+def check_code(config: SweepConfig, allow_code: bool = False) -> None:
+    """Refuse a config that names Python code to run (a ``MODULE:FACTORY`` or ``FILE.py:FACTORY`` spec or arch,
+    ``trust_checkpoint: true``) unless ``allow_code``: a config is a file people share, and running its code is
+    a choice its user makes, never a side effect of measuring."""
+    found = [f"model {m.id!r}: {', '.join(parts)}" for m in config.models if (parts := _code_of(m))]
+    if found and not allow_code:
+        raise LayercritError(f"the sweep config names code to run ({'; '.join(found)}); a sweep runs code from "
+                             "its config only with --allow-code (allow_code=True): give it if you trust that code")
+
+
+def _code_of(entry: ModelEntry) -> list[str]:
+    return runs_code(entry.spec, arch=entry.arch, trust_checkpoint=entry.trust_checkpoint)
+
+
 # ---------------------------------------------------------------- planning and the driver
 
 
-def plan_sweep(config: SweepConfig, store: str | Path | None = None) -> pd.DataFrame:
+def plan_sweep(config: SweepConfig, store: str | Path | None = None, *, allow_code: bool = False) -> pd.DataFrame:
     """A dry run: resolve every model (weights are fetched into their caches if missing) and count its units.
+
+    A dry run imports and unpickles nothing from the config: a model that would run code (see :func:`check_code`,
+    which refuses it unless ``allow_code``) is listed without its layers and units (``<NA>``).
 
     Returns one row per model: ``model_id, spec, layers, units, done, to_run, problem``; ``problem`` says why a
     model cannot be measured (e.g. its weights cannot be downloaded). Writes nothing.
     """
+    check_code(config, allow_code)
     check_data(config)
     stored = {}
     if store is not None and Path(store).exists():
@@ -383,12 +402,16 @@ def plan_sweep(config: SweepConfig, store: str | Path | None = None) -> pd.DataF
             stored[unit.model_id] = stored.get(unit.model_id, 0) + 1
     rows = []
     for entry in config.models:
+        done = stored.get(entry.id, 0)
+        if _code_of(entry):
+            rows.append({"model_id": entry.id, "spec": entry.spec, "layers": pd.NA, "units": pd.NA, "done": done,
+                         "to_run": pd.NA, "problem": ""})
+            continue
         layers, problem = _layer_names(entry, config)
         units = len(plan_units(entry.id, layers, config)) if layers else 0
-        done = stored.get(entry.id, 0)
         rows.append({"model_id": entry.id, "spec": entry.spec, "layers": len(layers or []), "units": units,
                      "done": done, "to_run": units - done, "problem": problem or ""})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"layers": "Int64", "units": "Int64", "to_run": "Int64"})
 
 
 def run_sweep(
@@ -400,6 +423,7 @@ def run_sweep(
     address: str | None = None,
     new_store: bool = False,
     progress: bool = True,
+    allow_code: bool = False,
 ) -> pd.DataFrame:
     """Measure every unit of ``config`` that ``store`` does not hold yet, and return the store's results table.
 
@@ -412,6 +436,7 @@ def run_sweep(
         address: a Ray cluster to join (default: start a local Ray).
         new_store: move an existing ``store`` aside (to ``NAME.old-TIME.sqlite``) and start a new one.
         progress: show the overall bar and the per-worker status.
+        allow_code: run the Python code the config names (factory specs, trusted pickles): see :func:`check_code`.
 
     Returns:
         :func:`layercrit.sweeps.store.export_frame` of the store. Failed units are recorded there (``layercrit status``)
@@ -419,6 +444,7 @@ def run_sweep(
     """
     if not isinstance(config, SweepConfig):
         config = load_config(config)
+    check_code(config, allow_code)
     if backend not in BACKENDS:
         raise LayercritError(f"unknown backend {backend!r}: one of {', '.join(BACKENDS)}")
     if address and backend != "ray":
