@@ -403,13 +403,12 @@ def _add_diff(sub) -> None:
 
 
 def _cmd_diff(args) -> int:
-    from .analysis.compare import common_layers, compare
+    from .analysis.compare import check_comparable, compare
     from .results import read_table, write_table
 
-    a, b, note = common_layers(read_table(args.a), read_table(args.b))
+    a, b = read_table(args.a), read_table(args.b)
+    check_comparable(a, b)
     table = compare(a, b)
-    if note:
-        print(note)
     print("criticality (fraction) ± 95% half-width; difference = B - A, ± sqrt(hA² + hB²); * : interval excludes 0")
     for row in table.itertuples():
         mark = "*" if row.significant else " "

@@ -48,31 +48,20 @@ def _one_run(rows: pd.DataFrame, name: str) -> pd.DataFrame:
     return layer_table(rows, by=[])[["layer", "criticality", "criticality_ci"]]
 
 
-def common_layers(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
-    """A and B cut to the layers both measured, and a note naming the layers left out (None when none are).
 
-    Refuses, in one line, two runs of different models (their ``model_spec``, else ``model_id``) and two runs
-    without a layer in common: there is no difference to compute, only numbers that are not there.
-    """
-    for column in ("model_spec", "model_id"):
-        if column in a and column in b:
-            models = [rows[column].dropna().unique() for rows in (a, b)]
-            if all(len(m) == 1 for m in models) and models[0][0] != models[1][0]:
-                raise LayercritError(f"A is {column} {models[0][0]!r}, B {models[1][0]!r}: diff compares two runs "
-                                     "of one model (other resets, seeds or designs); compare models with "
-                                     "layercrit analyze")
-            break
+def check_comparable(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    """Refuse, in one line, two runs of different models (their ``model_spec``s differ; ``model_id`` may, as
+    ``--model-id fp32`` and ``bf16`` do) and two runs without a layer in common: there is no difference to compute,
+    only a table of missing numbers."""
+    if "model_spec" in a and "model_spec" in b:
+        specs = [rows.model_spec.dropna().unique() for rows in (a, b)]
+        if all(len(spec) == 1 for spec in specs) and specs[0][0] != specs[1][0]:
+            raise LayercritError(f"A is model {specs[0][0]!r}, B {specs[1][0]!r}: diff compares two runs of one model "
+                                 "(other resets, seeds or designs); compare models with layercrit analyze")
     layers = [[layer for layer in rows.layer.unique() if layer != "original"] for rows in (a, b)]
-    common = set(layers[0]) & set(layers[1])
-    if not common:
+    if not set(layers[0]) & set(layers[1]):
         raise LayercritError(f"A and B have no layer in common (A: {_few(layers[0])}; B: {_few(layers[1])}): diff "
                              "compares the same layers of two runs")
-    left_out = [layer for side in layers for layer in side if layer not in common]
-    if not left_out:
-        return a, b, None
-    keep = common | {"original"}
-    note = f"{len(left_out)} layer(s) measured in only one of A and B are left out: {_few(left_out)}"
-    return a[a.layer.isin(keep)], b[b.layer.isin(keep)], note
 
 
 def _few(names: list) -> str:
