@@ -4,6 +4,7 @@ read back from each tracker's own offline files (TensorBoard events, an MLflow f
 import glob
 import json
 import struct
+import time
 
 import pandas as pd
 import pytest
@@ -23,10 +24,21 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 def wandb_records(folder) -> list:
-    """The records of a W&B offline run file (LevelDB log format: 32 KiB blocks of checksum, length, type, data)."""
+    """The records of a W&B offline run file, once W&B's service process has written its last one (``exit``):
+    ``run.finish()`` returns before the file is complete, so reading it at once would depend on the machine's speed."""
+    deadline = time.monotonic() + 300  # a hang, not a slow machine
+    while True:
+        records = _wandb_file_records(glob.glob(f"{folder}/**/run-*.wandb", recursive=True)[0])
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def _wandb_file_records(path) -> list:
+    """The records of a W&B run file (LevelDB log format: 32 KiB blocks of checksum, length, type, data)."""
     from wandb.proto import wandb_internal_pb2
 
-    data = open(glob.glob(f"{folder}/**/run-*.wandb", recursive=True)[0], "rb").read()
+    data = open(path, "rb").read()
     position, block, records, pending = 7, 32768, [], b""
     while position + 7 <= len(data):
         left = block - position % block
