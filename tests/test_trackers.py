@@ -24,21 +24,10 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 def wandb_records(folder) -> list:
-    """The records of a W&B offline run file, once W&B's service process has written its last one (``exit``):
-    ``run.finish()`` returns before the file is complete, so reading it at once would depend on the machine's speed."""
-    deadline = time.monotonic() + 300  # a hang, not a slow machine
-    while True:
-        records = _wandb_file_records(glob.glob(f"{folder}/**/run-*.wandb", recursive=True)[0])
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.1)
-
-
-def _wandb_file_records(path) -> list:
-    """The records of a W&B run file (LevelDB log format: 32 KiB blocks of checksum, length, type, data)."""
+    """The records of a W&B offline run file (LevelDB log format: 32 KiB blocks of checksum, length, type, data)."""
     from wandb.proto import wandb_internal_pb2
 
-    data = open(path, "rb").read()
+    data = open(glob.glob(f"{folder}/**/run-*.wandb", recursive=True)[0], "rb").read()
     position, block, records, pending = 7, 32768, [], b""
     while position + 7 <= len(data):
         left = block - position % block
@@ -54,6 +43,17 @@ def _wandb_file_records(path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def wandb_records_when_flushed(folder, limit_s: float = 300.0) -> list:
+    """The records once W&B's service has written the run's exit record: ``finish()`` may return before its
+    separate writer process has flushed the file, so wait for that event (bounded), never for a fixed time."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        records = wandb_records(folder) if glob.glob(f"{folder}/**/run-*.wandb", recursive=True) else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 class Recorder:
@@ -122,7 +122,7 @@ def test_wandb_offline_run_holds_the_options_and_each_layers_estimate(tmp_path, 
     with Tracker("wandb", name="tiny", config={"reset": "zero"}, out=tmp_path) as tracker:
         df = measure(tiny_model, tiny_data, images=None, reset="zero", trials=2, on_rows=tracker)
         tracker.close(df)
-    records = wandb_records(tmp_path / "wandb")
+    records = wandb_records_when_flushed(tmp_path / "wandb")
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.display_name == "tiny" and run.project == "layercrit"
     assert {i.key: json.loads(i.value_json) for i in run.config.update}["reset"] == "zero"
