@@ -365,6 +365,7 @@ def test_read_table_sends_sqlite_stores_to_the_store_export(tmp_path, monkeypatc
     calls = []
     fake = types.ModuleType("layercrit.sweeps.store")
     fake.export_frame = lambda path: calls.append(path) or exported
+    fake.status_frame = lambda path: pd.DataFrame({"units": [1], "done": [1], "pending": [0], "failed": [0]})
     monkeypatch.setitem(sys.modules, "layercrit.sweeps.store", fake)
     assert read_table(store) is exported
     assert calls == [store]
