@@ -27,7 +27,7 @@ from scipy import stats as scipy_stats
 from ..errors import LayercritError
 from ..measurement import aggregate, estimate
 from ..results import read_table, write_table
-from . import plots, report
+from . import contrasts, plots, report
 
 ORIGINAL = "original"
 OTHER = "other"
@@ -268,6 +268,23 @@ def display_layer(name: str, kernel: Any = None) -> str:
     if "." not in short or first in _STEM_MODULES:
         return f"[0.0] {short}{suffix}"
     return f"{short}{suffix}"
+
+
+def stage_of(name: str) -> str | None:
+    """The stage a layer belongs to, from its name: the name up to its stage number (``model.layer2.0.conv1`` →
+    ``layer2``, ``stages.1.blocks.2.conv_dw`` → ``stages.1``), ``stem`` (``conv1``, ``stem.*``, ``patch_embed``),
+    ``head`` (``fc``, ``head``, ``classifier``, ...), or None (a group, a cumulative target, an unknown family)."""
+    if ":" in name:
+        return None
+    short = name.removeprefix("model.")
+    for family, _ in _FAMILIES:
+        match = family.match(short)
+        if match:
+            return short[:match.end(1)]
+    first = short.split(".")[0]
+    if first in _HEAD_MODULES:
+        return contrasts.HEAD
+    return contrasts.STEM if "." not in short or first in _STEM_MODULES else None
 
 
 def _kernel_text(value: Any) -> str | None:
@@ -543,13 +560,17 @@ def _resolve_baseline(baseline: str | None, models: pd.DataFrame) -> str | None:
 
 
 def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -> pd.DataFrame:
-    """Baseline first; then, ``notebook``: categories alphabetically ("other" last), models by model_id (the
-    paper's notebook sorts by category and model_id, then moves the baseline up); ``metadata``: categories in the
-    order of their first model in ``meta_ids`` ("other" last), models in that order."""
+    """Baseline first; then, ``notebook``: categories alphabetically ("other" last), within one the models by norm
+    and training budget, numerically, then by model_id with its numbers compared as numbers (the paper's notebook
+    sorts by category and model_id, then moves the baseline up: L∞ 2, 8, 24 here, not 2, 24, 8); ``metadata``:
+    categories in the order of their first model in ``meta_ids`` ("other" last), models in that order."""
     if order == "notebook":
         keys = pd.DataFrame({"baseline": ~models["is_baseline"], "other": models["category"] == OTHER,
-                             "category": models["category"], "model_id": models["model_id"]})
-        return models.loc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
+                             "category": models["category"], "norm": models["norm"].fillna("").astype(str),
+                             "budget": models["budget"].astype(float),
+                             "model_id": [_natural_key(m) for m in models["model_id"]]})
+        return models.loc[keys.sort_values(list(keys.columns), kind="stable", na_position="first").index].reset_index(
+            drop=True)
     meta_rank = {m: i for i, m in enumerate(dict.fromkeys(meta_ids))}
     rank = pd.Series([meta_rank.get(m, len(meta_rank) + i) for i, m in enumerate(models["model_id"])],
                      index=models.index, dtype=float)
@@ -562,6 +583,17 @@ def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -
 
 
 # ---------------------------------------------------------------- statistics and derived tables
+
+
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
+
+
+def _natural_key(text: str) -> str:
+    """``text`` with each number zero-padded, so that text order is numeric order (``eps8`` before ``eps24``)."""
+    def pad(match: re.Match) -> str:
+        whole, _, fraction = match.group(1).partition(".")
+        return f"{int(whole):012d}" + (f".{fraction}" if fraction else "")
+    return _NUMBER.sub(pad, str(text))
 
 
 def correlations(models: pd.DataFrame, *, x: str = "avg_criticality_pct", y: str = "accuracy") -> pd.DataFrame:
@@ -670,7 +702,7 @@ def analyze(
             random backbone, as in the paper's notebook); they stay in the tables and the other figures.
 
     Returns:
-        ``{"layers", "models", "correlations", "profile"}`` DataFrames, ``"stats"`` (what ``stats.json`` holds),
+        ``{"layers", "models", "aggregates", "correlations", "profile"}`` DataFrames, ``"stats"`` (what ``stats.json`` holds),
         ``"paths"`` (name → written file, figures as (png, pdf)) and ``"figures"`` (name → Figure).
     """
     frame = load_results(results)
@@ -680,6 +712,7 @@ def analyze(
     correlation = correlations(models)
     profile = depth_profile(layers, models)
     baseline_id = next(iter(models.loc[models["is_baseline"], "model_id"]), None)
+    aggregates = model_aggregates(frame, metric, reset=reset, baseline=baseline_id)
 
     out = Path(out_dir)
     paths: dict[str, Any] = {
@@ -687,6 +720,7 @@ def analyze(
         "model_criticality": write_table(models, out / "model_criticality.csv"),
         "correlations": write_table(correlation, out / "correlations.csv"),
         "depth_profile": write_table(profile, out / "depth_profile.csv"),
+        "aggregates": write_table(aggregates, out / "aggregates.csv"),
     }
     excluded = list(models.loc[models["category"].isin(list(heatmap_exclude)), "model_id"])
     figures, skipped = _figures(layers, models, correlation, profile, metric, ci_threshold, excluded)
@@ -718,10 +752,27 @@ def analyze(
         figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note), paths[name][0])
                  for name in figures],
         tables=[("Rank correlation of average criticality with accuracy", correlation),
-                ("Models", models), ("Criticality over relative depth", profile), ("Layers", layers)],
+                ("Models", models), (AGGREGATES_HEADING, aggregates), ("Criticality over relative depth", profile),
+                ("Layers", layers)],
     )
-    return {"layers": layers, "models": models, "correlations": correlation, "profile": profile, "stats": stats,
-            "paths": paths, "figures": figures}
+    return {"layers": layers, "models": models, "aggregates": aggregates, "correlations": correlation,
+            "profile": profile, "stats": stats, "paths": paths, "figures": figures}
+
+
+AGGREGATES_HEADING = ("Means over all layers and over each stage, and the depth shift (last stage minus the mean of "
+                      "the stem and the first stage), each minus the baseline's; 95% intervals from the trials, "
+                      "paired where they share draws and images")
+
+
+def model_aggregates(results: pd.DataFrame, metric: str = "cos", *, reset: str | None = None,
+                     baseline: str | None = None) -> pd.DataFrame:
+    """Each model's mean criticality over all layers and each stage (:func:`stage_of`), its depth shift, and each
+    minus the baseline's, in percent with 95% intervals (:func:`layercrit.analysis.contrasts.aggregate_table`)."""
+    rows = _measurements(results, metric, reset)
+    value = "criticality" if metric == "cos" else "_value"  # only cos criticality is known to lie in [0, 1]
+    return contrasts.aggregate_table(rows.assign(**{value: rows["_crit"] / 100.0}),
+                                     {name: stage_of(name) for name in rows["layer"].unique()}, baseline=baseline,
+                                     value=value)
 
 
 CONDITIONS = ("reset", "data_id", "seed", "engine", "precision", "target_ci", "layercrit_version")
