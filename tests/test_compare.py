@@ -131,3 +131,18 @@ def test_an_interval_that_would_leave_its_range_is_printed_clipped():
     assert interval_text(0.6247, 1.3737, 0.0, 1.0) == "0.6247 [0.0000, 1.0000]"
     assert interval_text(0.6247, 0.0312, 0.5935, 0.6559) == "0.6247 ± 0.0312"
     assert np.isnan(float(interval_text(0.5, float("nan"), float("nan"), float("nan")).split("± ")[1]))
+
+
+def test_runs_sharing_only_their_pilot_are_partly_paired(tmp_path, capsys):
+    """Two sequential runs whose block sizes differ after the pilot: the pilot's trials pair, the later do not."""
+    a = rows("fp32", {"conv1": [0.1, 0.2, 0.3, 0.25, 0.15]}, seed=0, data_id="d0",
+             n_images=[0, 256, 256, 256, 30, 30], image_offset=[0, 0, 256, 512, 768, 798])
+    b = a.assign(model_id="bf16", n_images=[0, 256, 256, 256, 40, 40], image_offset=[0, 0, 256, 512, 768, 808],
+                 criticality=a.criticality + 0.01)
+    table = compare(a, b)
+    assert table.shared_trials.item() == 3 and not table.paired.item()
+    a.to_csv(tmp_path / "a.csv", index=False)
+    b.to_csv(tmp_path / "b.csv", index=False)
+    assert cli.main(["diff", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--out", str(tmp_path / "d.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "partly paired: A and B share 3 of their trials" in printed and "images per trial (30, 256 -> 40, 256)" in printed

@@ -408,19 +408,20 @@ def _cmd_diff(args) -> int:
     if paired == len(measured):
         print("paired: A and B share their reset draws and images (seed, trials, image blocks); B - A ± the "
               "t-interval of the per-trial differences")
-    elif paired == 0:
+    elif measured.shared_trials.sum() == 0:
         print("unpaired: A and B share no trial (other seed, images or image blocks); B - A ± Welch's interval of "
               "two independent estimates")
     else:
-        print(f"paired for {paired} of {len(measured)} layers (those whose trials A and B share), unpaired "
-              "(Welch) for the others")
+        print(f"partly paired: A and B share {int(measured.shared_trials.sum())} of their trials (same draw, same "
+              "images; in the sequential design the pilot's, unless --images-per-trial fixed one block size for "
+              "both); the shared trials enter paired, the others independent")
     print("criticality (fraction) ± 95% half-width ([low, high] where clipped); * : the interval of B - A excludes 0")
     for row in table.itertuples():
         mark = "*" if row.significant else " "
         print(f"  {row.layer:<40} A {row.criticality_a:.4f} ± {row.criticality_ci_a:.4f}  "
               f"B {row.criticality_b:.4f} ± {row.criticality_ci_b:.4f}  "
               f"B-A {interval_text(row.difference, row.difference_ci, row.difference_low, row.difference_high)}"
-              f"{'' if row.paired else ' (unpaired)' if paired else ''} {mark}")
+              f" {mark}")
     mean = mean_difference(a, b)
     print(f"mean over the {len(measured)} layers both measured: B-A "
           f"{interval_text(mean.value, mean.half_width, mean.low, mean.high)}"

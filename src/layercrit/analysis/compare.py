@@ -26,7 +26,7 @@ from ..measurement.aggregate import Estimate, Trials, mean_weights
 from ..measurement.estimate import layer_table
 
 COLUMNS = ("layer", "criticality_a", "criticality_ci_a", "criticality_b", "criticality_ci_b", "difference",
-           "difference_ci", "difference_low", "difference_high", "paired", "significant")
+           "difference_ci", "difference_low", "difference_high", "shared_trials", "paired", "significant")
 # What a side's rows say about how they were made: (name shown, columns, as far as the rows carry them).
 CONDITIONS = (
     ("model", ("model_spec",)),
@@ -44,8 +44,8 @@ CONDITIONS = (
 def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """Per layer (in A's order, then B's other layers): each side's criticality and 95% half-width (fractions),
     ``difference`` = B − A, its 95% ``difference_ci`` and ends ``difference_low/high`` (clipped to [−1, 1]),
-    ``paired`` (A and B share this layer's trials, see the module docstring) and ``significant`` (the interval of
-    the difference excludes 0).
+    ``shared_trials`` (the trials of this layer A and B share: same draw, same images), ``paired`` (they share all
+    of them, see the module docstring) and ``significant`` (the interval of the difference excludes 0).
 
     Each side must hold one model and one reset (one run); split a sweep's table by model_id first.
     """
@@ -61,7 +61,10 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     merged["difference_ci"] = [d.half_width if d else nan for d in differences]
     merged["difference_low"] = [d.low if d else nan for d in differences]
     merged["difference_high"] = [d.high if d else nan for d in differences]
-    merged["paired"] = [bool(d and d.paired) for d in differences]
+    merged["shared_trials"] = [trials.shared(("A", layer), ("B", layer)) if layer in common else 0
+                               for layer in merged.layer]
+    merged["paired"] = [layer in common and trials.shared(("A", layer), ("B", layer)) == max(
+        trials.trials(("A", layer)), trials.trials(("B", layer))) for layer in merged.layer]
     merged["significant"] = [bool(d and d.excludes_zero) for d in differences]
     return merged[list(COLUMNS)]
 

@@ -105,8 +105,13 @@ class Trials:
         self.bounds = bounds
         self._position = {u: i for i, u in enumerate(self.units)}
 
-    def mean(self, unit: Hashable) -> float:
-        return float(np.nanmean(self.values[:, self._position[unit]]))
+    def shared(self, a: Hashable, b: Hashable) -> int:
+        """How many trials (keys) units ``a`` and ``b`` share."""
+        present = ~np.isnan(self.values[:, [self._position[a], self._position[b]]])
+        return int(present.all(1).sum())
+
+    def trials(self, unit: Hashable) -> int:
+        return int((~np.isnan(self.values[:, self._position[unit]])).sum())
 
     def estimate(self, weights: Mapping[Hashable, float], alpha: float = ALPHA) -> Estimate:
         """The contrast ``Σ weights[u] μ_u`` with its interval at level 1 − α (see the module docstring)."""
