@@ -688,6 +688,7 @@ def analyze(
     registry: bool = True,
     order: str = "notebook",
     heatmap_exclude: Sequence[str] = HEATMAP_EXCLUDE,
+    heatmap_note: str = "",
 ) -> dict[str, Any]:
     """Write every table, figure and ``report.html`` for ``results`` into ``out_dir``.
 
@@ -700,6 +701,7 @@ def analyze(
         ci_threshold: heatmap cells whose 95% interval is wider than ± this (percentage points) are marked.
         heatmap_exclude: categories left out of the heatmaps and their margins (default: ``freezing``, the frozen
             random backbone, as in the paper's notebook); they stay in the tables and the other figures.
+        heatmap_note: a sentence added to the heatmap's caption (what the caller knows about its design).
 
     Returns:
         ``{"layers", "models", "aggregates", "correlations", "profile"}`` DataFrames, ``"stats"`` (what ``stats.json`` holds),
@@ -749,7 +751,8 @@ def analyze(
         title="Layer criticality",
         conditions=conditions,
         summary=_summary_lines(stats),
-        figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note), paths[name][0])
+        figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note)
+                  + (f" {heatmap_note}" if heatmap_note and name == "heatmap" else ""), paths[name][0])
                  for name in figures],
         tables=[("Rank correlation of average criticality with accuracy", correlation),
                 ("Models", models), (AGGREGATES_HEADING, aggregates), ("Criticality over relative depth", profile),
