@@ -16,6 +16,10 @@ kept in ``OUT/ID.csv``, so a killed run goes on with the members it lacks. It pr
 - each model's depth shift and stage means minus the baseline's, with their intervals (paired: the members share
   blocks and draws), and how much wider they would be unpaired;
 - Spearman's ρ between test accuracy and mean criticality; the layers that hit the trial cap.
+- with ``--seeds``, the training-seed replicates (``ID@seedN``) the zoo holds are measured too, and each method's
+  effect on every stage, the mean and the depth shift is set against its seed variance
+  (:func:`layercrit.analysis.variance.method_effects`: mean over seeds minus the baseline's, 95% interval on the
+  pooled variance over seeds, effect ÷ seed SD).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import pandas as pd
 from scipy import stats
 
 import layercrit
+from layercrit.analysis import variance
 from layercrit.analysis.contrasts import ALL_LAYERS, DEPTH_SHIFT, aggregate_table
 from layercrit.analysis.tables import stage_of
 from layercrit.measurement.aggregate import interval_text
@@ -35,6 +40,7 @@ from layercrit.measurement.estimate import layer_table
 from layercrit.zoo import fmnist
 
 STAGES = {"stem": "conv1", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "head": "fc"}
+EARLY, DEEP = ("conv1", "layer1"), ("layer3",)  # the depth shift's stages, for the seed effects
 IMAGES_PER_TRIAL = 32  # one block size for the zoo (Cochran's rule picks 18-39 per member; one size pairs them)
 
 
@@ -53,12 +59,17 @@ def measure_zoo(out: Path, *, images: int, target_ci: float, images_per_trial: i
     return pd.concat(frames, ignore_index=True)
 
 
+def module_stage(layer: str) -> str:
+    """``model.layer2.0.conv1`` -> ``layer2``; ``model.conv1`` -> ``conv1``."""
+    return layer.removeprefix("model.").split(".")[0]
+
+
 def aggregates(rows: pd.DataFrame) -> pd.DataFrame:
     return aggregate_table(rows, {layer: stage_of(layer) for layer in rows.layer.unique()}, baseline="baseline")
 
 
 def report(rows: pd.DataFrame, target_ci: float) -> str:
-    records = {r["id"]: r for r in fmnist.entries()}
+    records = {r["id"]: r for r in fmnist.entries(replicates=True)}
     ids = list(dict.fromkeys(rows.model_id))
     table = aggregates(rows).set_index(["model_id", "aggregate"])
     # the same rows with every member on its own draws and blocks: what the intervals would be unpaired
@@ -104,7 +115,35 @@ def report(rows: pd.DataFrame, target_ci: float) -> str:
               f"trials per layer "
               f"{layers.trials.min()}–{layers.trials.max()} (median {layers.trials.median():g}); image-forwards "
               f"{int(layers.images.sum()):,}."]
+    if variance.has_seeds(ids):
+        lines += ["", *seed_effects(rows)]
     return "\n".join(lines)
+
+
+def seed_effects(rows: pd.DataFrame) -> list[str]:
+    """Each method's effect against the baseline per stage, on the mean and on the depth shift, counting seed
+    variance (points)."""
+    rows = rows.assign(criticality_pct=100 * rows.criticality)
+    stages = variance.model_units(rows, stage=module_stage)
+    stages = stages[stages.level == "stage"]
+    overall = variance.model_units(rows, stage=lambda layer: "mean")
+    by_stage = stages.set_index(["model_id", "unit"])
+    deep = by_stage.xs(DEEP[0], level="unit")
+    early = [by_stage.xs(stage, level="unit") for stage in EARLY]
+    shift_units = deep[["method", "seed"]].assign(
+        level="shift", unit="depth shift", mean=deep["mean"] - sum(e["mean"] for e in early) / len(early),
+        noise_var=deep["noise_var"] + sum(e["noise_var"] for e in early) / len(early) ** 2,
+        reset_var=float("nan"), image_var=float("nan"), trials=deep["trials"]).reset_index()
+    units = pd.concat([stages, overall[overall.level == "stage"], shift_units], ignore_index=True)
+    effects = variance.method_effects(units, "baseline")
+    lines = ["Method effects against the baseline, counting seed variance (points; mean over seeds, 95% interval "
+             "on the pooled variance of model means over seeds):", "",
+             "| method | seeds | unit | effect | seed SD | effect ÷ seed SD | verdict |", "|---" * 7 + "|"]
+    for row in effects.itertuples():
+        lines.append(f"| {row.method} | {row.seeds} (baseline {row.baseline_seeds}) | {row.unit} | "
+                     f"{row.effect_pct:+.1f} ± {row.ci_pct:.1f} | {row.seed_sd_pct:.2f} | "
+                     f"{row.effect_over_seed_sd:+.1f} | {row.verdict} |")
+    return lines
 
 
 def main() -> None:
@@ -115,7 +154,10 @@ def main() -> None:
     parser.add_argument("--images-per-trial", type=int, default=IMAGES_PER_TRIAL,
                         help="one block size for every member (0: Cochran's rule per member, unpaired after the pilot)")
     parser.add_argument("--models", nargs="+", default=[r["id"] for r in fmnist.entries()])
+    parser.add_argument("--seeds", action="store_true", help="also measure the zoo's training-seed replicates")
     args = parser.parse_args()
+    if args.seeds:
+        args.models += [r["id"] for r in fmnist.seed_replicates()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = measure_zoo(out, images=args.images, target_ci=args.target_ci,
