@@ -268,6 +268,7 @@ def experiment_from_args(args):
 
 
 def print_summary(df) -> None:
+    from .measurement.aggregate import interval_text
     from .measurement.estimate import layer_table
 
     original = df[df.layer == "original"].iloc[0]
@@ -277,11 +278,12 @@ def print_summary(df) -> None:
     layers = layer_table(df)
     if layers.empty:
         return
-    print("most critical layers (criticality = 1 - cos sim of softmax, fraction; ± 95% interval over resets):")
+    print("most critical layers (criticality = 1 - cos sim of softmax, fraction; ± 95% interval over resets, "
+          "[low, high] where it is clipped to [0, 1]):")
     for _, row in layers.sort_values("criticality", ascending=False).head(10).iterrows():
         capped = "  (hit --max-trials)" if row.capped else ""
-        print(f"  {row.layer:<40} {row.criticality:.4f} ± {row.criticality_ci:.4f}  "
-              f"({row.trials} resets, {row.images} images){capped}")
+        interval = interval_text(row.criticality, row.criticality_ci, row.criticality_low, row.criticality_high)
+        print(f"  {row.layer:<40} {interval}  ({row.trials} resets, {row.images} images){capped}")
     if layers.capped.any():
         print(f"{int(layers.capped.sum())} layer(s) hit --max-trials before reaching --target-ci; all layers: layers.csv")
 
@@ -422,18 +424,43 @@ def _add_diff(sub) -> None:
 
 
 def _cmd_diff(args) -> int:
-    from .analysis.compare import check_comparable, compare
+    from .analysis.compare import check_comparable, compare, conditions, mean_difference
+    from .measurement.aggregate import interval_text
     from .results import read_table, write_table
 
     a, b = read_table(args.a), read_table(args.b)
     check_comparable(a, b)
     table = compare(a, b)
-    print("criticality (fraction) ± 95% half-width; difference = B - A, ± sqrt(hA² + hB²); * : interval excludes 0")
+    made = conditions(a, b)
+    differ = [c for c in made if c.differs]
+    print("A and B differ in: " + ("; ".join(f"{c.name} ({c.a} -> {c.b})" for c in differ) if differ else
+                                   "nothing the rows record"))
+    if any(c.name == "data" and c.differs for c in made):
+        print("warning: A and B were measured on different images: the difference includes image sampling and "
+              "cannot be paired")
+    measured = table[table.difference.notna()]
+    paired = int(measured.paired.sum())
+    if paired == len(measured):
+        print("paired: A and B share their reset draws and images (seed, trials, image blocks); B - A ± the "
+              "t-interval of the per-trial differences")
+    elif measured.shared_trials.sum() == 0:
+        print("unpaired: A and B share no trial (other seed, images or image blocks); B - A ± Welch's interval of "
+              "two independent estimates")
+    else:
+        print(f"partly paired: A and B share {int(measured.shared_trials.sum())} of their trials (same draw, same "
+              "images; in the sequential design the pilot's, unless --images-per-trial fixed one block size for "
+              "both); the shared trials enter paired, the others independent")
+    print("criticality (fraction) ± 95% half-width ([low, high] where clipped); * : the interval of B - A excludes 0")
     for row in table.itertuples():
         mark = "*" if row.significant else " "
         print(f"  {row.layer:<40} A {row.criticality_a:.4f} ± {row.criticality_ci_a:.4f}  "
               f"B {row.criticality_b:.4f} ± {row.criticality_ci_b:.4f}  "
-              f"B-A {row.difference:+.4f} ± {row.difference_ci:.4f} {mark}")
+              f"B-A {interval_text(row.difference, row.difference_ci, row.difference_low, row.difference_high)}"
+              f" {mark}")
+    mean = mean_difference(a, b)
+    print(f"mean over the {len(measured)} layers both measured: B-A "
+          f"{interval_text(mean.value, mean.half_width, mean.low, mean.high)}"
+          f"{' *' if mean.excludes_zero else ''}")
     print(f"{int(table.significant.sum())} of {len(table)} layers differ; table: {write_table(table, args.out)}")
     return 0
 

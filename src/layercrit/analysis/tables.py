@@ -25,9 +25,9 @@ import yaml
 from scipy import stats as scipy_stats
 
 from ..errors import LayercritError
-from ..measurement import estimate
+from ..measurement import aggregate, estimate
 from ..results import read_table, write_table
-from . import plots, report, variance
+from . import contrasts, plots, report, variance
 
 ORIGINAL = "original"
 OTHER = "other"
@@ -270,6 +270,23 @@ def display_layer(name: str, kernel: Any = None) -> str:
     return f"{short}{suffix}"
 
 
+def stage_of(name: str) -> str | None:
+    """The stage a layer belongs to, from its name: the name up to its stage number (``model.layer2.0.conv1`` →
+    ``layer2``, ``stages.1.blocks.2.conv_dw`` → ``stages.1``), ``stem`` (``conv1``, ``stem.*``, ``patch_embed``),
+    ``head`` (``fc``, ``head``, ``classifier``, ...), or None (a group, a cumulative target, an unknown family)."""
+    if ":" in name:
+        return None
+    short = name.removeprefix("model.")
+    for family, _ in _FAMILIES:
+        match = family.match(short)
+        if match:
+            return short[:match.end(1)]
+    first = short.split(".")[0]
+    if first in _HEAD_MODULES:
+        return contrasts.HEAD
+    return contrasts.STEM if "." not in short or first in _STEM_MODULES else None
+
+
 def _kernel_text(value: Any) -> str | None:
     """``3`` / ``"3"`` / ``(3, 3)`` / ``"3x3"`` → ``"3x3"``; missing → None."""
     if isinstance(value, Mapping):
@@ -313,9 +330,11 @@ def layer_criticality(
     Returns:
         Columns ``model_id, layer, layer_display, depth`` (index in the network order over all models),
         ``relative_depth`` (0 = the model's first measured layer, 1 = its last), ``criticality_pct,
-        criticality_std_pct, trials``, ``criticality_ci_pct`` (half-width of the 95% interval of the mean over resets,
-        see :mod:`layercrit.measurement.estimate`) and ``capped`` (the sequential design hit its trial cap); models in order of
-        appearance, layers in network order.
+        criticality_std_pct, trials``, ``criticality_ci_pct`` (half-width of the layer's own 95% interval of the mean
+        over resets, see :mod:`layercrit.measurement.estimate`), ``criticality_low_pct, criticality_high_pct`` (its
+        ends, clipped to [0, 100] for ``cos``), ``target_ci_pct`` (the sequential design's target, NaN for the fixed
+        design) and ``capped`` (the sequential design hit its trial cap); models in order of appearance, layers in
+        network order.
     """
     rows = _measurements(results, metric, reset)
     depth = {name: i for i, name in enumerate(layer_order(rows))}
@@ -330,10 +349,10 @@ def layer_criticality(
     kernels = _kernels(rows, layer_info)
     table["layer_display"] = [display_layer(name, kernels.get(name)) for name in table["layer"]]
     intervals = _estimates(rows, metric, estimate.layer_table, by=["model_id"])
-    table = table.merge(intervals[["model_id", "layer", "criticality_ci_pct", "capped"]], on=["model_id", "layer"],
-                        how="left")
+    interval = ["criticality_ci_pct", "criticality_low_pct", "criticality_high_pct", "target_ci_pct"]
+    table = table.merge(intervals[["model_id", "layer", *interval, "capped"]], on=["model_id", "layer"], how="left")
     columns = ["model_id", "layer", "layer_display", "depth", "relative_depth", "criticality_pct",
-               "criticality_std_pct", "criticality_ci_pct", "trials", "capped"]
+               "criticality_std_pct", *interval, "trials", "capped"]
     return table[columns].reset_index(drop=True)
 
 
@@ -341,13 +360,15 @@ def _estimates(rows: pd.DataFrame, metric: str, table, by: list[str]) -> pd.Data
     """``estimate.layer_table`` / ``model_table`` of the metric's criticality, with the interval in percent."""
     value = "criticality" if metric == "cos" else "_value"  # the sequential design's ±target is on cos criticality
     estimates = table(rows.assign(**{value: rows["_crit"] / 100.0}), by, value=value)
-    return estimates.assign(criticality_ci_pct=100.0 * estimates["criticality_ci"])
+    percent = {f"{name}_pct": 100.0 * estimates[name] for name in ("criticality_ci", "criticality_low",
+                                                                    "criticality_high", "target_ci") if name in estimates}
+    return estimates.assign(**percent)
 
 
 def model_intervals(results: pd.DataFrame, metric: str = "cos", *, reset: str | None = None) -> pd.Series:
     """Per model_id: half-width (percent) of the 95% interval of its average criticality over layers
-    (:func:`layercrit.measurement.estimate.model_table`)."""
-    table = _estimates(_measurements(results, metric, reset), metric, estimate.model_table, by=["model_id"])
+    (:func:`layercrit.measurement.aggregate.model_table`: paired over the trials its layers share)."""
+    table = _estimates(_measurements(results, metric, reset), metric, aggregate.model_table, by=["model_id"])
     return table.set_index("model_id")["criticality_ci_pct"]
 
 
@@ -542,13 +563,17 @@ def _resolve_baseline(baseline: str | None, models: pd.DataFrame) -> str | None:
 
 
 def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -> pd.DataFrame:
-    """Baseline first; then, ``notebook``: categories alphabetically ("other" last), models by model_id (the
-    paper's notebook sorts by category and model_id, then moves the baseline up); ``metadata``: categories in the
-    order of their first model in ``meta_ids`` ("other" last), models in that order."""
+    """Baseline first; then, ``notebook``: categories alphabetically ("other" last), within one the models by norm
+    and training budget, numerically, then by model_id with its numbers compared as numbers (the paper's notebook
+    sorts by category and model_id, then moves the baseline up: L∞ 2, 8, 24 here, not 2, 24, 8); ``metadata``:
+    categories in the order of their first model in ``meta_ids`` ("other" last), models in that order."""
     if order == "notebook":
         keys = pd.DataFrame({"baseline": ~models["is_baseline"], "other": models["category"] == OTHER,
-                             "category": models["category"], "model_id": models["model_id"]})
-        return models.loc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
+                             "category": models["category"], "norm": models["norm"].fillna("").astype(str),
+                             "budget": models["budget"].astype(float),
+                             "model_id": [_natural_key(m) for m in models["model_id"]]})
+        return models.loc[keys.sort_values(list(keys.columns), kind="stable", na_position="first").index].reset_index(
+            drop=True)
     meta_rank = {m: i for i, m in enumerate(dict.fromkeys(meta_ids))}
     rank = pd.Series([meta_rank.get(m, len(meta_rank) + i) for i, m in enumerate(models["model_id"])],
                      index=models.index, dtype=float)
@@ -561,6 +586,17 @@ def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -
 
 
 # ---------------------------------------------------------------- statistics and derived tables
+
+
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
+
+
+def _natural_key(text: str) -> str:
+    """``text`` with each number zero-padded, so that text order is numeric order (``eps8`` before ``eps24``)."""
+    def pad(match: re.Match) -> str:
+        whole, _, fraction = match.group(1).partition(".")
+        return f"{int(whole):012d}" + (f".{fraction}" if fraction else "")
+    return _NUMBER.sub(pad, str(text))
 
 
 def correlations(models: pd.DataFrame, *, x: str = "avg_criticality_pct", y: str = "accuracy") -> pd.DataFrame:
@@ -662,6 +698,7 @@ def analyze(
     registry: bool = True,
     order: str = "notebook",
     heatmap_exclude: Sequence[str] = HEATMAP_EXCLUDE,
+    heatmap_note: str = "",
 ) -> dict[str, Any]:
     """Write every table, figure and ``report.html`` for ``results`` into ``out_dir``.
 
@@ -674,9 +711,11 @@ def analyze(
         ci_threshold: heatmap cells whose 95% interval is wider than ± this (percentage points) are marked.
         heatmap_exclude: categories left out of the heatmaps and their margins (default: ``freezing``, the frozen
             random backbone, as in the paper's notebook); they stay in the tables and the other figures.
+        heatmap_note: a sentence added to the heatmap's caption (what the caller knows about its design).
 
     Returns:
-        ``{"layers", "models", "correlations", "profile"}`` DataFrames, ``"stats"`` (what ``stats.json`` holds),
+        ``{"layers", "models", "aggregates", "correlations", "profile"}`` DataFrames, ``"stats"`` (what
+        ``stats.json`` holds),
         ``"paths"`` (name → written file, figures as (png, pdf)) and ``"figures"`` (name → Figure); when some
         method was measured in two or more training seeds (model ids ``ID@seedN``), also ``"variance_components"``
         and (with a baseline) ``"method_effects"`` (:mod:`layercrit.analysis.variance`), written as CSV with the
@@ -689,6 +728,7 @@ def analyze(
     correlation = correlations(models)
     profile = depth_profile(layers, models)
     baseline_id = next(iter(models.loc[models["is_baseline"], "model_id"]), None)
+    aggregates = model_aggregates(frame, metric, reset=reset, baseline=baseline_id)
 
     out = Path(out_dir)
     paths: dict[str, Any] = {
@@ -696,6 +736,7 @@ def analyze(
         "model_criticality": write_table(models, out / "model_criticality.csv"),
         "correlations": write_table(correlation, out / "correlations.csv"),
         "depth_profile": write_table(profile, out / "depth_profile.csv"),
+        "aggregates": write_table(aggregates, out / "aggregates.csv"),
     }
     excluded = list(models.loc[models["category"].isin(list(heatmap_exclude)), "model_id"])
     figures, skipped = _figures(layers, models, correlation, profile, metric, ci_threshold, excluded)
@@ -730,14 +771,31 @@ def analyze(
         title="Layer criticality",
         conditions=conditions,
         summary=_summary_lines(stats),
-        figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note), paths[name][0])
+        figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note)
+                  + (f" {heatmap_note}" if heatmap_note and name == "heatmap" else ""), paths[name][0])
                  for name in figures],
         tables=[("Rank correlation of average criticality with accuracy", correlation),
-                ("Models", models), ("Criticality over relative depth", profile), ("Layers", layers),
-                *[(SEED_TABLES[name], table) for name, table in seeds.items()]],
+                ("Models", models), (AGGREGATES_HEADING, aggregates), ("Criticality over relative depth", profile),
+                ("Layers", layers), *[(SEED_TABLES[name], table) for name, table in seeds.items()]],
     )
-    return {"layers": layers, "models": models, "correlations": correlation, "profile": profile, "stats": stats,
-            "paths": paths, "figures": figures, **seeds}
+    return {"layers": layers, "models": models, "aggregates": aggregates, "correlations": correlation,
+            "profile": profile, "stats": stats, "paths": paths, "figures": figures, **seeds}
+
+
+AGGREGATES_HEADING = ("Means over all layers and over each stage, and the depth shift (last stage minus the mean of "
+                      "the stem and the first stage), each minus the baseline's; 95% intervals from the trials, "
+                      "paired where they share draws and images")
+
+
+def model_aggregates(results: pd.DataFrame, metric: str = "cos", *, reset: str | None = None,
+                     baseline: str | None = None) -> pd.DataFrame:
+    """Each model's mean criticality over all layers and each stage (:func:`stage_of`), its depth shift, and each
+    minus the baseline's, in percent with 95% intervals (:func:`layercrit.analysis.contrasts.aggregate_table`)."""
+    rows = _measurements(results, metric, reset)
+    value = "criticality" if metric == "cos" else "_value"  # only cos criticality is known to lie in [0, 1]
+    return contrasts.aggregate_table(rows.assign(**{value: rows["_crit"] / 100.0}),
+                                     {name: stage_of(name) for name in rows["layer"].unique()}, baseline=baseline,
+                                     value=value)
 
 
 CONDITIONS = ("reset", "data_id", "seed", "engine", "precision", "target_ci", "layercrit_version")

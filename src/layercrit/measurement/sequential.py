@@ -6,7 +6,8 @@ layercrit instead estimates every layer's expected criticality (over resets and 
 
 1. **Blocks.** Trial ``t`` of every layer is a fresh reset draw (seeded by (seed, t), as always) evaluated on
    block ``t`` of images: consecutive slices of the seeded image order (wrapping around the pool), the same for
-   every layer and every model, so comparisons between layers and models stay paired.
+   every layer of a run, so comparisons between its layers are paired; between runs (models, precisions) only
+   where their block sizes agree: the pilot's always, later ones when ``images_per_trial`` is given.
 2. **Pilot.** Trials ``0 .. min_trials-1`` run for every layer on blocks of ``pilot_images`` images.
 3. **Images per trial** (unless given): Cochran's two-stage rule on the pilot's variance components, pooled over
    layers (:func:`layercrit.measurement.estimate.images_per_trial`), with a fixed per-trial overhead in image-forward
