@@ -12,6 +12,7 @@ TRIALS = 2
 CONV_AND_LINEAR_LAYERS = 22  # ResNet-20: 19 convs, 2 downsample convs, fc
 
 
+@pytest.mark.slow
 def test_demo_measures_every_zoo_model_and_writes_results_heatmap_and_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--images", str(IMAGES), "--trials", str(TRIALS)]) == 0

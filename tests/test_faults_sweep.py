@@ -118,6 +118,7 @@ def small_disk() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+@pytest.mark.slow
 def test_disk_filling_up_mid_sweep_keeps_finished_units_and_the_rerun_completes(expected, tmp_path):
     write_config(tmp_path / "sweep.yaml")
     store = tmp_path / "sweep.sqlite"

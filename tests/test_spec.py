@@ -117,6 +117,7 @@ def test_run_flags_become_the_experiment():
     # thread against 2 in one process: pred_kl by 3e-4)
     ({"groups": "blocks", "bn": "recalibrate 2"}, 1e-3),
 ])
+@pytest.mark.slow
 def test_a_sweep_gives_the_rows_run_gives_for_the_same_spec(tmp_path, capsys, extra, rtol):
     spec = {"data": "fashion-mnist", "images": 300, "seed": 0, "layers": "layer1.*,fc", "trials": 3,
             "batch_size": 100, **extra}

@@ -245,6 +245,7 @@ class _Killed(Exception):
 
 @pytest.mark.parametrize("recipe", [tiny("baseline", epochs=3), tiny("simclr", epochs=2, probe={"epochs": 2})],
                          ids=["supervised", "simclr then probe"])
+@pytest.mark.slow
 def test_killed_training_goes_on_from_its_last_epoch_with_the_same_weights(tmp_path, monkeypatch, recipe):
     uninterrupted = fmnist.train_zoo(tmp_path / "a", recipes=[recipe], test_images=100, log=lambda line: None)
     step = torch.optim.SGD.step
