@@ -106,6 +106,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def add_measure_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
+    g.add_argument("--task", default="image-classification", help="what a batch is and which outputs are compared: "
+                   "image-classification (default) | sequence-classification (token ids)")
     g.add_argument("--layers", default="conv,linear", help="kinds (conv, linear, bn, ln) and/or name globs")
     g.add_argument("--reset", default="rerandomize",
                    help="NAME or NAME(OPTION=VALUE,...): rerandomize | zero | reinit(checkpoint=CKPT) | "

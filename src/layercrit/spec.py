@@ -30,6 +30,8 @@ class Experiment:
     resize: int | None = None
     crop: int | None = None
     interpolation: str | None = None
+    # what is measured: the task says what a batch is and which outputs are compared (layercrit.measurement.tasks)
+    task: str = "image-classification"
     # what is reset, how, how often
     layers: str = "conv,linear"
     groups: str | None = None
@@ -75,7 +77,7 @@ class Experiment:
             "compile": self.compile, "channels_last": False if self.exact else None,
             "fold_bn": False if self.exact else None, "target_ci": self.target_ci, "max_trials": self.max_trials,
             "images_per_trial": self.images_per_trial, "image_target_ci": self.image_target_ci,
-            "save_logits_top_k": self.save_logits_top_k, "log_batches": self.log_batches,
+            "save_logits_top_k": self.save_logits_top_k, "log_batches": self.log_batches, "task": self.task,
         }
 
     def to_dict(self) -> dict:

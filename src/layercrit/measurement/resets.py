@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..data import to_model_input
 from ..errors import LayercritError
 from ..models.checkpoints import load_state_dict
 from ..spec import split_reset
 from .layers import WRAPPER_PREFIX, Target
+from .tasks import ImageClassification, Task, batch_length, take
 from .trace import trace
 
 State = dict[str, torch.Tensor]  # one module's tensors by name
@@ -89,7 +89,8 @@ class BatchNormStats:
             raise LayercritError(f"bn='recalibrate {batches}': K must be at least 1 batch")
         self.mode = mode
         self.batches = batches
-        self._calibration: list[torch.Tensor] = []
+        self._calibration: list = []
+        self._task: Task = ImageClassification()
         self._order: dict[str, int] = {}  # first call of each module in one forward
         self._consumers: dict[str, list[str]] = {}  # module -> BatchNorm layers fed by its output
 
@@ -97,17 +98,19 @@ class BatchNormStats:
         """Suffix of the reset's description: empty for ``keep``."""
         return "" if self.mode == "keep" else f"+bn-{self.mode}{self.batches or ''}"
 
-    def bind(self, model: nn.Module, images: torch.Tensor | None, batch_size: int) -> None:
-        """Trace the model's call order on one image; keep the calibration batches for ``recalibrate``."""
+    def bind(self, model: nn.Module, images, batch_size: int, task: Task | None = None) -> None:
+        """Trace the model's call order on one example; keep the calibration batches for ``recalibrate``."""
         if self.mode == "keep":
             return
         if not any(isinstance(m, _BatchNorm) for m in model.modules()):
             raise LayercritError(f"bn={self.mode!r}: the model has no BatchNorm layers (use bn='keep')")
-        if images is None or not len(images):
+        n = 0 if images is None else batch_length(images)
+        if not n:
             raise LayercritError(f"bn={self.mode!r} needs the evaluation images to trace the model")
-        self._calibration = [images[i: i + batch_size] for i in range(0, (self.batches or 1) * batch_size, batch_size)
-                             if i < len(images)]
-        self._trace(model, images[:1])
+        self._task = task or self._task
+        self._calibration = [take(images, slice(i, i + batch_size))
+                             for i in range(0, (self.batches or 1) * batch_size, batch_size) if i < n]
+        self._trace(model, take(images, slice(0, 1)))
 
     def adjust(self, model: nn.Module, target: Target, states: ModelState) -> ModelState:
         """``states`` (the target's reset) plus the BatchNorm statistics this mode sets."""
@@ -129,7 +132,7 @@ class BatchNormStats:
         try:
             for name, state in states.items():
                 load_in_place(model.get_submodule(name), state)
-            recalibrate_batchnorm(model, layers.values(), self._calibration)
+            recalibrate_batchnorm(model, layers.values(), self._calibration, self._task)
             return {n: {k: getattr(bn, k).detach().clone() for k in _BN_STATS} for n, bn in layers.items()}
         finally:
             for name, state in saved.items():
@@ -141,8 +144,9 @@ class BatchNormStats:
             name = name.rpartition(".")[0]
         return self._order.get(name, 0)
 
-    def _trace(self, model: nn.Module, image: torch.Tensor) -> None:
-        watched = trace(model, to_model_input(image).to(next(model.parameters()).device))
+    def _trace(self, model: nn.Module, example) -> None:
+        x = self._task.inputs(example, next(model.parameters()).device)
+        watched = trace(model, x, call=self._task.call)
         order: dict[str, int] = {}
         for call in watched.calls:  # in order of starting
             order.setdefault(call.name, len(order))
@@ -160,9 +164,11 @@ class BatchNormStats:
                     self._consumers.setdefault(source, []).append(call.name)
 
 
-def recalibrate_batchnorm(model: nn.Module, norms: Iterable[_BatchNorm], batches: Iterable[torch.Tensor]) -> None:
+def recalibrate_batchnorm(model: nn.Module, norms: Iterable[_BatchNorm], batches: Iterable,
+                          task: Task | None = None) -> None:
     """Set the running statistics of ``norms`` to the exact statistics of their inputs while ``model`` runs on
-    ``batches`` of images (uint8, or float in [0, 1]): a cumulative average, not a momentum. Each BatchNorm's momentum
+    ``batches`` (as ``task`` takes them; default: images, uint8 or float in [0, 1]): a cumulative average, not a
+    momentum. Each BatchNorm's momentum
     and eval mode are restored; nothing else of the model changes mode. The one recalibration: ``--bn
     recalibrate`` and the zoo's frozen random backbone both use it."""
     norms = list(norms)
@@ -173,9 +179,10 @@ def recalibrate_batchnorm(model: nn.Module, norms: Iterable[_BatchNorm], batches
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average over the batches
             bn.train()
+        task = task or ImageClassification()
         with torch.no_grad():
-            for images in batches:
-                model(to_model_input(images).to(device))
+            for batch in batches:
+                task.call(model, task.inputs(batch, device))
     finally:
         for bn, momentum in zip(norms, momenta, strict=True):
             bn.momentum = momentum
@@ -208,9 +215,10 @@ class Reset:
         self.fresh = fresh
         self.bn = BatchNormStats(bn, bn_batches)
 
-    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Reset:
-        """Prepare to reset layers of the trained ``model``; ``images`` serve ``bn`` (tracing, recalibration)."""
-        self.bn.bind(model, images, batch_size)
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Reset:
+        """Prepare to reset layers of the trained ``model``; ``images`` (the evaluation inputs, as ``task`` takes
+        them) serve ``bn`` (tracing, recalibration)."""
+        self.bn.bind(model, images, batch_size, task)
         return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
@@ -251,11 +259,11 @@ class Rerandomize(Reset):
         self._template: nn.Module | None = None
         self._instances: dict[int, nn.Module] = {}
 
-    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Rerandomize:
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Rerandomize:
         """Also remember the trained model, used when there is no factory for fresh instances."""
         if self.fresh is None:
             self._template = model
-        super().bind(model, images, batch_size)
+        super().bind(model, images, batch_size, task)
         return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
@@ -371,10 +379,10 @@ class Noise(Reset):
         if self.base is None and base_options:
             raise LayercritError(f"reset 'noise' takes {', '.join(base_options)} only with a base= reset")
 
-    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Noise:
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Noise:
         if self.base is not None:
             self.base.bind(model)
-        super().bind(model, images, batch_size)
+        super().bind(model, images, batch_size, task)
         return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
@@ -414,9 +422,9 @@ class Interpolate(Reset):
         self.alphas = [float(a) for a in alphas]
         self.base = get_reset(base, seed=seed, fresh=fresh, **base_options)
 
-    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Interpolate:
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Interpolate:
         self.base.bind(model)
-        super().bind(model, images, batch_size)
+        super().bind(model, images, batch_size, task)
         return self
 
     def variants(self) -> list[tuple[dict[str, float], Reset]]:
