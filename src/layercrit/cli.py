@@ -162,9 +162,15 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, help="image folder (ImageNet-val layout), 'fashion-mnist' (its test "
-                                                      "set) or 'fashion-mnist-train'")
+                                                      "set) or 'fashion-mnist-train'; text for a language model: "
+                                                      "FILE.txt | FILE.jsonl | hf-dataset:REPO[/CONFIG][:SPLIT] | "
+                                                      "python-stdlib")
     g.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
-    g.add_argument("--images", type=_positive_int, default=10_000, help="images to evaluate (default 10000, as the paper)")
+    g.add_argument("--images", "--windows", dest="images", type=_positive_int, default=10_000,
+                   help="images (or text windows) to evaluate, a seeded subset (default 10000, as the paper)")
+    g.add_argument("--seq-len", type=_positive_int, help="text: tokens per window (default: the model's context, at "
+                   "most 128)")
+    g.add_argument("--text-field", default="text", help="text: the JSON key / dataset column with the text")
     g.add_argument("--cache-dir", help="where decoded evaluation sets are kept (default ~/.cache/layercrit)")
     g.add_argument("--no-cache", dest="use_cache", action="store_false", help="decode without the disk cache")
     g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) images that fail to decode")

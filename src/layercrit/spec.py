@@ -23,7 +23,9 @@ class Experiment:
     # data
     data: str | None = None
     data_root: str | None = None
-    images: int | None = 10_000
+    images: int | None = 10_000  # images, or windows of text
+    seq_len: int | None = None  # text: tokens per window (None: the model's context, at most 128)
+    text_field: str = "text"  # text: the JSON key / dataset column holding the text
     cache_dir: str | None = None
     use_cache: bool = True
     skip_bad_images: bool = False
@@ -69,7 +71,7 @@ class Experiment:
             "layers": self.layers, "groups": self.groups, "cumulative": self.cumulative, "reset": self.reset,
             "reset_options": {"trust_checkpoint": True} if trust else {}, "bn": bn,
             "bn_batches": bn_batches, "trials": self.trials, "seed": self.seed, "data_seed": self.data_seed,
-            "images": self.images,
+            "images": self.images, "seq_len": self.seq_len, "text_field": self.text_field,
             "data_root": self.data_root, "cache_dir": self.cache_dir, "use_cache": self.use_cache,
             "skip_bad_images": self.skip_bad_images, "resize": self.resize, "crop": self.crop,
             "interpolation": self.interpolation, "batch_size": self.batch_size, "device": self.device,

@@ -16,6 +16,7 @@ from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
 from ..data import EvalSet, load_data
 from ..errors import LayercritError
 from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
+from ..models.hf import context_length
 from ..spec import Experiment
 from . import engine as engines
 from . import sequential
@@ -24,7 +25,7 @@ from .layers import DEFAULT_LAYERS, Target, select_targets
 from .logits import LogitsWriter
 from .resets import Reset, get_reset
 from .sequential import SequentialDesign
-from .tasks import Task, get_task
+from .tasks import DEFAULT_TASK, TASKS, Task, get_task
 
 
 def measure(
@@ -79,6 +80,8 @@ def measure(
     progress: bool | None = None,
     on_rows: Callable[[pd.DataFrame], None] | None = None,
     task: str | Task | None = None,
+    seq_len: int | None = None,
+    text_field: str = "text",
 ) -> pd.DataFrame:
     """Reset each selected layer in turn, ``trials`` times, and measure the model on the same images.
 
@@ -141,7 +144,10 @@ def measure(
         on_rows: called with the rows finished so far after each chunk of layers (to persist them).
         task: what a batch is, how the model is called and which output is compared
             (:mod:`layercrit.measurement.tasks`): ``image-classification`` (default), ``sequence-classification``,
-            or a :class:`~layercrit.measurement.tasks.Task` object.
+            ``causal-lm`` (next-token distributions at every position; the default for a causal language model,
+            as ``hf:`` and ``zoo:lm/`` give), or a :class:`~layercrit.measurement.tasks.Task` object.
+        seq_len: text data: tokens per window (default: the model's context, at most 128); ``images`` is then the
+            number of windows. text_field: the JSON key / dataset column holding the text.
         memo: a dict kept between calls on the same model (a sweep worker's units), where the engine keeps what it
             learned: the model's structure and the batch size that fits in memory (see :func:`layercrit.measurement.engine.run`).
 
@@ -173,8 +179,13 @@ def measure(
     if isinstance(data, tuple):
         data = EvalSet.from_tensors(*data, check_range=False)
     data_seed = seed if data_seed is None or data_seed == -1 else data_seed
+    if seq_len is None:
+        seq_len = min(128, context_length(resolved.model) or 128)
     evalset = load_data(data, preprocessing=resolved.preprocessing, images=images, seed=data_seed, root=data_root,
-                        cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images)
+                        cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images,
+                        tokenizer=resolved.tokenizer, seq_len=seq_len, text_field=text_field)
+    if resolved.metadata.get("kind") in TASKS and (task is None or task == DEFAULT_TASK):
+        task = resolved.metadata["kind"]  # a language model is never measured as an image classifier
     task = get_task(task)
     task.check(evalset, resolved)
     trial_ids = list(range(trials)) if isinstance(trials, int) else list(trials)

@@ -51,12 +51,34 @@ def snapshot(module: nn.Module) -> State:
     return {name: tensor.detach().clone() for name, tensor in module_tensors(module).items()}
 
 
+SKIP = "forward:skip"  # a state key (reset ``skip``): [1 = identity | 0 = contributes zero, outputs in a tuple]
+
+
 @torch.no_grad()
 def load_in_place(module: nn.Module, state: State) -> None:
-    """Copy values into the module's existing tensors (keeps their identity, device, dtype and layout)."""
+    """Copy values into the module's existing tensors (keeps their identity, device, dtype and layout). A state
+    holding :data:`SKIP` replaces the module's forward instead (reset ``skip``); any other state takes it back."""
+    if SKIP in state:
+        identity, tuple_len = (int(v) for v in state[SKIP])
+        module.forward = _skipped_forward(bool(identity), tuple_len)
+    elif getattr(module.__dict__.get("forward"), "skipped", False):
+        del module.forward
     for name, tensor in module_tensors(module).items():
         if name in state:
             tensor.copy_(state[name])
+
+
+def _skipped_forward(identity: bool, tuple_len: int) -> Callable:
+    """A forward that returns its hidden-state input (a residual block made the identity) or zeros of its shape
+    (a residual branch that adds nothing), in the structure the module returns (a tensor, or a tuple of
+    ``tuple_len`` with the rest None: no attention weights, no cache)."""
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        out = hidden if identity else torch.zeros_like(hidden)
+        return (out, *([None] * (tuple_len - 1))) if tuple_len else out
+
+    forward.skipped = True
+    return forward
 
 
 def trial_seed(seed: int, trial: int, *salt: str) -> int:
@@ -453,7 +475,50 @@ class Interpolate(Reset):
         return f"interpolate({self.base.label()},alpha={'|'.join(f'{a:g}' for a in self.alphas)})"
 
 
-RESETS: dict[str, type[Reset]] = {cls.name: cls for cls in (Rerandomize, Zero, Reinit, Rewind, Noise, Interpolate)}
+class Skip(Reset):
+    """The depth-pruning intervention: a residual block becomes the identity (its output is its input), and an
+    attention or MLP sub-block adds nothing to the residual stream (its output is zero). For transformer targets
+    (``groups`` ``blocks``, ``attention``, ``mlp``, ``window:N``); no tensor changes. Exactly the model with the
+    block removed for pre-LN blocks (GPT-2, Llama-style); for post-LN blocks (BERT) removing a sub-block is not a
+    zero output, and ``skip`` of a block is still the block removed."""
+
+    name = "skip"
+
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Skip:
+        from ..models.blocks import find_blocks
+
+        super().bind(model, images, batch_size, task)
+        try:
+            self._blocks = set(find_blocks(model).names)
+        except LayercritError:
+            self._blocks = set()
+        self._sub_blocks = {name for name, _ in model.named_modules()
+                            if name.rpartition(".")[0] in self._blocks}
+        self._tuples: dict[str, int] = {}
+        if images is not None:  # how each block and sub-block returns its output: a tensor or a tuple
+            task = task or ImageClassification()
+            example = task.inputs(take(images, slice(0, min(2, batch_length(images)))),
+                                  next(model.parameters()).device)
+            for called in trace(model, example, call=task.call).calls:
+                if called.name in self._blocks or called.name in self._sub_blocks:
+                    self._tuples[called.name] = len(called.output) if isinstance(called.output, tuple) else 0
+        return self
+
+    def new_states(self, model: nn.Module, target: Target, trial: int) -> ModelState:
+        blocks = getattr(self, "_blocks", None)
+        if blocks is None:
+            raise LayercritError("reset skip needs the model: call bind(model, images) first")
+        states = {}
+        for name in target.modules:
+            if name not in blocks and name not in self._sub_blocks:
+                raise LayercritError(f"reset skip removes transformer blocks and their attention / MLP sub-blocks, "
+                                     f"not {name!r}: use groups='blocks', 'attention', 'mlp' or 'window:N'")
+            states[name] = {SKIP: torch.tensor([name in blocks, self._tuples.get(name, 0)])}
+        return states
+
+
+RESETS: dict[str, type[Reset]] = {cls.name: cls for cls in (Rerandomize, Zero, Reinit, Rewind, Noise, Interpolate,
+                                                            Skip)}
 
 
 # Every strategy's, set by measure(), not written in a reset's text (trust_checkpoint comes from the caller alone:
