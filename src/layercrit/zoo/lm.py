@@ -42,15 +42,15 @@ ARCH = {"model_type": "gpt2", "n_layer": 6, "n_embd": 128, "n_head": 4, "n_posit
 
 
 def _recipe(member_id: str, display: str, **hyperparameters) -> dict:
-    base = {"steps": 300, "batch_size": 8, "lr": 3e-3, "warmup": 20, "weight_decay": 0.0, "dropout": 0.0,
+    base = {"steps": 500, "batch_size": 16, "lr": 3e-3, "warmup": 30, "weight_decay": 0.0, "dropout": 0.0,
             "precision": "fp32"}
     return {"id": member_id, "method": "causal_lm", "display": display, "arch": dict(ARCH),
             "hyperparameters": {**base, **hyperparameters}}
 
 
 RECIPES: list[dict] = [
-    _recipe("baseline", "Baseline (AdamW, 300 steps)"),
-    _recipe("longer", "Longer training (750 steps)", steps=750),
+    _recipe("baseline", "Baseline (AdamW, 500 steps)"),
+    _recipe("longer", "Longer training (1000 steps)", steps=1000),
     _recipe("regularized", "Dropout 0.1 + weight decay 0.1", dropout=0.1, weight_decay=0.1),
 ]
 """How each member is trained: everything but the hyperparameters named in ``display`` is the same."""
@@ -207,6 +207,9 @@ def _save_member(model, tokenizer, folder: Path) -> None:
     model.half().save_pretrained(tmp)
     model.float()
     tokenizer.save_pretrained(tmp)
+    tmp.chmod(0o755)  # mkdtemp's folders and files are the owner's alone; a zoo is read by everyone
+    for path in tmp.iterdir():
+        path.chmod(0o644)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
@@ -221,4 +224,5 @@ def _write_manifest(out: Path, record: dict) -> None:
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump({"zoo": "lm", "python_stdlib": str(stdlib_dir()), "python": sys.version.split()[0],
                         "models": models}, f, sort_keys=False, allow_unicode=True)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
