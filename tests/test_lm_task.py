@@ -124,3 +124,41 @@ def test_run_measures_an_hf_model_on_a_text_file(capsys, tiny_lm_dir, tmp_path):
     rows = pd.read_csv(tmp_path / "run" / "results.csv")
     assert list(rows.layer) == ["original", *[f"transformer.h.{i}" for i in range(4)]]
     assert (rows.n_images == 6 * 15).all()
+
+
+def test_block_influence_and_angular_distance_are_computed_from_each_blocks_input_and_output(lm):
+    model, windows = lm
+    df = measure(model, windows, groups="window:2", reset="skip")
+    inputs, outputs = {}, {}
+    hooks = [model.transformer.h[1].register_forward_pre_hook(lambda m, a, k: inputs.__setitem__(1, a[0]),
+                                                              with_kwargs=True),
+             model.transformer.h[2].register_forward_hook(
+                 lambda m, a, o: outputs.__setitem__(2, o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad():
+        model(windows)
+    for hook in hooks:
+        hook.remove()
+    cos = F.cosine_similarity(inputs[1].double(), outputs[2].double(), dim=-1).flatten()
+    row = df[df.layer == "transformer.h.1+2"].iloc[0]
+    assert row.block_influence == pytest.approx(1 - cos.mean().item(), abs=1e-9)
+    assert row.angular_distance == pytest.approx((torch.arccos(cos) / torch.pi).mean().item(), abs=1e-9)
+    assert df[df.layer == "original"].block_influence.isna().all()
+
+
+def test_layer_table_carries_the_proxies_and_their_rank_agreement_has_an_interval(lm):
+    from layercrit.measurement.estimate import layer_table
+    from layercrit.measurement.proxies import proxy_agreement
+
+    model, windows = lm
+    layers = layer_table(measure(model, windows, groups="blocks", reset="skip"))
+    assert {"block_influence", "angular_distance"} <= set(layers.columns) and layers.block_influence.notna().all()
+    agreement = proxy_agreement(layers)
+    assert set(agreement.proxy) == {"block_influence", "angular_distance"} and (agreement.n == 4).all()
+    assert ((agreement.rho_low <= agreement.rho) & (agreement.rho <= agreement.rho_high)).all()
+
+
+def test_image_rows_have_no_proxies(tiny_model, tiny_data):
+    df = layercrit.measure(tiny_model, tiny_data, trials=1, progress=False)
+    assert df.block_influence.isna().all()
+    from layercrit.measurement.estimate import layer_table
+    assert "block_influence" not in layer_table(df).columns

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
+from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS, PROXY_COLUMNS
 from ..data import EvalSet, load_data
 from ..errors import LayercritError
 from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
@@ -23,6 +23,7 @@ from . import sequential
 from .breakdown import Breakdown
 from .layers import DEFAULT_LAYERS, Target, select_targets
 from .logits import LogitsWriter
+from .proxies import block_proxies, block_spans
 from .resets import Reset, get_reset
 from .sequential import SequentialDesign
 from .tasks import DEFAULT_TASK, TASKS, Task, get_task
@@ -200,6 +201,9 @@ def measure(
     strategy = get_reset(reset, seed=seed, fresh=resolved.fresh, bn=bn, bn_batches=bn_batches,
                          **dict(reset_options or {}))
     strategy.bind(resolved.model, evalset.images, batch_size, task)
+    # Block Influence and angular distance of block targets: one clean pass, before any reset
+    proxies = block_proxies(resolved.model, evalset, block_spans(resolved.model, targets), task,
+                            batch_size=batch_size, device=device)
     options = engines.EngineOptions(engine=engine, batch_size=batch_size, device=device, precision=precision,
                                    max_cache_mb=max_cache_mb, compile=compile,
                                    progress=interactive() if progress is None else progress,
@@ -237,12 +241,14 @@ def measure(
         if breakdown is not None:
             hooks.append(breakdown)
         options = replace(options, on_logits=_each(hooks))
-        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *(["batch_acc"] if log_batches else []), *META_COLUMNS,
-                 *DESIGN_COLUMNS]
+        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *PROXY_COLUMNS, *(["batch_acc"] if log_batches else []),
+                 *META_COLUMNS, *DESIGN_COLUMNS]
 
         def frame(rows: list[dict], labels=labels, order=order, breakdown=breakdown) -> pd.DataFrame:
             fixed = {"image_offset": 0, "target_ci": float("nan"), "ci_looks": 1, "capped": False}
-            return pd.DataFrame([{**labels, **fixed, **row, "kernel": kernels.get(row["layer"]),
+            nan = dict.fromkeys(PROXY_COLUMNS, float("nan"))
+            return pd.DataFrame([{**labels, **fixed, **row, **proxies.get(row["layer"], nan),
+                                  "kernel": kernels.get(row["layer"]),
                                   **({"batch_acc": breakdown.batch_acc(row["layer"], row["computed_in_trial"])}
                                      if log_batches else {})}
                                  for row in rows])[order]
