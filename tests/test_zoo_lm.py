@@ -84,3 +84,18 @@ def test_the_shipped_baseline_has_the_perplexity_of_its_manifest_on_this_python(
     resolved = resolve_model("zoo:lm/baseline")
     data = load_text("python-stdlib", resolved.tokenizer, seq_len=lm.SEQ_LEN)
     assert perplexity(resolved.model, data.images["input_ids"]) == pytest.approx(record["perplexity"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_demo_lm_skips_every_block_of_every_member_and_writes_the_proxies(trained, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("LAYERCRIT_LM_ZOO", str(trained))
+    code, out, err = run_cli(capsys, "demo", "--task", "lm", "--out", tmp_path, "--windows", 8, "--quiet")
+    assert code == 0, err
+    import pandas as pd
+
+    layers = pd.read_csv(tmp_path / "layers.csv")
+    assert list(layers.layer) == ["transformer.h.0", "transformer.h.1"] * 2
+    assert {"block_influence", "angular_distance", "delta_nll", "perplexity"} <= set(layers.columns)
+    proxies = pd.read_csv(tmp_path / "proxies.csv")
+    assert set(proxies.quantity) == {"criticality", "delta_nll"} and (proxies.n == 2).all()
+    assert (tmp_path / "heatmap.png").is_file() and "Spearman rho" in out

@@ -518,8 +518,13 @@ def _cmd_export(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="measure the bundled Fashion-MNIST zoo: results, heatmap and report in minutes")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p = sub.add_parser("demo", help="measure the bundled Fashion-MNIST zoo (or, with --task lm, the language-model "
+                       "zoo): results, heatmap and report in minutes")
+    p.add_argument("--task", choices=["image", "lm"], default="image", help="image: the Fashion-MNIST zoo, every "
+                   "layer rerandomized (default); lm: the language-model zoo, every block skipped, with Block "
+                   "Influence and angular distance beside it (needs the [lm] extra)")
+    p.add_argument("--out", help="output folder (default runs/demo, or runs/demo-lm)")
+    p.add_argument("--windows", type=_positive_int, help="--task lm: held-out windows per model (default 96)")
     p.add_argument("--images", type=_positive_int, default=None, help="test images per model (default: sized for < 5 min)")
     p.add_argument("--trials", type=_positive_int, default=3, help="rerandomizations per layer (default 3)")
     p.add_argument("--models", nargs="+", help="zoo ids to measure (default: the whole zoo)")
@@ -535,7 +540,18 @@ def _cmd_demo(args) -> int:
     from .measurement.measure import check_device
 
     check_device(args.device, "--device")
-    result = run_demo(args.out, images=args.images or DEMO_IMAGES, trials=args.trials, models=args.models,
+    if args.task == "lm":
+        from .demo import LM_WINDOWS, run_lm_demo
+
+        result = run_lm_demo(args.out or "runs/demo-lm", windows=args.windows or LM_WINDOWS, models=args.models,
+                             device=args.device, progress=False if args.quiet else None)
+        print(result["summary"].to_string(index=False))
+        print("Spearman rho across blocks (95% interval) of each proxy with what skipping the block does:")
+        print(result["proxies"].to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
+        for name, path in result["paths"].items():
+            print(f"{name + ':':<9}{path}")
+        return 0
+    result = run_demo(args.out or "runs/demo", images=args.images or DEMO_IMAGES, trials=args.trials, models=args.models,
                       batch_size=args.batch_size, device=args.device, data_root=args.data_root,
                       progress=False if args.quiet else None)
     print(format_summary(result["summary"]))
