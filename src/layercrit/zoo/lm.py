@@ -42,15 +42,15 @@ ARCH = {"model_type": "gpt2", "n_layer": 6, "n_embd": 128, "n_head": 4, "n_posit
 
 
 def _recipe(member_id: str, display: str, **hyperparameters) -> dict:
-    base = {"steps": 500, "batch_size": 16, "lr": 3e-3, "warmup": 30, "weight_decay": 0.0, "dropout": 0.0,
+    base = {"steps": 250, "batch_size": 16, "lr": 3e-3, "warmup": 25, "weight_decay": 0.0, "dropout": 0.0,
             "precision": "fp32"}
     return {"id": member_id, "method": "causal_lm", "display": display, "arch": dict(ARCH),
             "hyperparameters": {**base, **hyperparameters}}
 
 
 RECIPES: list[dict] = [
-    _recipe("baseline", "Baseline (AdamW, 500 steps)"),
-    _recipe("longer", "Longer training (1000 steps)", steps=1000),
+    _recipe("baseline", "Baseline (AdamW, 250 steps)"),
+    _recipe("longer", "Longer training (500 steps)", steps=500),
     _recipe("regularized", "Dropout 0.1 + weight decay 0.1", dropout=0.1, weight_decay=0.1),
 ]
 """How each member is trained: everything but the hyperparameters named in ``display`` is the same."""
