@@ -162,3 +162,18 @@ def test_image_rows_have_no_proxies(tiny_model, tiny_data):
     assert df.block_influence.isna().all()
     from layercrit.measurement.estimate import layer_table
     assert "block_influence" not in layer_table(df).columns
+
+
+def test_rerandomize_of_an_hf_model_initialises_each_target_alone(tiny_lm_dir, monkeypatch):
+    from layercrit.models import resolve_model
+
+    resolved = resolve_model(f"hf:{tiny_lm_dir}")
+    assert resolved.fresh is None
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        lambda *a, **k: pytest.fail("built a whole model for a reset"))
+    windows = torch.randint(0, resolved.num_classes, (6, 16), generator=torch.Generator().manual_seed(0))
+    first = measure(resolved, windows, groups="blocks", reset="rerandomize", trials=2)
+    again = measure(resolved, windows, groups="blocks", reset="rerandomize", trials=2)
+    pd.testing.assert_frame_equal(first[list(METRIC_COLUMNS)], again[list(METRIC_COLUMNS)])
+    rows = first[first.layer == "transformer.h.1"]
+    assert rows.computed_in_trial.tolist() == [0, 1] and rows.criticality.iloc[0] != rows.criticality.iloc[1]

@@ -289,6 +289,8 @@ class Rerandomize(Reset):
         return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
+        if self.fresh is None and hasattr(self._template, "_init_weights"):
+            return self._initialised_copy(layer, module, trial)
         fresh = self._instance(trial)
         try:
             source = fresh.get_submodule(layer)
@@ -301,6 +303,18 @@ class Rerandomize(Reset):
         if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
             raise LayercritError(f"the fresh model's {layer} differs in shape from the trained one (wrong factory?)")
         return state
+
+    def _initialised_copy(self, layer: str, module: nn.Module, trial: int) -> State:
+        """A transformers model (``_init_weights``) without a factory: a copy of the target module alone, given
+        the architecture's own init under the seed of (seed, trial, layer); no model instance is built, so a
+        trial costs the target's parameters, not the model's."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(trial_seed(self.seed, trial, layer))
+            fresh = copy.deepcopy(module)
+            with torch.no_grad():
+                for part in fresh.modules():
+                    self._template._init_weights(part)
+        return {name: tensor.detach() for name, tensor in module_tensors(fresh).items()}
 
     def _instance(self, trial: int) -> nn.Module:
         if trial not in self._instances:

@@ -53,14 +53,16 @@ def resolve_hf(source: str, *, pretrained: bool = True, dtype: str = "float32") 
 
     Returns:
         A :class:`ResolvedModel` in eval mode; ``metadata["kind"]`` is ``causal-lm``, ``image-classification`` or
-        ``sequence-classification``; ``fresh`` builds the architecture with new random weights.
+        ``sequence-classification``. ``fresh`` is None for language models and sequence classifiers: the
+        rerandomize reset then initialises a copy of the target module alone with the model's ``_init_weights``;
+        for an image classifier (in its normalising wrapper) it builds the architecture with new weights.
     """
     tf = transformers()
     source = source.removeprefix("hf:")
     if dtype not in DTYPES:
         raise LayercritError(f"dtype={dtype!r}: one of {', '.join(DTYPES)}")
     local = Path(source).is_dir()
-    if not local and (source.count("/") != 1 or source.startswith((".", "/"))):
+    if not local and (source.count("/") > 1 or not source or source.startswith((".", "/"))):
         raise LayercritError(f"hf:{source} is neither a folder nor a Hub repo ORG/NAME[@REVISION]")
     repo, _, revision = source.partition("@")
     where = source if local else repo
@@ -79,18 +81,19 @@ def resolve_hf(source: str, *, pretrained: bool = True, dtype: str = "float32") 
     def fresh() -> torch.nn.Module:
         return auto_class.from_config(config, dtype=DTYPES[dtype]).eval()
 
+    # rerandomize then initialises a copy of each target alone (the model's _init_weights), not a whole model
+    fresh_factory = None
+
     tokenizer, pre = None, Preprocessing(resize=None, crop=None, source="token ids (no image preprocessing)")
     if kind == "image-classification":
         pre = _image_preprocessing(tf, source, where, local, options)
-        wrapped = Normalized(model, pre.mean, pre.std, pre.in_chans).eval()
-        bare_fresh = fresh
-        fresh = lambda: Normalized(bare_fresh(), pre.mean, pre.std, pre.in_chans).eval()  # noqa: E731
-        model = wrapped
+        model = Normalized(model, pre.mean, pre.std, pre.in_chans).eval()
+        fresh_factory = lambda: Normalized(fresh(), pre.mean, pre.std, pre.in_chans).eval()  # noqa: E731
     else:
         with _access(source, local, ["tokenizer_config.json"]):
             tokenizer = tf.AutoTokenizer.from_pretrained(where, **options)
     num_classes = config.vocab_size if kind == "causal-lm" else config.num_labels
-    return ResolvedModel(model=model, fresh=fresh, preprocessing=pre, spec=f"hf:{source}", num_classes=num_classes,
+    return ResolvedModel(model=model, fresh=fresh_factory, preprocessing=pre, spec=f"hf:{source}", num_classes=num_classes,
                          metadata={"kind": kind, "dtype": dtype, "architecture": type(config).__name__},
                          tokenizer=tokenizer)
 
