@@ -168,12 +168,20 @@ def run_lm_demo(
     proxies = proxy_agreement(layers, quantities=("criticality", "delta_nll"))
     write_table(layers, out / "layers.csv")
     write_table(proxies, out / "proxies.csv")
-    meta = {r["id"]: {"category": r["id"], "display": r["display"]} for r in records}
+    meta = lm_meta(results, records)
     analysis = analyze(results, out, meta=meta)
     paths = {"results": out / "results.csv", "layers": out / "layers.csv", "proxies": out / "proxies.csv",
              "heatmap": analysis["paths"]["heatmap"][0], "report": analysis["paths"]["report"]}
     return {"results": results, "layers": layers, "proxies": proxies, "summary": summarize_lm(layers, proxies),
             "paths": paths, "analysis": analysis}
+
+
+def lm_meta(results: pd.DataFrame, records: Sequence[dict]) -> dict[str, dict]:
+    """Each member's category (its id), display name and, as its accuracy, the unmodified model's next-token top-1
+    on the windows (ids such as ``baseline`` also name image models: the figures must not take their accuracy)."""
+    top1 = results[results.layer == "original"].groupby("model_id", sort=False).top1_acc.first()
+    return {r["id"]: {"category": r["id"], "display": r["display"], "accuracy": round(float(top1[r["id"]]), 2)}
+            for r in records if r["id"] in top1}
 
 
 def lm_layer_table(results: pd.DataFrame) -> pd.DataFrame:
