@@ -17,6 +17,7 @@ import copy
 import hashlib
 import inspect
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -289,7 +290,7 @@ class Rerandomize(Reset):
         return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
-        if self.fresh is None and hasattr(self._template, "_init_weights"):
+        if self.fresh is None and _is_transformers_model(self._template):
             return self._initialised_copy(layer, module, trial)
         fresh = self._instance(trial)
         try:
@@ -305,7 +306,7 @@ class Rerandomize(Reset):
         return state
 
     def _initialised_copy(self, layer: str, module: nn.Module, trial: int) -> State:
-        """A transformers model (``_init_weights``) without a factory: a copy of the target module alone, given
+        """A transformers model (its ``_init_weights``) without a factory: a copy of the target module alone, given
         the architecture's own init under the seed of (seed, trial, layer); no model instance is built, so a
         trial costs the target's parameters, not the model's."""
         with torch.random.fork_rng(devices=[]):
@@ -333,6 +334,12 @@ class Rerandomize(Reset):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         return fresh
+
+
+def _is_transformers_model(model: nn.Module | None) -> bool:
+    """A transformers ``PreTrainedModel`` (checked without importing transformers: a model of it imported it)."""
+    module = sys.modules.get("transformers")
+    return module is not None and isinstance(model, module.PreTrainedModel)
 
 
 class Zero(Reset):
