@@ -14,7 +14,8 @@ from layercrit.sweeps.sweep import SweepConfig, export_frame, run_sweep
 
 RUN_ONLY = {"out", "quiet", "func", "command", "verbose"}  # where a run writes and how it talks
 MODEL_FLAGS = {"model": "spec", "model_id": "id", "arch": "arch", "pretrained": "pretrained",
-               "num_classes": "num_classes", "trust_checkpoint": "trust_checkpoint"}  # run flag -> sweep model key
+               "num_classes": "num_classes", "trust_checkpoint": "trust_checkpoint",
+               "dtype": "dtype"}  # run flag -> sweep model key
 SWEEP_ONLY = {"models", "layers_per_unit"}
 
 

@@ -20,6 +20,8 @@ from .errors import LayercritError
 _PUBLIC = {  # name -> the module that defines it
     "EvalSet": "data",
     "ResolvedModel": "models",
+    "TASKS": "measurement.tasks",
+    "Task": "measurement.tasks",
     "analyze": "analysis.tables",
     "get_reset": "measurement.resets",
     "load_data": "data",

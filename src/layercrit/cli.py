@@ -105,17 +105,22 @@ def as_flags(message: str) -> str:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="timm:NAME[.TAG] | hf-hub:ORG/NAME | torchvision:NAME[:WEIGHTS] | "
-                   "zoo:ZOO/ID | MODULE:FACTORY | FILE.py:FACTORY (imports and runs that code) | CKPT")
+                   "hf:ORG/NAME (transformers) | hf:DIR (save_pretrained) | zoo:ZOO/ID | MODULE:FACTORY | "
+                   "FILE.py:FACTORY (imports and runs that code) | CKPT")
     g.add_argument("--arch", help="architecture of a checkpoint: timm:NAME | hf-hub:ORG/NAME | torchvision:NAME | "
                    "layercrit:NAME | MODULE:FACTORY | FILE.py:FACTORY")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init instead of weights")
     g.add_argument("--num-classes", type=_positive_int, help="classes of a checkpoint's head (default: read from the file)")
     g.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints holding pickled objects")
     g.add_argument("--model-id", help="name for the model in results (default: the spec)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of an hf: model's weights (default float32)")
 
 
 def add_measure_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
+    g.add_argument("--task", default="image-classification", help="what a batch is and which outputs are compared: "
+                   "image-classification (default) | sequence-classification (token ids)")
     g.add_argument("--layers", default="conv,linear", help="kinds (conv, linear, bn, ln) and/or name globs")
     g.add_argument("--reset", default="rerandomize",
                    help="NAME or NAME(OPTION=VALUE,...): rerandomize | zero | reinit(checkpoint=CKPT) | "
@@ -170,9 +175,15 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, help="image folder (ImageNet-val layout), 'fashion-mnist' (its test "
-                                                      "set) or 'fashion-mnist-train'")
+                                                      "set) or 'fashion-mnist-train'; text for a language model: "
+                                                      "FILE.txt | FILE.jsonl | hf-dataset:REPO[/CONFIG][:SPLIT] | "
+                                                      "python-stdlib")
     g.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
-    g.add_argument("--images", type=_positive_int, default=10_000, help="images to evaluate (default 10000, as the paper)")
+    g.add_argument("--images", "--windows", dest="images", type=_positive_int, default=10_000,
+                   help="images (or text windows) to evaluate, a seeded subset (default 10000, as the paper)")
+    g.add_argument("--seq-len", type=_positive_int, help="text: tokens per window (default: the model's context, at "
+                   "most 128)")
+    g.add_argument("--text-field", default="text", help="text: the JSON key / dataset column with the text")
     g.add_argument("--cache-dir", help="where decoded evaluation sets are kept (default ~/.cache/layercrit)")
     g.add_argument("--no-cache", dest="use_cache", action="store_false", help="decode without the disk cache")
     g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) images that fail to decode")
@@ -221,8 +232,9 @@ def _run_into(out: Path, args, experiment):
     from .models import resolve_model
     from .results import write_results
 
-    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained, num_classes=args.num_classes,
-                             trust_checkpoint=args.trust_checkpoint, seed=args.seed, model_id=args.model_id)
+    resolved = resolve_model(args.model, arch=args.arch, dtype=args.dtype, pretrained=args.pretrained,
+                             num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint, seed=args.seed,
+                             model_id=args.model_id)
     # run.json goes with the results it describes: a run that fails before its first results leaves the folder as is
     run = {**{k: v for k, v in vars(args).items() if k != "func"}, "max_trials": experiment.max_trials}
     if args.resize or args.crop or args.interpolation:
@@ -314,9 +326,12 @@ def _add_zoo(sub) -> None:
     listing.add_argument("--zoo", default="fmnist", help="which zoo (default fmnist)")
     listing.add_argument("--seeds", action="store_true", help="also the training-seed replicates (ID@seedN)")
     listing.set_defaults(func=_cmd_zoo_list)
-    train = zoo_sub.add_parser("train", help="train the Fashion-MNIST zoo (seeded) into a folder")
+    train = zoo_sub.add_parser("train", help="train the Fashion-MNIST zoo or the language-model zoo (seeded) into a "
+                               "folder")
+    train.add_argument("zoo", nargs="?", default="fmnist", choices=["fmnist", "lm"],
+                       help="fmnist (default) or lm (tiny GPT-2s on Python's standard library; needs [lm])")
     train.add_argument("--methods", nargs="+", help="ids, methods or categories to train (default: all)")
-    train.add_argument("--out", default="runs/zoo-fmnist", help="zoo folder to write (default runs/zoo-fmnist)")
+    train.add_argument("--out", help="zoo folder to write (default runs/zoo-fmnist or runs/zoo-lm)")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     train.add_argument("--threads", type=_positive_int, help="CPU threads for torch (the shipped zoo used 2)")
     train.add_argument("--seed", type=_seed, default=0, help="seed of init, batch order and augmentation")
@@ -351,10 +366,17 @@ def _cmd_zoo_train(args) -> int:
     check_device(args.device, "--device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_zoo(args.out, methods=args.methods, device=args.device, seed=args.seed, test_images=args.test_images,
+    out = args.out or f"runs/zoo-{args.zoo}"
+    if args.zoo == "lm":
+        from .zoo.lm import train_zoo as train_lm_zoo
+
+        train_lm_zoo(out, methods=args.methods, device=args.device, seed=args.seed, force=args.force)
+        print(f"zoo written to {out}; use it as zoo:lm/ID with LAYERCRIT_LM_ZOO={out}")
+        return 0
+    train_zoo(out, methods=args.methods, device=args.device, seed=args.seed, test_images=args.test_images,
               data_root=args.data_root, robust_images=args.robust_images, precision=args.precision,
               force=args.force)
-    print(f"zoo written to {args.out}; use it as zoo:fmnist/ID with LAYERCRIT_FMNIST_ZOO={args.out}")
+    print(f"zoo written to {out}; use it as zoo:fmnist/ID with LAYERCRIT_FMNIST_ZOO={out}")
     return 0
 
 
@@ -569,8 +591,13 @@ def _cmd_export(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="measure the bundled Fashion-MNIST zoo: results, heatmap and report in minutes")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p = sub.add_parser("demo", help="measure the bundled Fashion-MNIST zoo (or, with --task lm, the language-model "
+                       "zoo): results, heatmap and report in minutes")
+    p.add_argument("--task", choices=["image", "lm"], default="image", help="image: the Fashion-MNIST zoo, every "
+                   "layer rerandomized (default); lm: the language-model zoo, every block skipped, with Block "
+                   "Influence and angular distance beside it (needs the [lm] extra)")
+    p.add_argument("--out", help="output folder (default runs/demo, or runs/demo-lm)")
+    p.add_argument("--windows", type=_positive_int, help="--task lm: held-out windows per model (default 96)")
     p.add_argument("--images", type=_positive_int, default=None, help="test images per model (default: sized for < 5 min)")
     p.add_argument("--trials", type=_positive_int, default=3, help="rerandomizations per layer (default 3)")
     p.add_argument("--models", nargs="+", help="zoo ids to measure (default: the whole zoo)")
@@ -587,13 +614,59 @@ def _cmd_demo(args) -> int:
     from .results import claim_output_folder
 
     check_device(args.device, "--device")
-    with claim_output_folder(args.out) as out:
+    if args.task == "lm":
+        from .demo import LM_WINDOWS, run_lm_demo
+
+        with claim_output_folder(args.out or "runs/demo-lm") as out:
+            result = run_lm_demo(out, windows=args.windows or LM_WINDOWS, models=args.models, device=args.device,
+                                 progress=False if args.quiet else None)
+        print(result["summary"].to_string(index=False))
+        print("Spearman rho across blocks (95% interval) of each proxy with what skipping the block does:")
+        print(result["proxies"].to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
+        for name, path in result["paths"].items():
+            print(f"{name + ':':<9}{path}")
+        return 0
+    with claim_output_folder(args.out or "runs/demo") as out:
         result = run_demo(out, images=args.images or DEMO_IMAGES, trials=args.trials, models=args.models,
                           batch_size=args.batch_size, device=args.device, data_root=args.data_root,
                           progress=False if args.quiet else None)
     print(format_summary(result["summary"]))
     for name, path in result["paths"].items():
         print(f"{name + ':':<9}{path}")
+    return 0
+
+
+# ---------------------------------------------------------------- prune
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="write a transformers language model without some blocks (save_pretrained) "
+                       "and report its perplexity before and after")
+    p.add_argument("--model", required=True, help="hf:ORG/NAME | hf:DIR | zoo:lm/ID (a causal language model)")
+    p.add_argument("--drop", required=True, help="blocks to remove: 3,5 or 2-4 (0 is the first; -1 the last)")
+    p.add_argument("--out", required=True, help="folder to write the pruned model and its tokenizer to")
+    p.add_argument("--data", default="python-stdlib", help="evaluation text: FILE.txt | FILE.jsonl | "
+                   "hf-dataset:REPO[/CONFIG][:SPLIT] | python-stdlib (default: held-out standard-library modules)")
+    p.add_argument("--seq-len", type=_positive_int, help="tokens per window (default: the model's context, at most 128)")
+    p.add_argument("--windows", "--images", dest="windows", type=_positive_int, default=64,
+                   help="evaluation windows, a seeded subset (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window subset")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_prune)
+
+
+def _cmd_prune(args) -> int:
+    from .measurement.measure import check_device
+    from .prune import prune
+
+    check_device(args.device, "--device")
+    result = prune(args.model, args.drop, args.out, data=args.data, seq_len=args.seq_len, windows=args.windows,
+                   seed=args.seed, dtype=args.dtype, device=args.device, force=args.force)
+    dropped = ",".join(map(str, result.dropped))
+    print(f"dropped blocks {dropped} of {result.blocks_before} ({result.container}); wrote {result.out}")
+    print(f"perplexity on {result.data}: {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}")
     return 0
 
 
@@ -644,8 +717,9 @@ def _module_criticality_into(out: Path, args) -> int:
     from .models import resolve_model
     from .results import write_table
 
-    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained, num_classes=args.num_classes,
-                             trust_checkpoint=args.trust_checkpoint, seed=args.seed, model_id=args.model_id)
+    resolved = resolve_model(args.model, arch=args.arch, dtype=args.dtype, pretrained=args.pretrained,
+                             num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint, seed=args.seed,
+                             model_id=args.model_id)
     if args.resize or args.crop or args.interpolation:
         resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
     table = module_criticality(
@@ -673,7 +747,7 @@ def _numbers(text: str | None, flag: str) -> list[float] | None:
         raise LayercritError(f"{flag} {text!r}: give numbers, comma separated") from None
 
 
-_SUBCOMMANDS = [_add_run, _add_resets, _add_zoo, _add_analyze, _add_diff, _add_sweep, _add_status, _add_export, _add_demo, _add_module_criticality]
+_SUBCOMMANDS = [_add_run, _add_resets, _add_zoo, _add_analyze, _add_diff, _add_sweep, _add_status, _add_export, _add_demo, _add_prune, _add_module_criticality]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ by the metrics themselves (:data:`layercrit.measurement.metrics.METRICS`).
 """
 
 from .measurement.metrics import METRIC_COLUMNS
+from .measurement.proxies import PROXY_COLUMNS
 
 ID_COLUMNS = ("model_id", "layer", "trial", "reset")
 META_COLUMNS = ("computed_in_trial", "kernel", "seed", "data_id", "n_skipped", "model_spec", "engine", "precision",
@@ -13,4 +14,5 @@ META_COLUMNS = ("computed_in_trial", "kernel", "seed", "data_id", "n_skipped", "
 # Which images a trial saw and how its layer's interval was made (see layercrit.measurement.estimate): the fixed design's rows
 # all start at image 0 and look once.
 DESIGN_COLUMNS = ("image_offset", "target_ci", "ci_looks", "capped")
-COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS)
+# Block Influence and angular distance of transformer block targets (layercrit.measurement.proxies); NaN elsewhere.
+COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *PROXY_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS)

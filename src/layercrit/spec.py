@@ -23,13 +23,17 @@ class Experiment:
     # data
     data: str | None = None
     data_root: str | None = None
-    images: int | None = 10_000
+    images: int | None = 10_000  # images, or windows of text
+    seq_len: int | None = None  # text: tokens per window (None: the model's context, at most 128)
+    text_field: str = "text"  # text: the JSON key / dataset column holding the text
     cache_dir: str | None = None
     use_cache: bool = True
     skip_bad_images: bool = False
     resize: int | None = None
     crop: int | None = None
     interpolation: str | None = None
+    # what is measured: the task says what a batch is and which outputs are compared (layercrit.measurement.tasks)
+    task: str = "image-classification"
     # what is reset, how, how often
     layers: str = "conv,linear"
     groups: str | None = None
@@ -67,7 +71,7 @@ class Experiment:
             "layers": self.layers, "groups": self.groups, "cumulative": self.cumulative, "reset": self.reset,
             "reset_options": {"trust_checkpoint": True} if trust else {}, "bn": bn,
             "bn_batches": bn_batches, "trials": self.trials, "seed": self.seed, "data_seed": self.data_seed,
-            "images": self.images,
+            "images": self.images, "seq_len": self.seq_len, "text_field": self.text_field,
             "data_root": self.data_root, "cache_dir": self.cache_dir, "use_cache": self.use_cache,
             "skip_bad_images": self.skip_bad_images, "resize": self.resize, "crop": self.crop,
             "interpolation": self.interpolation, "batch_size": self.batch_size, "device": self.device,
@@ -75,7 +79,7 @@ class Experiment:
             "compile": self.compile, "channels_last": False if self.exact else None,
             "fold_bn": False if self.exact else None, "target_ci": self.target_ci, "max_trials": self.max_trials,
             "images_per_trial": self.images_per_trial, "image_target_ci": self.image_target_ci,
-            "save_logits_top_k": self.save_logits_top_k, "log_batches": self.log_batches,
+            "save_logits_top_k": self.save_logits_top_k, "log_batches": self.log_batches, "task": self.task,
         }
 
     def to_dict(self) -> dict:

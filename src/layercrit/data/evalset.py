@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import LayercritError
 from ..models.base import Preprocessing
@@ -15,9 +17,13 @@ from ..models.base import Preprocessing
 
 @dataclass
 class EvalSet:
-    """A fixed set of evaluation images (uint8 N×C×H×W, or float in [0, 1]) and their integer labels."""
+    """A fixed evaluation set: the inputs of N examples and their integer labels.
 
-    images: torch.Tensor
+    ``images`` holds the inputs as the run's task takes them (:mod:`layercrit.measurement.tasks`): images uint8
+    N×C×H×W (or float in [0, 1]) for image classification; token ids N×T, or a dict of such tensors, for others.
+    """
+
+    images: Any
     labels: torch.Tensor
     data_id: str
     description: str
@@ -28,26 +34,32 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, *, redecode: bool = False) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Yield ``(positions, images, labels)``; ``redecode`` reads the images from their source again (naive path)."""
+    def batches(self, batch_size: int, *, redecode: bool = False) -> Iterator[tuple[slice, Any, torch.Tensor]]:
+        """Yield ``(positions, inputs, labels)``; ``redecode`` reads the images from their source again (naive path)."""
         for start in range(0, len(self), batch_size):
             part = slice(start, min(start + batch_size, len(self)))
             if redecode and self.decode is not None:
-                images = self.decode(range(part.start, part.stop))
+                inputs = self.decode(range(part.start, part.stop))
             else:
-                images = self.images[part]
-            yield part, images, self.labels[part]
+                inputs = tree_map(lambda t, part=part: t[part] if isinstance(t, torch.Tensor) else t, self.images)
+            yield part, inputs, self.labels[part]
 
     @classmethod
-    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor, description: str = "tensors", *,
+    def from_tensors(cls, images: Any, labels: torch.Tensor, description: str = "tensors", *,
                      check_range: bool = True) -> EvalSet:
-        """``check_range=False`` takes float images in any range (already normalised, for a model that gets them as
-        they are)."""
-        if images.ndim != 4 or len(images) != len(labels):
-            raise LayercritError(f"images must be N×C×H×W with one label each, got {tuple(images.shape)} and {len(labels)} labels")
-        if check_range and images.is_floating_point() and (images.min() < 0 or images.max() > 1):
+        """Inputs (a tensor, or a dict of tensors, examples first) and one label each. ``check_range`` refuses
+        float images outside [0, 1]; ``check_range=False`` takes them in any range (already normalised, for a model
+        that gets them as they are)."""
+        tensors = [t for t in tree_flatten(images)[0] if isinstance(t, torch.Tensor)]
+        if not tensors or any(len(t) != len(labels) for t in tensors):
+            shapes = ", ".join(str(tuple(t.shape)) for t in tensors) or type(images).__name__
+            raise LayercritError(f"give the inputs with one label each (examples first), got {shapes} and "
+                                 f"{len(labels)} labels")
+        if check_range and isinstance(images, torch.Tensor) and images.is_floating_point() and (
+                images.min() < 0 or images.max() > 1):
             raise LayercritError("float images must be in [0, 1] (the model wrapper normalises them)")
-        digest = hashlib.sha256(images.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
+        data = b"".join(t.contiguous().numpy().tobytes() for t in tensors) + labels.numpy().tobytes()
+        digest = hashlib.sha256(data).hexdigest()[:16]
         return cls(images=images, labels=labels.long(), data_id=f"tensors-{digest}", description=description)
 
 

@@ -37,12 +37,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..data import EvalSet, to_model_input
+from ..data import EvalSet
 from ..errors import LayercritError
 from .folding import find_pairs, folded_batchnorm, patched_forwards
 from .layers import Target
 from .metrics import PredictionMetrics
 from .resets import ModelState, Reset, load_in_place, snapshot
+from .tasks import ImageClassification, Task, batch_length, take
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,13 @@ def run(
     options: EngineOptions,
     on_chunk: Callable[[list[dict]], None] | None = None,
     memo: dict | None = None,
+    task: Task | None = None,
 ) -> list[dict]:
     """Evaluate the unmodified model and every (layer, trial); return one row dict per unit, original first.
 
     ``layers`` are module names or :class:`~layercrit.measurement.layers.Target` groups of modules reset together.
+    ``task`` (:mod:`layercrit.measurement.tasks`; default image classification) says what a batch of ``evalset``
+    is, how the model is called and which of its outputs are compared.
 
     ``on_chunk`` receives the rows finished so far (original row included) after every chunk of layers, so a
     caller can persist them. ``memo``: a dict the caller keeps between calls on the same model and input size
@@ -123,12 +127,12 @@ def run(
     channels_last = _channels_last(options)
     with _memory_format(model, channels_last):  # the caller's model is left in the layout it came in
         return _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last,
-                    {} if memo is None else memo)
+                    {} if memo is None else memo, task or ImageClassification())
 
 
-def _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last, memo) -> list[dict]:
+def _run(model, evalset, layers, reset, trials, options, on_chunk, device, channels_last, memo, task) -> list[dict]:
     forward = torch.compile(model) if options.compile else model
-    evaluator = _Evaluator(model, forward, evalset, options, device, channels_last, memo)
+    evaluator = _Evaluator(model, forward, evalset, options, device, channels_last, memo, task)
     # Folding eval-mode BatchNorm into the convolution before it, like NHWC, changes fp32 results in the last bits
     # only; --compile does its own rewriting, and the naive engine stays the paper's method unless asked.
     fold_bn = options.fold_bn if options.fold_bn is not None else options.engine == "fast" and not options.compile
@@ -138,7 +142,7 @@ def _run(model, evalset, layers, reset, trials, options, on_chunk, device, chann
     plans = _plan_units(model, targets, reset, trials, alpha=options.ci_alpha if options.image_target_ci else None)
     n_computed = sum(len(plan.computed) for plan in plans)
     if fold_bn and "pairs" not in memo:
-        memo["pairs"] = find_pairs(model, evaluator.sample())  # after planning (recalibration)
+        memo["pairs"] = find_pairs(model, evaluator.sample(), call=task.call)  # after planning (recalibration)
     evaluator.pairs = memo["pairs"] if fold_bn else []
     replay = options.engine == "fast" and not options.compile
     with _progress(options.progress, n_computed, len(evalset), options.batch_size) as bar, \
@@ -174,7 +178,7 @@ def _run(model, evalset, layers, reset, trials, options, on_chunk, device, chann
                 for plan in chunk:
                     plan.fresh_metrics(alpha)
                 if first:
-                    evaluator.clean_logits, original.metrics = None, PredictionMetrics()
+                    evaluator.clean, original.metrics = None, PredictionMetrics()
                     evaluator.original_done = False
             _refuse_nonfinite(original)
             rows += [_row(u, original) for plan in chunk for u in plan.units]
@@ -311,43 +315,46 @@ def _row(unit: Unit, original: Unit) -> dict:
 
 class _Evaluator:
     def __init__(self, model, forward, evalset: EvalSet, options: EngineOptions, device, channels_last: bool,
-                 memo: dict):
+                 memo: dict, task: Task):
         self.model = model
         self.memo = memo
+        self.task = task
         if memo.get("batch_size", options.batch_size) < options.batch_size:  # known not to fit
             options = replace(options, batch_size=memo["batch_size"])
         self.forward = forward
         if device.type == "cuda" and options.engine != "naive":
-            evalset = replace(evalset, images=evalset.images.to(device))  # decoded once, kept on the GPU
+            evalset = replace(evalset, images=tree_map(lambda t: t.to(device), evalset.images))  # kept on the GPU
         self.evalset = evalset
         self.options = options
         self.device = device
         self.channels_last = channels_last
-        self.clean_logits: torch.Tensor | None = None  # naive path: every image's, kept after the first pass
+        self.clean: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # naive path: each batch's clean
+        # predictions and truth, kept after the first pass
         self.original_done = False  # the unmodified model's row is complete
         self.structure: _CallStructure | None = None
         self.pairs: list[tuple[str, str]] = []  # (conv, BatchNorm) folded together
 
-    def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_model_input(images.to(self.device, non_blocking=True))
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+    def inputs(self, batch):
+        return self.task.inputs(batch, self.device, channels_last=self.channels_last)
 
-    def sample(self) -> torch.Tensor:
-        """Two images as model input, for probing the model's structure."""
-        return self.inputs(next(iter(self.batches()))[1][:2])
+    def sample(self):
+        """Two examples as model input, for probing the model's structure."""
+        return self.inputs(take(next(iter(self.batches()))[1], slice(0, 2)))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, x, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's compared logits (float32, on the CPU) and truth of one batch."""
         dtype = PRECISIONS[self.options.precision]
         with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            return self.forward(x).float()
+            logits, truth = self.task.predictions(self.task.call(self.forward, x), x, labels)
+        return logits.float().cpu(), truth.cpu()
 
     def settled(self, unit: Unit) -> bool:
         """With image_target_ci: the unit's estimates are tight enough; it skips the remaining batches."""
         return self.options.image_target_ci is not None and unit.metrics.settled(self.options.image_target_ci)
 
-    def update(self, unit: Unit, logits: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor, part: slice) -> None:
+    def update(self, unit: Unit, logits: torch.Tensor, clean: torch.Tensor, truth: torch.Tensor, part: slice) -> None:
         """Add a batch to the unit's metrics (and hand its logits to ``on_logits``)."""
-        unit.metrics.update(logits, clean, labels)
+        unit.metrics.update(logits, clean, truth)
         if self.options.on_logits is not None:
             self.options.on_logits(unit.layer, unit.computed_in_trial, part, logits)
 
@@ -357,37 +364,36 @@ class _Evaluator:
     # -- naive: one full forward per unit and batch
     def naive_chunk(self, chunk: list[LayerPlan], original: Unit, bar) -> None:
         redecode = self.options.engine == "naive"
-        if self.clean_logits is None:
-            clean_batches = []
-            for part, images, labels in self.batches(redecode):
-                clean = self.logits(self.inputs(images)).cpu()
-                clean_batches.append(clean)
-                self.update(original, clean, clean, labels, part)
-            self.clean_logits = torch.cat(clean_batches)
+        if self.clean is None:
+            self.clean = []
+            for part, batch, labels in self.batches(redecode):
+                clean, truth = self.predict(self.inputs(batch), labels)
+                self.clean.append((clean, truth))
+                self.update(original, clean, clean, truth, part)
             self.original_done = True
         for plan in chunk:
             for state, unit in plan.computed:
                 plan.apply(self.model, state)
                 try:
-                    for part, images, labels in self.batches(redecode):
+                    for (part, batch, labels), (clean, truth) in zip(self.batches(redecode), self.clean, strict=True):
                         if self.settled(unit):
                             break
-                        logits = self.logits(self.inputs(images)).cpu()
-                        self.update(unit, logits, self.clean_logits[part], labels, part)
+                        logits, _ = self.predict(self.inputs(batch), labels)
+                        self.update(unit, logits, clean, truth, part)
                         bar.update(1)
                 finally:
                     plan.restore(self.model)
 
     def clean_only(self, original: Unit, bar) -> None:
-        for part, images, labels in self.batches():
-            clean = self.logits(self.inputs(images)).cpu()
-            self.update(original, clean, clean, labels, part)
+        for part, batch, labels in self.batches():
+            clean, truth = self.predict(self.inputs(batch), labels)
+            self.update(original, clean, clean, truth, part)
 
     # -- fast: batch-outer with prefix replay
     def chunk(self, plans: list[LayerPlan]) -> Iterator[list[LayerPlan]]:
         """Group consecutive layers so that the recorded outputs of one batch stay under ``max_cache_mb``."""
         if "structure" not in self.memo:
-            self.memo["structure"] = _CallStructure.probe(self.model, self.sample())
+            self.memo["structure"] = _CallStructure.probe(self.model, self.sample(), self.task.call)
         self.structure = self.memo["structure"]
         budget = self.options.max_cache_mb * 2**20 / self.options.batch_size
         current: list[LayerPlan] = []
@@ -416,13 +422,13 @@ class _Evaluator:
         recorded = sorted({name for plan in chunk for name in plan.replayed})
         first_chunk = not self.original_done
         mutated = self.structure.mutated
-        for part, images, labels in self.batches():
-            x = self.inputs(images)
+        for part, batch, labels in self.batches():
+            x = self.inputs(batch)
             with _recording(self.model, recorded, copy=mutated) as outputs:
-                clean = self.logits(x).cpu()
+                clean, truth = self.predict(x, labels)
             outputs.check()
             if first_chunk:
-                self.update(original, clean, clean, labels, part)
+                self.update(original, clean, clean, truth, part)
             for plan in chunk:
                 with _replaying(self.model, plan.replayed, outputs, copy=mutated):
                     try:
@@ -430,9 +436,9 @@ class _Evaluator:
                             if self.settled(unit):
                                 continue
                             plan.apply(self.model, state)
-                            logits = self.logits(x).cpu()
+                            logits, _ = self.predict(x, labels)
                             outputs.check()  # before trusting the rows or reusing the records
-                            self.update(unit, logits, clean, labels, part)
+                            self.update(unit, logits, clean, truth, part)
                             bar.update(1)
                     finally:
                         plan.restore(self.model)
@@ -459,21 +465,22 @@ class _CallStructure:
     mutated: set[str]  # modules whose output is changed in place after they return (e.g. `x += shortcut`)
 
     @classmethod
-    def probe(cls, model: nn.Module, x: torch.Tensor) -> _CallStructure:
+    def probe(cls, model: nn.Module, x, call: Callable) -> _CallStructure:
         start: dict[str, int] = {}
         end: dict[str, int] = {}
         aliasing: set[str] = set()
         sizes: dict[str, int] = {}
         returned: dict[str, list[tuple[torch.Tensor, int]]] = {}  # each output and its version when returned
-        watched = trace(model, x)
-        for call in watched.calls:  # in order of starting: a module called twice keeps its first start, last end
-            start.setdefault(call.name, call.start)
-            end[call.name] = max(end.get(call.name, -1), call.end)
-            ins = {t.untyped_storage().data_ptr() for t in call.inputs}
-            if any(t.untyped_storage().data_ptr() in ins for t in call.outputs):
-                aliasing.add(call.name)
-            returned[call.name] = list(zip(call.outputs, call.versions, strict=True))
-            sizes[call.name] = sum(t.numel() * t.element_size() for t in call.outputs) // max(len(x), 1)
+        watched = trace(model, x, call=call)
+        examples = max(batch_length(x), 1)
+        for called in watched.calls:  # in order of starting: a module called twice keeps its first start, last end
+            start.setdefault(called.name, called.start)
+            end[called.name] = max(end.get(called.name, -1), called.end)
+            ins = {t.untyped_storage().data_ptr() for t in called.inputs}
+            if any(t.untyped_storage().data_ptr() in ins for t in called.outputs):
+                aliasing.add(called.name)
+            returned[called.name] = list(zip(called.outputs, called.versions, strict=True))
+            sizes[called.name] = sum(t.numel() * t.element_size() for t in called.outputs) // examples
         calls = watched.counts()
         named = dict(model.named_modules())
         children = {name: [f"{name}.{c}" if name else c for c, _ in module.named_children()]

@@ -96,6 +96,8 @@ def layer_table(rows: pd.DataFrame, by: Sequence[str] | None = None, *, value: s
     by = _grouping(rows, by)
     if value == "criticality" and value not in rows and "pred_cos_sim" in rows:  # the paper's CSV format
         rows = rows.assign(criticality=1.0 - rows["pred_cos_sim"])
+    # the proxies of transformer blocks (one value per layer), where the rows have them
+    proxies = [c for c in ("block_influence", "angular_distance") if c in rows and rows[c].notna().any()]
     out = []
     for key, group in rows[rows.layer != "original"].groupby([*by, "layer"], sort=False, dropna=False):
         drawn = draws(group)
@@ -117,9 +119,10 @@ def layer_table(rows: pd.DataFrame, by: Sequence[str] | None = None, *, value: s
             "trials": len(drawn),
             "images": int(drawn.n_images.sum()) if "n_images" in drawn else None,
             "capped": bool(group.capped.fillna(False).astype(bool).any()) if "capped" in group else False,
+            **{proxy: float(group[proxy].iloc[0]) for proxy in proxies},
         })
     return pd.DataFrame(out, columns=[*by, "layer", "criticality", "criticality_ci", "criticality_low",
-                                      "criticality_high", "target_ci", "trials", "images", "capped"])
+                                      "criticality_high", "target_ci", "trials", "images", "capped", *proxies])
 
 
 def _grouping(rows: pd.DataFrame, by: Sequence[str] | None) -> list[str]:

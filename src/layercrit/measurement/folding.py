@@ -45,7 +45,7 @@ def _is_timm_norm_act(module: nn.Module) -> bool:
     return type(module).__name__ == "BatchNormAct2d" and hasattr(module, "drop") and hasattr(module, "act")
 
 
-def find_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
+def find_pairs(model: nn.Module, x, call: Callable | None = None) -> list[tuple[str, str]]:
     """The (convolution, BatchNorm) pairs of ``model`` that can be folded, found by watching one forward on ``x``:
     each runs once, the convolution's output is the BatchNorm's input, and no torch function uses that output
     except while the BatchNorm runs (nor is it the model's output)."""
@@ -54,7 +54,7 @@ def find_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
     norms = {name for name, m in modules.items() if _foldable_norm(m) and not m.training}
     if not convs or not norms:
         return []
-    watched = trace(model, x, watch_uses=True)
+    watched = trace(model, x, watch_uses=True, call=call)
     calls = watched.counts()
     outputs = {id(c.output): c.name for c in watched.calls if c.name in convs and isinstance(c.output, torch.Tensor)}
     consumer: dict[str, str] = {}  # conv -> the BatchNorm that took its output as input

@@ -12,10 +12,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
-from ..data import EvalSet, load_data, to_model_input
+from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS, PROXY_COLUMNS
+from ..data import EvalSet, load_data
 from ..errors import LayercritError
 from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
+from ..models.hf import context_length
 from ..results import file_name
 from ..spec import Experiment, check_needs
 from . import engine as engines
@@ -23,8 +24,10 @@ from . import sequential
 from .breakdown import Breakdown
 from .layers import DEFAULT_LAYERS, Target, select_targets
 from .logits import LogitsWriter
+from .proxies import block_proxies, block_spans
 from .resets import Reset, get_reset
 from .sequential import SequentialDesign
+from .tasks import DEFAULT_TASK, TASKS, Task, get_task
 
 
 def measure(
@@ -78,6 +81,9 @@ def measure(
     per_class: str | Path | None = None,
     progress: bool | None = None,
     on_rows: Callable[[pd.DataFrame], None] | None = None,
+    task: str | Task | None = None,
+    seq_len: int | None = None,
+    text_field: str = "text",
 ) -> pd.DataFrame:
     """Reset each selected layer in turn, ``trials`` times, and measure the model on the same images.
 
@@ -138,6 +144,12 @@ def measure(
         progress: a progress bar over (layer, trial) × batches; default: when someone is watching (a terminal
             or a notebook, see :func:`interactive`).
         on_rows: called with the rows finished so far after each chunk of layers (to persist them).
+        task: what a batch is, how the model is called and which output is compared
+            (:mod:`layercrit.measurement.tasks`): ``image-classification`` (default), ``sequence-classification``,
+            ``causal-lm`` (next-token distributions at every position; the default for a causal language model,
+            as ``hf:`` and ``zoo:lm/`` give), or a :class:`~layercrit.measurement.tasks.Task` object.
+        seq_len: text data: tokens per window (default: the model's context, at most 128); ``images`` is then the
+            number of windows. text_field: the JSON key / dataset column holding the text.
         memo: a dict kept between calls on the same model (a sweep worker's units), where the engine keeps what it
             learned: the model's structure and the batch size that fits in memory (see :func:`layercrit.measurement.engine.run`).
 
@@ -149,6 +161,7 @@ def measure(
 
     if spec is not None:
         options = spec.measure_options()
+        options["task"] = task or options["task"]
         return measure(model, spec.data if data is None else data, **options, model_id=model_id,
                        fresh_model=fresh_model, arch=arch, pretrained=pretrained, progress=progress, on_rows=on_rows,
                        memo=memo, save_logits=save_logits, normalize=normalize, mean=mean, std=std,
@@ -171,23 +184,30 @@ def measure(
     if isinstance(data, tuple):
         data = EvalSet.from_tensors(*data, check_range=False)
     data_seed = seed if data_seed is None or data_seed == -1 else data_seed
+    if seq_len is None:
+        seq_len = min(128, context_length(resolved.model) or 128)
     evalset = load_data(data, preprocessing=resolved.preprocessing, images=images, seed=data_seed, root=data_root,
-                        cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images)
-    if normalize:
-        _check_range(resolved, evalset)
-    _check_channels(resolved.preprocessing, evalset)
+                        cache_dir=cache_dir, use_cache=use_cache, skip_bad_images=skip_bad_images,
+                        tokenizer=resolved.tokenizer, seq_len=seq_len, text_field=text_field)
+    if resolved.metadata.get("kind") in TASKS and (task is None or task == DEFAULT_TASK):
+        task = resolved.metadata["kind"]  # a language model is never measured as an image classifier
+    task = get_task(task)
+    task.check(evalset, resolved)
     trial_ids = list(range(trials)) if isinstance(trials, int) else list(trials)
     if not trial_ids or min(trial_ids) < 0:
         raise LayercritError(f"trials={trials!r}: give at least 1 (or trial numbers >= 0)")
     if batch_size is None:  # on a GPU, start at the paper's 500 and halve on out-of-memory
         batch_size = 500 if device.startswith("cuda") else 100
-    _check_labels(resolved.model, evalset, device)
+    task.probe(resolved.model, evalset, device, batch_size)
     targets = select_targets(resolved.model, layers, groups=groups, cumulative=cumulative)
     if isinstance(reset, Reset) and (reset_options or bn != "keep" or bn_batches is not None):
         raise LayercritError("reset is a Reset object: give its options (and bn) to the object, not to measure()")
     strategy = get_reset(reset, seed=seed, fresh=resolved.fresh, bn=bn, bn_batches=bn_batches,
                          **dict(reset_options or {}))
-    strategy.bind(resolved.model, evalset.images, batch_size)
+    strategy.bind(resolved.model, evalset.images, batch_size, task)
+    # Block Influence and angular distance of block targets: one clean pass, before any reset
+    proxies = block_proxies(resolved.model, evalset, block_spans(resolved.model, targets), task,
+                            batch_size=batch_size, device=device)
     options = engines.EngineOptions(engine=engine, batch_size=batch_size, device=device, precision=precision,
                                    max_cache_mb=max_cache_mb, compile=compile,
                                    progress=interactive() if progress is None else progress,
@@ -229,12 +249,14 @@ def measure(
         if breakdown is not None:
             hooks.append(breakdown)
         options = replace(options, on_logits=_each(hooks))
-        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *(["batch_acc"] if log_batches else []), *META_COLUMNS,
-                 *DESIGN_COLUMNS]
+        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *PROXY_COLUMNS, *(["batch_acc"] if log_batches else []),
+                 *META_COLUMNS, *DESIGN_COLUMNS]
 
         def frame(rows: list[dict], labels=labels, order=order, breakdown=breakdown) -> pd.DataFrame:
             fixed = {"image_offset": 0, "target_ci": float("nan"), "ci_looks": 1, "capped": False}
-            return pd.DataFrame([{**labels, **fixed, **row, "kernel": kernels.get(row["layer"]),
+            nan = dict.fromkeys(PROXY_COLUMNS, float("nan"))
+            return pd.DataFrame([{**labels, **fixed, **row, **proxies.get(row["layer"], nan),
+                                  "kernel": kernels.get(row["layer"]),
                                   **({"batch_acc": breakdown.batch_acc(row["layer"], row["computed_in_trial"])}
                                      if log_batches else {})}
                                  for row in rows])[order]
@@ -244,10 +266,10 @@ def measure(
 
         if design is None:
             rows = engines.run(resolved.model, evalset, targets, variant, trial_ids, options,
-                               on_chunk=persist if on_rows else None, memo=memo)
+                               on_chunk=persist if on_rows else None, memo=memo, task=task)
         else:
             rows = sequential.run(resolved.model, evalset, targets, variant, design, options,
-                                  on_chunk=persist if on_rows else None, memo=memo)
+                                  on_chunk=persist if on_rows else None, memo=memo, task=task)
         if logits is not None:
             logits.finish()
         finished.append(frame(rows))
@@ -339,16 +361,6 @@ def normalization(resolved: ResolvedModel, *, normalize: bool = True, mean: Sequ
                    fresh=None if fresh is None else lambda: rewrap(fresh()))
 
 
-def _check_range(resolved: ResolvedModel, evalset: EvalSet) -> None:
-    """Float images outside [0, 1] are already normalised: normalising them again would be silently wrong."""
-    images = evalset.images
-    if isinstance(resolved.model, Normalized) and images.is_floating_point() and len(images):
-        low, high = float(images.min()), float(images.max())
-        if low < 0 or high > 1:
-            raise LayercritError(f"float images in [{low:.2f}, {high:.2f}], but the model wrapper normalises images "
-                                 "in [0, 1]: for images already normalised pass normalize=False")
-
-
 def _kernel(model: nn.Module, target: Target) -> str | None:
     """``"3x3"`` for a single convolution, None for anything else."""
     if len(target.modules) != 1:
@@ -400,28 +412,6 @@ def _present(device: torch.device) -> bool:
     if backend is None or not hasattr(backend, "device_count") or not backend.device_count():
         return False
     return device.index is None or device.index < backend.device_count()
-
-
-def _check_channels(pre: Preprocessing, evalset: EvalSet) -> None:
-    """A model's input channels against the decoded images' (greyscale images feed RGB models, expanded)."""
-    channels = evalset.images.shape[1]
-    if channels != pre.in_chans and not (channels == 1 and pre.in_chans == 3):
-        raise LayercritError(f"the model takes {pre.in_chans}-channel input but the data has {channels}-channel "
-                             f"images: use data with {pre.in_chans}-channel images (e.g. fashion-mnist for a "
-                             "1-channel model) or a model for this data")
-
-
-def _check_labels(model: nn.Module, evalset: EvalSet, device: str) -> None:
-    """Class-count mismatch is a user error worth catching before hours of compute."""
-    probe = to_model_input(evalset.images[:1]).to(device)
-    with torch.no_grad():
-        n_out = model.to(device)(probe).shape[-1]
-    top = int(evalset.labels.max())
-    if top >= n_out:
-        raise LayercritError(
-            f"labels go up to {top} but the model has {n_out} outputs: the data's classes do not match the model's "
-            "(use a model trained on this data, or --num-classes with a checkpoint)"
-        )
 
 
 def _precision_label(precision: str, device: str) -> str:

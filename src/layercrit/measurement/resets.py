@@ -17,6 +17,7 @@ import copy
 import hashlib
 import inspect
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -27,11 +28,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..data import to_model_input
 from ..errors import LayercritError
 from ..models.checkpoints import load_state_dict
 from ..spec import split_reset
 from .layers import WRAPPER_PREFIX, Target
+from .tasks import ImageClassification, Task, batch_length, take
 from .trace import trace
 
 State = dict[str, torch.Tensor]  # one module's tensors by name
@@ -51,12 +52,34 @@ def snapshot(module: nn.Module) -> State:
     return {name: tensor.detach().clone() for name, tensor in module_tensors(module).items()}
 
 
+SKIP = "forward:skip"  # a state key (reset ``skip``): [1 = identity | 0 = contributes zero, outputs in a tuple]
+
+
 @torch.no_grad()
 def load_in_place(module: nn.Module, state: State) -> None:
-    """Copy values into the module's existing tensors (keeps their identity, device, dtype and layout)."""
+    """Copy values into the module's existing tensors (keeps their identity, device, dtype and layout). A state
+    holding :data:`SKIP` replaces the module's forward instead (reset ``skip``); any other state takes it back."""
+    if SKIP in state:
+        identity, tuple_len = (int(v) for v in state[SKIP])
+        module.forward = _skipped_forward(bool(identity), tuple_len)
+    elif getattr(module.__dict__.get("forward"), "skipped", False):
+        del module.forward
     for name, tensor in module_tensors(module).items():
         if name in state:
             tensor.copy_(state[name])
+
+
+def _skipped_forward(identity: bool, tuple_len: int) -> Callable:
+    """A forward that returns its hidden-state input (a residual block made the identity) or zeros of its shape
+    (a residual branch that adds nothing), in the structure the module returns (a tensor, or a tuple of
+    ``tuple_len`` with the rest None: no attention weights, no cache)."""
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        out = hidden if identity else torch.zeros_like(hidden)
+        return (out, *([None] * (tuple_len - 1))) if tuple_len else out
+
+    forward.skipped = True
+    return forward
 
 
 def trial_seed(seed: int, trial: int, *salt: str) -> int:
@@ -89,7 +112,8 @@ class BatchNormStats:
             raise LayercritError(f"bn='recalibrate {batches}': K must be at least 1 batch")
         self.mode = mode
         self.batches = batches
-        self._calibration: list[torch.Tensor] = []
+        self._calibration: list = []
+        self._task: Task = ImageClassification()
         self._order: dict[str, int] = {}  # first call of each module in one forward
         self._consumers: dict[str, list[str]] = {}  # module -> BatchNorm layers fed by its output
 
@@ -97,17 +121,19 @@ class BatchNormStats:
         """Suffix of the reset's description: empty for ``keep``."""
         return "" if self.mode == "keep" else f"+bn-{self.mode}{self.batches or ''}"
 
-    def bind(self, model: nn.Module, images: torch.Tensor | None, batch_size: int) -> None:
-        """Trace the model's call order on one image; keep the calibration batches for ``recalibrate``."""
+    def bind(self, model: nn.Module, images, batch_size: int, task: Task | None = None) -> None:
+        """Trace the model's call order on one example; keep the calibration batches for ``recalibrate``."""
         if self.mode == "keep":
             return
         if not any(isinstance(m, _BatchNorm) for m in model.modules()):
             raise LayercritError(f"bn={self.mode!r}: the model has no BatchNorm layers (use bn='keep')")
-        if images is None or not len(images):
+        n = 0 if images is None else batch_length(images)
+        if not n:
             raise LayercritError(f"bn={self.mode!r} needs the evaluation images to trace the model")
-        self._calibration = [images[i: i + batch_size] for i in range(0, (self.batches or 1) * batch_size, batch_size)
-                             if i < len(images)]
-        self._trace(model, images[:1])
+        self._task = task or self._task
+        self._calibration = [take(images, slice(i, i + batch_size))
+                             for i in range(0, (self.batches or 1) * batch_size, batch_size) if i < n]
+        self._trace(model, take(images, slice(0, 1)))
 
     def adjust(self, model: nn.Module, target: Target, states: ModelState) -> ModelState:
         """``states`` (the target's reset) plus the BatchNorm statistics this mode sets."""
@@ -129,7 +155,7 @@ class BatchNormStats:
         try:
             for name, state in states.items():
                 load_in_place(model.get_submodule(name), state)
-            recalibrate_batchnorm(model, layers.values(), self._calibration)
+            recalibrate_batchnorm(model, layers.values(), self._calibration, self._task)
             return {n: {k: getattr(bn, k).detach().clone() for k in _BN_STATS} for n, bn in layers.items()}
         finally:
             for name, state in saved.items():
@@ -141,8 +167,9 @@ class BatchNormStats:
             name = name.rpartition(".")[0]
         return self._order.get(name, 0)
 
-    def _trace(self, model: nn.Module, image: torch.Tensor) -> None:
-        watched = trace(model, to_model_input(image).to(next(model.parameters()).device))
+    def _trace(self, model: nn.Module, example) -> None:
+        x = self._task.inputs(example, next(model.parameters()).device)
+        watched = trace(model, x, call=self._task.call)
         order: dict[str, int] = {}
         for call in watched.calls:  # in order of starting
             order.setdefault(call.name, len(order))
@@ -160,9 +187,11 @@ class BatchNormStats:
                     self._consumers.setdefault(source, []).append(call.name)
 
 
-def recalibrate_batchnorm(model: nn.Module, norms: Iterable[_BatchNorm], batches: Iterable[torch.Tensor]) -> None:
+def recalibrate_batchnorm(model: nn.Module, norms: Iterable[_BatchNorm], batches: Iterable,
+                          task: Task | None = None) -> None:
     """Set the running statistics of ``norms`` to the exact statistics of their inputs while ``model`` runs on
-    ``batches`` of images (uint8, or float in [0, 1]): a cumulative average, not a momentum. Each BatchNorm's momentum
+    ``batches`` (as ``task`` takes them; default: images, uint8 or float in [0, 1]): a cumulative average, not a
+    momentum. Each BatchNorm's momentum
     and eval mode are restored; nothing else of the model changes mode. The one recalibration: ``--bn
     recalibrate`` and the zoo's frozen random backbone both use it."""
     norms = list(norms)
@@ -173,9 +202,10 @@ def recalibrate_batchnorm(model: nn.Module, norms: Iterable[_BatchNorm], batches
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average over the batches
             bn.train()
+        task = task or ImageClassification()
         with torch.no_grad():
-            for images in batches:
-                model(to_model_input(images).to(device))
+            for batch in batches:
+                task.call(model, task.inputs(batch, device))
     finally:
         for bn, momentum in zip(norms, momenta, strict=True):
             bn.momentum = momentum
@@ -208,9 +238,10 @@ class Reset:
         self.fresh = fresh
         self.bn = BatchNormStats(bn, bn_batches)
 
-    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Reset:
-        """Prepare to reset layers of the trained ``model``; ``images`` serve ``bn`` (tracing, recalibration)."""
-        self.bn.bind(model, images, batch_size)
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Reset:
+        """Prepare to reset layers of the trained ``model``; ``images`` (the evaluation inputs, as ``task`` takes
+        them) serve ``bn`` (tracing, recalibration)."""
+        self.bn.bind(model, images, batch_size, task)
         return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
@@ -251,14 +282,16 @@ class Rerandomize(Reset):
         self._template: nn.Module | None = None
         self._instances: dict[int, nn.Module] = {}
 
-    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Rerandomize:
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Rerandomize:
         """Also remember the trained model, used when there is no factory for fresh instances."""
         if self.fresh is None:
             self._template = model
-        super().bind(model, images, batch_size)
+        super().bind(model, images, batch_size, task)
         return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
+        if self.fresh is None and _is_transformers_model(self._template):
+            return self._initialised_copy(layer, module, trial)
         fresh = self._instance(trial)
         try:
             source = fresh.get_submodule(layer)
@@ -271,6 +304,18 @@ class Rerandomize(Reset):
         if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
             raise LayercritError(f"the fresh model's {layer} differs in shape from the trained one (wrong factory?)")
         return state
+
+    def _initialised_copy(self, layer: str, module: nn.Module, trial: int) -> State:
+        """A transformers model (its ``_init_weights``) without a factory: a copy of the target module alone, given
+        the architecture's own init under the seed of (seed, trial, layer); no model instance is built, so a
+        trial costs the target's parameters, not the model's."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(trial_seed(self.seed, trial, layer))
+            fresh = copy.deepcopy(module)
+            with torch.no_grad():
+                for part in fresh.modules():
+                    self._template._init_weights(part)
+        return {name: tensor.detach() for name, tensor in module_tensors(fresh).items()}
 
     def _instance(self, trial: int) -> nn.Module:
         if trial not in self._instances:
@@ -289,6 +334,12 @@ class Rerandomize(Reset):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         return fresh
+
+
+def _is_transformers_model(model: nn.Module | None) -> bool:
+    """A transformers ``PreTrainedModel`` (checked without importing transformers: a model of it imported it)."""
+    module = sys.modules.get("transformers")
+    return module is not None and isinstance(model, module.PreTrainedModel)
 
 
 class Zero(Reset):
@@ -371,10 +422,10 @@ class Noise(Reset):
         if self.base is None and base_options:
             raise LayercritError(f"reset 'noise' takes {', '.join(base_options)} only with a base= reset")
 
-    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Noise:
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Noise:
         if self.base is not None:
             self.base.bind(model)
-        super().bind(model, images, batch_size)
+        super().bind(model, images, batch_size, task)
         return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
@@ -414,9 +465,9 @@ class Interpolate(Reset):
         self.alphas = [float(a) for a in alphas]
         self.base = get_reset(base, seed=seed, fresh=fresh, **base_options)
 
-    def bind(self, model: nn.Module, images: torch.Tensor | None = None, batch_size: int = 100) -> Interpolate:
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Interpolate:
         self.base.bind(model)
-        super().bind(model, images, batch_size)
+        super().bind(model, images, batch_size, task)
         return self
 
     def variants(self) -> list[tuple[dict[str, float], Reset]]:
@@ -445,7 +496,50 @@ class Interpolate(Reset):
         return f"interpolate({self.base.label()},alpha={'|'.join(f'{a:g}' for a in self.alphas)})"
 
 
-RESETS: dict[str, type[Reset]] = {cls.name: cls for cls in (Rerandomize, Zero, Reinit, Rewind, Noise, Interpolate)}
+class Skip(Reset):
+    """The depth-pruning intervention: a residual block becomes the identity (its output is its input), and an
+    attention or MLP sub-block adds nothing to the residual stream (its output is zero). For transformer targets
+    (``groups`` ``blocks``, ``attention``, ``mlp``, ``window:N``); no tensor changes. Exactly the model with the
+    block removed for pre-LN blocks (GPT-2, Llama-style); for post-LN blocks (BERT) removing a sub-block is not a
+    zero output, and ``skip`` of a block is still the block removed."""
+
+    name = "skip"
+
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Skip:
+        from ..models.blocks import find_blocks
+
+        super().bind(model, images, batch_size, task)
+        try:
+            self._blocks = set(find_blocks(model).names)
+        except LayercritError:
+            self._blocks = set()
+        self._sub_blocks = {name for name, _ in model.named_modules()
+                            if name.rpartition(".")[0] in self._blocks}
+        self._tuples: dict[str, int] = {}
+        if images is not None:  # how each block and sub-block returns its output: a tensor or a tuple
+            task = task or ImageClassification()
+            example = task.inputs(take(images, slice(0, min(2, batch_length(images)))),
+                                  next(model.parameters()).device)
+            for called in trace(model, example, call=task.call).calls:
+                if called.name in self._blocks or called.name in self._sub_blocks:
+                    self._tuples[called.name] = len(called.output) if isinstance(called.output, tuple) else 0
+        return self
+
+    def new_states(self, model: nn.Module, target: Target, trial: int) -> ModelState:
+        blocks = getattr(self, "_blocks", None)
+        if blocks is None:
+            raise LayercritError("reset skip needs the model: call bind(model, images) first")
+        states = {}
+        for name in target.modules:
+            if name not in blocks and name not in self._sub_blocks:
+                raise LayercritError(f"reset skip removes transformer blocks and their attention / MLP sub-blocks, "
+                                     f"not {name!r}: use groups='blocks', 'attention', 'mlp' or 'window:N'")
+            states[name] = {SKIP: torch.tensor([name in blocks, self._tuples.get(name, 0)])}
+        return states
+
+
+RESETS: dict[str, type[Reset]] = {cls.name: cls for cls in (Rerandomize, Zero, Reinit, Rewind, Noise, Interpolate,
+                                                            Skip)}
 
 
 # Every strategy's, set by measure(), not written in a reset's text (trust_checkpoint comes from the caller alone:

@@ -39,6 +39,7 @@ from . import engine
 from .estimate import ALPHA, half_width, images_per_trial, look_schedule
 from .layers import Target
 from .resets import Reset
+from .tasks import Task, take
 
 TRIAL_OVERHEAD = 64.0  # image-forward equivalents one more trial costs (reset, restore, clean block forward)
 MIN_IMAGES_PER_TRIAL = 16
@@ -122,9 +123,10 @@ def run(
     options: engine.EngineOptions,
     on_chunk: Callable[[list[dict]], None] | None = None,
     memo: dict | None = None,
+    task: Task | None = None,
 ) -> list[dict]:
-    """Run the sequential design with the engine (``memo`` as for :func:`layercrit.measurement.engine.run`); rows as it gives them (original
-    first), each (layer, trial) row with its block's ``image_offset``, ``ci_looks`` and ``capped``."""
+    """Run the sequential design with the engine (``memo`` and ``task`` as for :func:`layercrit.measurement.engine.run`); rows as it gives
+    them (original first), each (layer, trial) row with its block's ``image_offset``, ``ci_looks`` and ``capped``."""
     by_name = {target.name: target for target in targets}
     originals: dict[int, dict] = {}  # the unmodified model on each block, by offset
     rows: list[dict] = []
@@ -139,7 +141,7 @@ def run(
             index, save = torch.tensor(positions), quiet.on_logits
             options = replace(quiet, on_logits=lambda layer, t, part, logits: save(layer, t, index[part], logits))
         original, *measured = engine.run(model, block, [by_name[name] for name in layers], reset, [trial], options,
-                                         memo=memo)
+                                         memo=memo, task=task)
         originals.setdefault(offset, original)
         rows.extend(measured)
         if on_chunk is not None:
@@ -201,7 +203,7 @@ def _unsettled(layers: list[str], rows: list[dict], design: SequentialDesign) ->
 def _subset(evalset: EvalSet, positions: list[int]) -> EvalSet:
     index = torch.tensor(positions)
     decode = evalset.decode
-    return replace(evalset, images=evalset.images[index], labels=evalset.labels[index],
+    return replace(evalset, images=take(evalset.images, index), labels=evalset.labels[index],
                    decode=None if decode is None else lambda part: decode([positions[i] for i in part]))
 
 

@@ -9,6 +9,7 @@ two images.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +66,10 @@ class _Uses(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def trace(model: nn.Module, x: torch.Tensor, *, watch_uses: bool = False) -> Trace:
-    """Run ``model(x)`` without gradients and record every call of every named submodule (see :class:`Trace`)."""
+def trace(model: nn.Module, x: Any, *, watch_uses: bool = False,
+          call: Callable[[nn.Module, Any], Any] | None = None) -> Trace:
+    """Run ``model(x)`` (or ``call(model, x)``: a task's way of calling it) without gradients and record every call
+    of every named submodule (see :class:`Trace`)."""
     calls: list[Call] = []
     running: list[str] = []  # the modules whose forward is running, outermost first
     open_calls: list[Call] = []
@@ -95,6 +98,7 @@ def trace(model: nn.Module, x: torch.Tensor, *, watch_uses: bool = False) -> Tra
                 quiet[0] = False
         return hook
 
+    run = call or (lambda module, inputs: module(inputs))
     handles = []
     for name, module in model.named_modules():
         if name:
@@ -103,9 +107,9 @@ def trace(model: nn.Module, x: torch.Tensor, *, watch_uses: bool = False) -> Tra
         with torch.no_grad():
             if watch_uses:
                 with _Uses(running, uses, quiet):
-                    result = model(x)
+                    result = run(model, x)
             else:
-                result = model(x)
+                result = run(model, x)
     finally:
         for handle in handles:
             handle.remove()

@@ -80,7 +80,7 @@ MAX_METADATA_BYTES = 64_000
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model of the sweep: ``spec``/``arch``/``pretrained``/``num_classes`` as for ``layercrit run``, and free
+    """A model of the sweep: ``spec``/``arch``/``pretrained``/``num_classes``/``dtype`` as for ``layercrit run``, and free
     metadata (category, display name, reported accuracy, ...) that goes into the exported table."""
 
     id: str
@@ -89,6 +89,7 @@ class ModelEntry:
     pretrained: bool = True
     num_classes: int | None = None
     trust_checkpoint: bool = False
+    dtype: str = "float32"  # an hf: model's weights
     metadata: dict = field(default_factory=dict)
 
 
@@ -401,7 +402,7 @@ def resolve_entry(entry: ModelEntry, seed: int) -> ResolvedModel:
     """Resolve a model entry with the torch RNG seeded by (seed, id), so a randomly initialised model (or head)
     is the same in every process, and as ``layercrit run --seed SEED --model-id ID`` builds it."""
     return resolve_model(entry.spec, arch=entry.arch, pretrained=entry.pretrained, num_classes=entry.num_classes,
-                         trust_checkpoint=entry.trust_checkpoint, seed=seed, model_id=entry.id)
+                         trust_checkpoint=entry.trust_checkpoint, seed=seed, model_id=entry.id, dtype=entry.dtype)
 
 
 def check_code(config: SweepConfig, allow_code: bool = False) -> None:
