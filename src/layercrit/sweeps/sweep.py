@@ -167,7 +167,7 @@ class SweepConfig(Experiment):
                                      f"--{name.replace('_', '-')}'")
         if self.sequential:
             SequentialDesign(self.target_ci, min_trials=self.trials, max_trials=self.max_trials,
-                             images_per_trial=self.images_per_trial)
+                             images_per_trial=self.images_per_trial, mirror=self.mirror)
 
     def to_dict(self) -> dict:
         """Plain data (for the store), readable back with :meth:`from_dict`."""
