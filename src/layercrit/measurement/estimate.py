@@ -163,8 +163,9 @@ def _units(drawn: pd.DataFrame, value: str) -> list[float]:
     ``mirror_of``), or one draw's value."""
     if "mirror_of" not in drawn or drawn.mirror_of.isna().all():
         return drawn[value].tolist()
-    unit = drawn.mirror_of.fillna(drawn.trial).astype(int)
-    return drawn.groupby(unit.to_numpy(), sort=True)[value].mean().tolist()
+    units, index = np.unique(drawn.mirror_of.fillna(drawn.trial).to_numpy(dtype=np.int64), return_inverse=True)
+    values = drawn[value].to_numpy(dtype=np.float64)
+    return (np.bincount(index, values) / np.bincount(index)).tolist()
 
 
 def _stein(group: pd.DataFrame) -> bool:

@@ -258,13 +258,15 @@ def design_loop(
     images at ``positions`` of the seeded order, those in ``mirrored`` with the negated draw of trial
     ``trial - 1``, and returns one row per layer (``layer``, ``criticality``, ``criticality_sd``, ``n_images``,
     ...). ``symmetric`` are the layers whose draws may be mirrored (:func:`mirrors`). Returns every row, each with
-    ``image_offset``, ``mirror_of``, ``target_ci``, ``first_stage``, ``ci_looks`` and ``capped`` added.
+    ``image_offset``, ``mirror_of``, ``target_ci``, ``first_stage``, ``ci_looks`` and ``capped`` added. With
+    ``design.mirror`` off, no layer is mirrored.
     """
     pilot = design.pilot_size(pool)
     size = pilot
-    symmetric = set(symmetric)
+    symmetric = set(symmetric) if design.mirror else set()
     paired = set(symmetric)  # layers measured in mirrored pairs (after the pilot: where they pay)
     by_layer: dict[str, list[dict]] = {name: [] for name in layers}
+    units = dict.fromkeys(layers, 0)  # each layer's units so far (a pair counts when its first half runs)
     needed: dict[str, int] = {}  # trials a layer runs in all, once stage 1 has set it
     capped: set[str] = set()
     rows: list[dict] = []
@@ -282,12 +284,12 @@ def design_loop(
             row = {**row, "image_offset": offset, "mirror_of": trial - 1 if row["layer"] in mirrored else None}
             rows.append(row)
             by_layer[row["layer"]].append(row)
+            units[row["layer"]] += row["mirror_of"] is None
         trial += 1
         for name in active:
-            means = unit_means(by_layer[name])
             pair_open = name in paired and trial % 2 == 1
-            if name not in needed and len(means) == design.stage1 and not pair_open:
-                needed[name], cut = design.trials_needed(means, trial, 2 if name in paired else 1)
+            if name not in needed and units[name] == design.stage1 and not pair_open:
+                needed[name], cut = design.trials_needed(unit_means(by_layer[name]), trial, 2 if name in paired else 1)
                 if cut:
                     capped.add(name)
     capped |= {name for name in layers if name not in needed}  # the cap came before the first stage's end
@@ -305,7 +307,7 @@ def unit_means(rows: Sequence[dict]) -> list[float]:
         key = row["trial"] if mirror_of is None or (isinstance(mirror_of, float) and math.isnan(mirror_of)) \
             else int(mirror_of)
         units.setdefault(key, []).append(row["criticality"])
-    return [float(np.mean(values)) for _, values in sorted(units.items())]
+    return [sum(values) / len(values) for _, values in sorted(units.items())]
 
 
 def _subset(evalset: EvalSet, positions: list[int]) -> EvalSet:
