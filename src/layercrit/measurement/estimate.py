@@ -12,8 +12,9 @@ estimate is the mean of the trial means, and the interval is a Student-t interva
   spread over resets: its interval is 0.
 * **Sequential design** (``target_ci = H``; see :mod:`layercrit.measurement.sequential`). Each trial has its own
   block of images, so the interval covers image sampling too. The i.i.d. units are single draws, or mirrored pairs
-  of draws (``W`` and ``-W``, rows with ``mirror_of``) whose mean is one unit. Stein's two-stage procedure: the
-  first ``first_stage`` units' spread ``s`` fixes the number of units ``n`` in advance of the rest
+  of draws (``W`` and ``-W``, rows with ``mirror_of``) whose mean is one unit; the pilot's rows (``pilot``) chose
+  the design and are left out. Stein's two-stage procedure: the first ``first_stage`` units' spread ``s`` fixes
+  the number of units ``n`` in advance of the rest
   (:func:`stein_units`), and the interval is ``mean ± t(0.975, first_stage - 1) · s / sqrt(n)`` over all ``n`` unit
   means (:func:`stein_half_width`), exact under normality at a data-dependent ``n`` because ``n`` depends on ``s``
   alone. It is the layer's own interval: at most ±H, unless the layer reached ``max_trials`` first (``capped``).
@@ -23,7 +24,7 @@ estimate is the mean of the trial means, and the interval is a Student-t interva
 
 Rows carry what the estimator needs, so tables can be rebuilt from any results file: ``criticality``,
 ``computed_in_trial`` (copies of a deterministic reset are not new draws), ``n_images``, ``mirror_of``,
-``first_stage`` and ``ci_looks``.
+``pilot``, ``first_stage`` and ``ci_looks``.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def layer_table(rows: pd.DataFrame, by: Sequence[str] | None = None, *, value: s
     out = []
     for key, group in rows[rows.layer != "original"].groupby([*by, "layer"], sort=False, dropna=False):
         drawn = _draws(group)
-        units = _units(drawn, value)
+        units = _units(_estimated(drawn), value)
         if _stein(group) and value == "criticality":
             width = stein_half_width(units, int(group.first_stage.max()))
         else:  # the fixed design; another metric; or a result of the earlier sequential design (K looks)
@@ -166,6 +167,15 @@ def _units(drawn: pd.DataFrame, value: str) -> list[float]:
     units, index = np.unique(drawn.mirror_of.fillna(drawn.trial).to_numpy(dtype=np.int64), return_inverse=True)
     values = drawn[value].to_numpy(dtype=np.float64)
     return (np.bincount(index, values) / np.bincount(index)).tolist()
+
+
+def _estimated(drawn: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the estimate: the sequential design's pilot sets the design and is left out, unless the trial
+    cap left nothing after it."""
+    if "pilot" not in drawn or not drawn.pilot.fillna(False).astype(bool).any():
+        return drawn
+    after = drawn[~drawn.pilot.fillna(False).astype(bool)]
+    return after if len(after) else drawn
 
 
 def _stein(group: pd.DataFrame) -> bool:

@@ -228,7 +228,7 @@ def measure(
                  *DESIGN_COLUMNS]
 
         def frame(rows: list[dict], labels=labels, order=order, breakdown=breakdown) -> pd.DataFrame:
-            fixed = {"image_offset": 0, "mirror_of": float("nan"), "target_ci": float("nan"),
+            fixed = {"image_offset": 0, "mirror_of": float("nan"), "pilot": False, "target_ci": float("nan"),
                      "first_stage": float("nan"), "ci_looks": 1, "capped": False}
             return pd.DataFrame([{**labels, **fixed, **row, "kernel": kernels.get(row["layer"]),
                                   **({"batch_acc": breakdown.batch_acc(row["layer"], row["computed_in_trial"])}

@@ -12,22 +12,25 @@ two-stage procedure (Stein 1945), on units that are single draws or mirrored pai
    pass, BatchNorm's weight of 1 does not). For such a layer, trial ``2u + 1`` may be the mirror of trial ``2u``'s
    draw (rows say so in ``mirror_of``); the pair's mean is then one unit. Where the criticalities of ``W`` and
    ``-W`` are negatively correlated, a pair's mean varies less than the mean of two independent draws.
-3. **Pilot.** Trials ``0 .. 2·min_trials - 1`` of every layer, on blocks of ``pilot_images`` images: ``min_trials``
-   mirrored pairs where mirroring applies, single draws otherwise. It sets the images per trial after it
+3. **Pilot.** Trials ``0 .. 2·min_trials - 1`` of every layer, on small blocks of ``pilot_images`` images:
+   ``min_trials`` mirrored pairs where mirroring applies, single draws otherwise. It sets the images per trial
+   after it
    (unless given: Cochran's two-stage rule on the pilot's variance components, pooled over layers,
    :func:`layercrit.measurement.estimate.images_per_trial`, with a fixed per-trial overhead in image-forward
    equivalents), and for each mirroring layer whether pairs pay: they do when the pilot's pair means vary less
    than half as much as its draws (``2 Var(pair means) < Var(draws)``, i.e. a negative pair correlation).
-   Layers where they pay are measured in mirrored pairs from then on, the others in single draws.
-4. **Stage 1** ends when a layer has ``first_stage`` units (the pilot's included). From their spread ``s``,
+   Layers where they pay are measured in mirrored pairs from then on, the others in single draws. The pilot's
+   rows (``pilot`` in the rows) take no part in the estimate: its blocks are smaller, so its units would vary
+   otherwise than the ones after it, and Stein's interval needs units alike.
+4. **Stage 1** ends when a layer has ``first_stage`` units after the pilot. From their spread ``s``,
    Stein's rule gives the layer's total number of units, ``n = max(first_stage, ceil((t · s / H)²))`` with
    ``t = t(0.975, first_stage - 1)``; a layer that would need more than ``max_trials`` trials stops there and is
    marked ``capped`` (as is one whose first stage the cap cuts short: its interval is then the t-interval over
    the units it has).
-5. **Stage 2** runs the remaining units. The estimate is the mean of all ``n`` unit means; the interval is
+5. **Stage 2** runs the remaining units. The estimate is the mean of the ``n`` unit means; the interval is
    ``± t · s / sqrt(n)`` (:func:`layercrit.measurement.estimate.stein_half_width`): at most ±H unless capped, and
    exact at 95% for normal unit means, because ``n`` depends on the first stage's spread only, which is
-   independent of the mean. How close it stays for the skewed reset distributions measured on the zoo is measured
+   independent of the mean, and every choice before it on the pilot alone. How close it stays for the skewed reset distributions measured on the zoo is measured
    by simulation (tests/test_estimate.py).
 
 Every trial is a deterministic computation of (layer, trial, block, mirrored or not), and every choice (block
@@ -56,7 +59,7 @@ from .resets import ModelState, Rerandomize, Reset
 
 TRIAL_OVERHEAD = 64.0  # image-forward equivalents one more trial costs (reset, restore, clean block forward)
 MIN_IMAGES_PER_TRIAL = 16
-PILOT_IMAGES = 128
+PILOT_IMAGES = 32
 # Units before Stein's rule: the first stage's spread, with FIRST_STAGE - 1 degrees of freedom, sets the interval.
 # Fewer make t large (t(0.975, 4) = 2.78 against 2.26 at 10) and the second stage longer; more are spent on layers
 # that need only a few.
@@ -75,8 +78,7 @@ class SequentialDesign:
         images_per_trial: images per trial after the pilot (default: Cochran's rule on the pilot).
         pilot_images: images per pilot trial.
         trial_overhead: what one more trial costs beyond its images, in image-forwards (for Cochran's rule).
-        first_stage: units (draws or mirrored pairs) before Stein's rule sets a layer's total (at least the
-            pilot's ``2 · min_trials`` single draws).
+        first_stage: units (draws or mirrored pairs) after the pilot before Stein's rule sets a layer's total.
         mirror: measure in mirrored pairs where the pilot shows they pay (False: single draws only).
         alpha: 1 − the level of the intervals.
     """
@@ -108,11 +110,6 @@ class SequentialDesign:
     def pilot_trials(self) -> int:
         return 2 * self.min_trials
 
-    @property
-    def stage1(self) -> int:
-        """Units in the first stage: ``first_stage``, or the pilot's single draws if there are more."""
-        return max(self.first_stage, self.pilot_trials)
-
     def pilot_size(self, pool: int) -> int:
         return max(1, min(self.pilot_images, pool // self.pilot_trials))
 
@@ -141,7 +138,7 @@ class SequentialDesign:
         """A layer's trials in all after a first stage that took ``done`` trials (``step`` per unit: 2 for
         mirrored pairs): Stein's number of units from the first stage's unit means, and whether the trial cap
         cut it."""
-        extra = (stein_units(first_stage_means, self.target_ci, self.alpha) - self.stage1) * step
+        extra = (stein_units(first_stage_means, self.target_ci, self.alpha) - self.first_stage) * step
         room = (self.max_trials - done) // step * step
         return done + min(extra, room), extra > room
 
@@ -215,7 +212,7 @@ def run(
 ) -> list[dict]:
     """Run the sequential design with the engine (``memo`` as for :func:`layercrit.measurement.engine.run`); rows as
     it gives them (original first), each (layer, trial) row with its block's ``image_offset``, ``mirror_of``,
-    ``first_stage`` and ``capped``."""
+    ``pilot``, ``first_stage`` and ``capped``."""
     by_name = {target.name: target for target in targets}
     originals: dict[int, dict] = {}  # the unmodified model on each block, by offset
     rows: list[dict] = []
@@ -258,7 +255,7 @@ def design_loop(
     images at ``positions`` of the seeded order, those in ``mirrored`` with the negated draw of trial
     ``trial - 1``, and returns one row per layer (``layer``, ``criticality``, ``criticality_sd``, ``n_images``,
     ...). ``symmetric`` are the layers whose draws may be mirrored (:func:`mirrors`). Returns every row, each with
-    ``image_offset``, ``mirror_of``, ``target_ci``, ``first_stage``, ``ci_looks`` and ``capped`` added. With
+    ``image_offset``, ``mirror_of``, ``pilot``, ``target_ci``, ``first_stage``, ``ci_looks`` and ``capped`` added. With
     ``design.mirror`` off, no layer is mirrored.
     """
     pilot = design.pilot_size(pool)
@@ -266,7 +263,7 @@ def design_loop(
     symmetric = set(symmetric) if design.mirror else set()
     paired = set(symmetric)  # layers measured in mirrored pairs (after the pilot: where they pay)
     by_layer: dict[str, list[dict]] = {name: [] for name in layers}
-    units = dict.fromkeys(layers, 0)  # each layer's units so far (a pair counts when its first half runs)
+    units = dict.fromkeys(layers, 0)  # each layer's units after the pilot (a pair counts when its first half runs)
     needed: dict[str, int] = {}  # trials a layer runs in all, once stage 1 has set it
     capped: set[str] = set()
     rows: list[dict] = []
@@ -277,24 +274,27 @@ def design_loop(
             break
         if trial == design.pilot_trials:
             size = design.block_size(pd.DataFrame(rows), pool)
-            paired = {name for name in symmetric if pairs_pay([row["criticality"] for row in by_layer[name]])}
+            paired = {name for name in symmetric
+                      if pairs_pay([row["criticality"] for row in rows if row["layer"] == name])}
         mirrored = {name for name in active if trial % 2 and name in paired}
         offset, positions = design.block(trial, pilot, size, pool)
         for row in evaluate(active, trial, offset, positions, mirrored):
-            row = {**row, "image_offset": offset, "mirror_of": trial - 1 if row["layer"] in mirrored else None}
+            row = {**row, "image_offset": offset, "mirror_of": trial - 1 if row["layer"] in mirrored else None,
+                   "pilot": trial < design.pilot_trials}
             rows.append(row)
-            by_layer[row["layer"]].append(row)
-            units[row["layer"]] += row["mirror_of"] is None
+            if not row["pilot"]:
+                by_layer[row["layer"]].append(row)
+                units[row["layer"]] += row["mirror_of"] is None
         trial += 1
         for name in active:
             pair_open = name in paired and trial % 2 == 1
-            if name not in needed and units[name] == design.stage1 and not pair_open:
+            if name not in needed and units[name] == design.first_stage and not pair_open:
                 needed[name], cut = design.trials_needed(unit_means(by_layer[name]), trial, 2 if name in paired else 1)
                 if cut:
                     capped.add(name)
     capped |= {name for name in layers if name not in needed}  # the cap came before the first stage's end
     for row in rows:
-        row.update(target_ci=design.target_ci, first_stage=design.stage1, ci_looks=1,
+        row.update(target_ci=design.target_ci, first_stage=design.first_stage, ci_looks=1,
                    capped=row["layer"] in capped)
     return rows
 
