@@ -44,17 +44,17 @@ def test_each_layer_reports_its_own_stein_interval_within_the_target_or_says_it_
         rows = df[(df.layer == name) & ~df.pilot]  # the pilot chose the design; the estimate is what follows it
         units = unit_means(rows.to_dict("records"))
         assert layer.criticality == pytest.approx(sum(units) / len(units))
-        assert layer.criticality_ci == pytest.approx(stein_half_width(units, 10))
-        if len(units) < 10:  # the cap came before the first stage's end
+        assert layer.criticality_ci == pytest.approx(stein_half_width(units, 20))
+        if len(units) < 20:  # the cap came before the first stage's end
             assert layer.capped
             continue
-        stein = stein_units(units[:10], 0.05)
+        stein = stein_units(units[:20], 0.05)
         if layer.capped:  # Stein's rule wanted more units than 30 trials hold
             assert stein > len(units) and layer.criticality_ci > 0.05
         else:
             assert len(units) == stein and layer.criticality_ci <= 0.05
     rows = df[df.layer != "original"]
-    assert rows.first_stage.eq(10).all() and rows.target_ci.eq(0.05).all() and rows.ci_looks.eq(1).all()
+    assert rows.first_stage.eq(20).all() and rows.target_ci.eq(0.05).all() and rows.ci_looks.eq(1).all()
     assert rows.pilot.eq(rows.trial < 6).all()
 
 
