@@ -185,12 +185,30 @@ def _add_run(sub) -> None:
 
 
 def _cmd_run(args) -> int:
-    from .measurement.measure import check_device, measure, override_transform
-    from .models import resolve_model
-    from .results import check_output_folder, write_results
+    from .measurement.measure import check_device
+    from .results import claim_output_folder
 
     check_device(args.device, "--device")
-    out = check_output_folder(args.out)
+    with claim_output_folder(args.out) as out:
+        df, csv_path = _run_into(out, args)
+    for reset, rows in df.groupby("reset", sort=False):  # interpolate: one summary per alpha
+        if df.reset.nunique() > 1:
+            print(f"reset {reset}:")
+        print_summary(rows)
+    print(f"results: {csv_path}, {csv_path.with_suffix('.parquet')} and {csv_path.with_suffix('.json')}")
+    return 0
+
+
+def _run_into(out: Path, args):
+    """Measure into ``out`` (held by this process); the results table and the path of results.csv.
+
+    run.json says ``"complete": false`` beside every chunk's results and ``true`` beside the final ones (renamed
+    into place last), so a reader can tell a finished folder from one that a kill interrupted.
+    """
+    from .measurement.measure import measure, override_transform
+    from .models import resolve_model
+    from .results import write_results
+
     resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained, num_classes=args.num_classes,
                              trust_checkpoint=args.trust_checkpoint, seed=args.seed, model_id=args.model_id)
     # run.json goes with the results it describes: a run that fails before its first results leaves the folder as is
@@ -207,7 +225,7 @@ def _cmd_run(args) -> int:
                           sequential=experiment.sequential)
 
     def on_rows(rows) -> None:
-        write_results(rows, out, run)
+        write_results(rows, out, {**run, "complete": False})
         if tracker is not None:
             tracker(rows)
 
@@ -216,18 +234,13 @@ def _cmd_run(args) -> int:
                      model_id=args.model_id, progress=False if args.quiet else None, on_rows=on_rows,
                      save_logits=out / "logits" if experiment.save_logits else None,
                      per_class=out / "per_class.csv" if experiment.per_class else None)
-        csv_path, _ = write_results(df, out, run)
+        csv_path, _ = write_results(df, out, {**run, "complete": True})
         if tracker is not None:
             tracker.close(df)
     finally:
         if tracker is not None:
             tracker.close()  # a failed run's tracker run ends with the layers it finished
-    for reset, rows in df.groupby("reset", sort=False):  # interpolate: one summary per alpha
-        if df.reset.nunique() > 1:
-            print(f"reset {reset}:")
-        print_summary(rows)
-    print(f"results: {csv_path}, {csv_path.with_suffix('.parquet')} and {csv_path.with_suffix('.json')}")
-    return 0
+    return df, csv_path
 
 
 def experiment_from_args(args):
@@ -371,10 +384,12 @@ def _add_analyze(sub) -> None:
 
 def _cmd_analyze(args) -> int:
     from .analysis.tables import analyze, summary
+    from .results import claim_output_folder
 
-    result = analyze(args.results, args.out, meta=args.meta, baseline=args.baseline, metric=args.metric,
-                     reset=args.reset, ci_threshold=args.ci_threshold, order=args.order, registry=args.registry,
-                     heatmap_exclude=[c.strip() for c in args.heatmap_exclude.split(",") if c.strip()])
+    with claim_output_folder(args.out) as out:
+        result = analyze(args.results, out, meta=args.meta, baseline=args.baseline, metric=args.metric,
+                         reset=args.reset, ci_threshold=args.ci_threshold, order=args.order, registry=args.registry,
+                         heatmap_exclude=[c.strip() for c in args.heatmap_exclude.split(",") if c.strip()])
     print(summary(result))
     print(f"tables, figures and report: {result['paths']['report']}")
     return 0
@@ -446,10 +461,13 @@ def _cmd_sweep(args) -> int:
         for model_id, problem in zip(problems.model_id, problems.problem, strict=True):
             print(f"cannot measure {model_id}: {problem}")
         return 1 if len(problems) else 0
+    if config.log_to:  # a tracker folder that cannot be written fails now, not after the sweep's hours
+        from .trackers import check_destination, log_models
+
+        check_destination(config.log_to, store.with_suffix(""))
     run_sweep(config, store, workers=args.workers, backend=args.backend, address=args.address,
               new_store=args.new_store, progress=not args.quiet)
     if config.log_to:  # a model's units run on several workers: its layers are complete only now
-        from .trackers import log_models
 
         log_models(export_frame(store), config.log_to, config=config.to_dict(), out=store.with_suffix(""))
     status = status_frame(store)
@@ -514,11 +532,13 @@ def _add_demo(sub) -> None:
 def _cmd_demo(args) -> int:
     from .demo import DEMO_IMAGES, format_summary, run_demo
     from .measurement.measure import check_device
+    from .results import claim_output_folder
 
     check_device(args.device, "--device")
-    result = run_demo(args.out, images=args.images or DEMO_IMAGES, trials=args.trials, models=args.models,
-                      batch_size=args.batch_size, device=args.device, data_root=args.data_root,
-                      progress=False if args.quiet else None)
+    with claim_output_folder(args.out) as out:
+        result = run_demo(out, images=args.images or DEMO_IMAGES, trials=args.trials, models=args.models,
+                          batch_size=args.batch_size, device=args.device, data_root=args.data_root,
+                          progress=False if args.quiet else None)
     print(format_summary(result["summary"]))
     for name, path in result["paths"].items():
         print(f"{name + ':':<9}{path}")
@@ -558,13 +578,20 @@ def _add_module_criticality(sub) -> None:
 
 
 def _cmd_module_criticality(args) -> int:
-    from .measurement.measure import check_device, override_transform
-    from .measurement.module_criticality import DEFAULT_ALPHAS, DEFAULT_SIGMAS, module_criticality
-    from .models import resolve_model
-    from .results import check_output_folder, write_table
+    from .measurement.measure import check_device
+    from .results import claim_output_folder
 
     check_device(args.device, "--device")
-    out = check_output_folder(args.out)
+    with claim_output_folder(args.out) as out:
+        return _module_criticality_into(out, args)
+
+
+def _module_criticality_into(out: Path, args) -> int:
+    from .measurement.measure import override_transform
+    from .measurement.module_criticality import DEFAULT_ALPHAS, DEFAULT_SIGMAS, module_criticality
+    from .models import resolve_model
+    from .results import write_table
+
     resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained, num_classes=args.num_classes,
                              trust_checkpoint=args.trust_checkpoint, seed=args.seed, model_id=args.model_id)
     if args.resize or args.crop or args.interpolation:

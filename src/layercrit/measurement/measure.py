@@ -16,6 +16,7 @@ from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
 from ..data import EvalSet, load_data, to_model_input
 from ..errors import LayercritError
 from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
+from ..results import file_name
 from ..spec import Experiment
 from . import engine as engines
 from . import sequential
@@ -217,9 +218,11 @@ def measure(
     for columns, variant in variants:
         labels = {**meta, "reset": variant.describe(), **columns}
         hooks: list[Callable] = []
+        logits = None
         if save_logits is not None:
-            folder = Path(save_logits) / (variant.describe() if len(variants) > 1 else "")
-            hooks.append(LogitsWriter(folder, top_k=save_logits_top_k))
+            folder = Path(save_logits) / (file_name(variant.describe()) if len(variants) > 1 else "")
+            logits = LogitsWriter(folder, top_k=save_logits_top_k)
+            hooks.append(logits)
         breakdown = Breakdown(evalset.labels) if log_batches or per_class is not None else None
         if breakdown is not None:
             hooks.append(breakdown)
@@ -244,6 +247,8 @@ def measure(
         else:
             rows = sequential.run(resolved.model, evalset, targets, variant, design, options,
                                   on_chunk=persist if on_rows else None, memo=memo)
+        if logits is not None:
+            logits.finish()
         finished.append(frame(rows))
         if per_class is not None:
             per_class_tables.append(breakdown.per_class(finished[-1]))

@@ -32,6 +32,7 @@ from ..errors import LayercritError
 from ..models.base import Normalized, ResolvedModel, wrap_module
 from ..models.builders import build_architecture
 from ..models.checkpoints import load_strict
+from ..results import file_name
 from ..training import METHODS, accuracy, resumable, robust_accuracy, train_linear_probe
 
 ARCH = "layercrit:fmnist_resnet20"
@@ -211,7 +212,7 @@ def train_zoo(
             log(f"{recipe['id']:<16} already trained (same recipe and seed); --force to train it again")
             continue
         subset = torch.tensor(subset_indices(len(train_labels), recipe["train_images"], DATA_SEED))
-        checkpoints = out / ".checkpoints" / recipe["id"]
+        checkpoints = out / ".checkpoints" / file_name(recipe["id"])
         with resumable(checkpoints) as clock:
             module, losses = train_member(recipe, train_images[subset], train_labels[subset], device=device,
                                           seed=seed)
@@ -220,7 +221,7 @@ def train_zoo(
         module.load_state_dict(state)  # measure exactly the weights that are stored
         net = _wrapped(module, arch).to(device)
         record = {
-            **copy.deepcopy(recipe), "arch": arch, "file": f"{recipe['id']}.safetensors",
+            **copy.deepcopy(recipe), "arch": arch, "file": f"{file_name(recipe['id'])}.safetensors",
             "accuracy": round(accuracy(net, test_x, test_y, device=device), 2), "test_images": len(test_y),
             "seed": seed, "data_seed": DATA_SEED, "losses": [round(loss, 4) for loss in losses],
             "train_time_s": round(seconds, 1), "cpu_time_s": round(cpu_seconds, 1), "device": device,
