@@ -153,6 +153,9 @@ def summarize(args, out: Path) -> None:
         reference = layer_table(plain)[["model_id", "layer", "criticality", "criticality_ci", "trials"]]
         references.append(reference.rename(columns={"criticality": "reference", "criticality_ci": "reference_ci",
                                                     "trials": "reference_trials"}))
+    if not tables:
+        print(f"no design runs in {out} yet")
+        return
     layers = pd.concat(tables, ignore_index=True)
     layers.to_csv(out / "layers.csv", index=False)
     cost = pd.DataFrame(cost)
