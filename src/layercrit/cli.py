@@ -78,6 +78,19 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """argparse type: a seed in the range torch and the store hold (``measure.SEED_RANGE``)."""
+    from .measurement.measure import SEED_RANGE
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"give a whole number from -2**63 to 2**63-1, not {text!r}")
+    return value
+
+
 def as_flags(message: str) -> str:
     """The library names its parameters (``bn='x': ...``); on the command line they are flags (``--bn='x': ...``)."""
     from .spec import FIELDS
@@ -110,8 +123,8 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
                         "interpolate(alpha=A[|A2...][,base=RESET]); --init/--to, --scale, --alpha, --base are "
                         "shorthands for the common options")
     g.add_argument("--trials", type=_positive_int, default=3, help="resets per layer (default 3)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the random resets")
-    g.add_argument("--data-seed", type=int, default=-1, help="seed of the image subset alone, so the same images "
+    g.add_argument("--seed", type=_seed, default=0, help="seed of the image subset and of the random resets")
+    g.add_argument("--data-seed", type=_seed, default=-1, help="seed of the image subset alone, so the same images "
                    "can be kept while resets vary (default -1: --seed)")
     g.add_argument("--init", "--to", dest="checkpoint", help="checkpoint for reinit (--init) / rewind (--to): "
                    "reinit(checkpoint=CKPT)")
@@ -135,7 +148,7 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-ci", type=float, help="sequential design: estimate each layer's expected criticality "
                    "over resets and images to ± this (fraction, 95%%), each trial a new reset on its own block of "
                    "images, trials added where the interval is still wide (default: the paper's fixed design)")
-    g.add_argument("--max-trials", type=_positive_int, default=100, help="with --target-ci: most trials per layer (100)")
+    g.add_argument("--max-trials", type=_positive_int, help="with --target-ci: most trials per layer (100)")
     g.add_argument("--images-per-trial", type=_positive_int, help="with --target-ci: images per trial after the pilot "
                    "(default: Cochran's rule on the pilot's variance components)")
     g.add_argument("--no-mirror", dest="mirror", action="store_false", help="with --target-ci: single reset draws only "
@@ -189,8 +202,9 @@ def _cmd_run(args) -> int:
     from .results import claim_output_folder
 
     check_device(args.device, "--device")
+    experiment = experiment_from_args(args)  # option mistakes are found before the folder is claimed
     with claim_output_folder(args.out) as out:
-        df, csv_path = _run_into(out, args)
+        df, csv_path = _run_into(out, args, experiment)
     for reset, rows in df.groupby("reset", sort=False):  # interpolate: one summary per alpha
         if df.reset.nunique() > 1:
             print(f"reset {reset}:")
@@ -199,8 +213,8 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _run_into(out: Path, args):
-    """Measure into ``out`` (held by this process); the results table and the path of results.csv.
+def _run_into(out: Path, args, experiment):
+    """Measure ``experiment`` into ``out`` (held by this process); the results table and the path of results.csv.
 
     run.json says ``"complete": false`` beside every chunk's results and ``true`` beside the final ones (renamed
     into place last), so a reader can tell a finished folder from one that a kill interrupted.
@@ -212,11 +226,10 @@ def _run_into(out: Path, args):
     resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained, num_classes=args.num_classes,
                              trust_checkpoint=args.trust_checkpoint, seed=args.seed, model_id=args.model_id)
     # run.json goes with the results it describes: a run that fails before its first results leaves the folder as is
-    run = {k: v for k, v in vars(args).items() if k != "func"}
+    run = {**{k: v for k, v in vars(args).items() if k != "func"}, "max_trials": experiment.max_trials}
     if args.resize or args.crop or args.interpolation:
         resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
     print(f"model: {resolved.spec}; preprocessing: {resolved.preprocessing.describe()}")
-    experiment = experiment_from_args(args)
     tracker = None
     if experiment.log_to:
         from .trackers import Tracker
@@ -246,9 +259,11 @@ def _run_into(out: Path, args):
 def experiment_from_args(args):
     """The :class:`~layercrit.spec.Experiment` that ``run``'s flags describe (``--bn recalibrate 8`` as one
     string, as a sweep config writes it)."""
-    from .spec import FIELDS, RESET_SHORTHANDS, Experiment, with_shorthands
+    from .spec import FIELDS, RESET_SHORTHANDS, Experiment, check_needs, with_shorthands
 
     values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    check_needs(values)
+    values["max_trials"] = args.max_trials or Experiment.max_trials  # None: not given
     values["bn"] = " ".join(args.bn)
     values["reset"] = with_shorthands(args.reset, {name: getattr(args, name, None) for name in RESET_SHORTHANDS})
     return Experiment(**values)
@@ -297,17 +312,20 @@ def _add_zoo(sub) -> None:
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True)
     listing = zoo_sub.add_parser("list", help="the models of a zoo with categories and accuracies")
     listing.add_argument("--zoo", default="fmnist", help="which zoo (default fmnist)")
+    listing.add_argument("--seeds", action="store_true", help="also the training-seed replicates (ID@seedN)")
     listing.set_defaults(func=_cmd_zoo_list)
     train = zoo_sub.add_parser("train", help="train the Fashion-MNIST zoo (seeded) into a folder")
     train.add_argument("--methods", nargs="+", help="ids, methods or categories to train (default: all)")
     train.add_argument("--out", default="runs/zoo-fmnist", help="zoo folder to write (default runs/zoo-fmnist)")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     train.add_argument("--threads", type=_positive_int, help="CPU threads for torch (the shipped zoo used 2)")
-    train.add_argument("--seed", type=int, default=0, help="seed of init, batch order and augmentation")
+    train.add_argument("--seed", type=_seed, default=0, help="seed of init, batch order and augmentation")
     train.add_argument("--test-images", type=_positive_int, help="evaluate on the first N test images (default all 10000)")
     train.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
     train.add_argument("--robust-images", type=_non_negative_int, default=1000, help="test images for the robust accuracy under "
                        "PGD-10 at every adversarial budget of the zoo (default 1000; 0: skip)")
+    train.add_argument("--precision", choices=["fp32", "bf16"], help="train in this precision instead of the recipe's "
+                       "(bf16: the shipped zoo, on a CPU with AMX; fp32: 5x faster on an AVX2-only CPU); recorded")
     train.add_argument("--force", action="store_true", help="train members again that the folder already holds with "
                        "the same recipe and seed (by default they are skipped, so a killed run goes on)")
     train.set_defaults(func=_cmd_zoo_train)
@@ -320,7 +338,7 @@ def _add_zoo(sub) -> None:
 def _cmd_zoo_list(args) -> int:
     from . import zoo
 
-    print(zoo.summary(args.zoo).to_string(index=False, na_rep=""))
+    print(zoo.summary(args.zoo, replicates=args.seeds).to_string(index=False, na_rep=""))
     return 0
 
 
@@ -334,7 +352,8 @@ def _cmd_zoo_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     train_zoo(args.out, methods=args.methods, device=args.device, seed=args.seed, test_images=args.test_images,
-              data_root=args.data_root, robust_images=args.robust_images, force=args.force)
+              data_root=args.data_root, robust_images=args.robust_images, precision=args.precision,
+              force=args.force)
     print(f"zoo written to {args.out}; use it as zoo:fmnist/ID with LAYERCRIT_FMNIST_ZOO={args.out}")
     return 0
 
@@ -405,10 +424,12 @@ def _add_diff(sub) -> None:
 
 
 def _cmd_diff(args) -> int:
-    from .analysis.compare import compare
+    from .analysis.compare import check_comparable, compare
     from .results import read_table, write_table
 
-    table = compare(read_table(args.a), read_table(args.b))
+    a, b = read_table(args.a), read_table(args.b)
+    check_comparable(a, b)
+    table = compare(a, b)
     print("criticality (fraction) ± 95% half-width; difference = B - A, ± sqrt(hA² + hB²); * : interval excludes 0")
     for row in table.itertuples():
         mark = "*" if row.significant else " "
@@ -434,6 +455,9 @@ def _add_sweep(sub) -> None:
                    help="move an existing store aside (to NAME.old-TIME.sqlite) and start a new one")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve every model (fetching missing weights), count units, report problems; measure nothing")
+    p.add_argument("--allow-code", action="store_true", help="run the Python code the config names: MODULE:FACTORY "
+                   "and FILE.py:FACTORY specs or archs, trust_checkpoint: true (refused without it; a dry run "
+                   "never runs it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("overrides of the config")
     g.add_argument("--data", help="image folder (ImageNet-val layout) or 'fashion-mnist'")
@@ -453,10 +477,13 @@ def _cmd_sweep(args) -> int:
                          cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device)
     store = Path(args.store or Path("runs") / f"{Path(args.config).stem}.sqlite")
     if args.dry_run:
-        plan = plan_sweep(config, store)
+        plan = plan_sweep(config, store, allow_code=args.allow_code)
         print(plan.drop(columns="problem").to_string(index=False))
         grid = f"{len(config.reset)} reset(s) x {config.trials} trial(s) x chunks of {config.layers_per_unit} layers"
         print(f"{int(plan.to_run.sum())} of {int(plan.units.sum())} units to run ({grid}); store {store}")
+        unbuilt = plan.model_id[plan.units.isna()]
+        if len(unbuilt):
+            print(f"not built (a dry run runs no code from the config): {', '.join(unbuilt)}")
         problems = plan[plan.problem != ""]
         for model_id, problem in zip(problems.model_id, problems.problem, strict=True):
             print(f"cannot measure {model_id}: {problem}")
@@ -466,7 +493,7 @@ def _cmd_sweep(args) -> int:
 
         check_destination(config.log_to, store.with_suffix(""))
     run_sweep(config, store, workers=args.workers, backend=args.backend, address=args.address,
-              new_store=args.new_store, progress=not args.quiet)
+              new_store=args.new_store, progress=not args.quiet, allow_code=args.allow_code)
     if config.log_to:  # a model's units run on several workers: its layers are complete only now
 
         log_models(export_frame(store), config.log_to, config=config.to_dict(), out=store.with_suffix(""))
@@ -568,7 +595,7 @@ def _add_module_criticality(sub) -> None:
     g.add_argument("--epsilon-rule", default="relative", choices=["relative", "additive"],
                    help="relative (default): epsilon = (1 + tolerance) x trained value; additive: trained + tolerance")
     g.add_argument("--tolerance", type=float, help="see --epsilon-rule (default 0.01 relative, 0.05 additive)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the noise")
+    g.add_argument("--seed", type=_seed, default=0, help="seed of the image subset and of the noise")
     e = p.add_argument_group("engine")
     e.add_argument("--engine", default="fast", choices=["fast", "naive"])
     e.add_argument("--batch-size", type=_positive_int, default=100)

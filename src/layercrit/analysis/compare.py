@@ -46,3 +46,23 @@ def _one_run(rows: pd.DataFrame, name: str) -> pd.DataFrame:
             raise LayercritError(f"{name} holds several values of {column} ({values}): compare one run with one "
                                  "other (export one model's rows, or give run folders)")
     return layer_table(rows, by=[])[["layer", "criticality", "criticality_ci"]]
+
+
+
+def check_comparable(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    """Refuse, in one line, two runs of different models (their ``model_spec``s differ; ``model_id`` may, as
+    ``--model-id fp32`` and ``bf16`` do) and two runs without a layer in common: there is no difference to compute,
+    only a table of missing numbers."""
+    if "model_spec" in a and "model_spec" in b:
+        specs = [rows.model_spec.dropna().unique() for rows in (a, b)]
+        if all(len(spec) == 1 for spec in specs) and specs[0][0] != specs[1][0]:
+            raise LayercritError(f"A is model {specs[0][0]!r}, B {specs[1][0]!r}: diff compares two runs of one model "
+                                 "(other resets, seeds or designs); compare models with layercrit analyze")
+    layers = [[layer for layer in rows.layer.unique() if layer != "original"] for rows in (a, b)]
+    if not set(layers[0]) & set(layers[1]):
+        raise LayercritError(f"A and B have no layer in common (A: {_few(layers[0])}; B: {_few(layers[1])}): diff "
+                             "compares the same layers of two runs")
+
+
+def _few(names: list) -> str:
+    return ", ".join(map(str, names[:4])) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "") or "none"

@@ -27,7 +27,7 @@ from scipy import stats as scipy_stats
 from ..errors import LayercritError
 from ..measurement import estimate
 from ..results import read_table, write_table
-from . import plots, report
+from . import plots, report, variance
 
 ORIGINAL = "original"
 OTHER = "other"
@@ -448,7 +448,7 @@ def registry_meta(model_ids: Sequence[str]) -> pd.DataFrame:
     records: dict[str, dict[str, dict]] = {}
     for name in REGISTRY_ZOOS:
         try:
-            records[name] = {str(entry["id"]): entry for entry in zoo.entries(name)}
+            records[name] = {str(entry["id"]): entry for entry in zoo.entries(name, replicates=True)}
         except LayercritError:
             continue
     rows = []
@@ -535,7 +535,10 @@ def _resolve_baseline(baseline: str | None, models: pd.DataFrame) -> str | None:
             raise LayercritError(f"baseline {baseline!r} is not among the results' models ({shown}): pick one of them")
         return baseline
     candidates = models.loc[models["category"] == BASELINE_CATEGORY, "model_id"]
-    return candidates.iloc[0] if len(candidates) == 1 else None
+    identities = [variance.method_and_seed(model_id) for model_id in candidates]
+    if len({method for method, _ in identities}) != 1:
+        return None
+    return min(zip(candidates, identities, strict=True), key=lambda pair: pair[1][1])[0]  # seeds of one: seed 0
 
 
 def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -> pd.DataFrame:
@@ -636,7 +639,14 @@ FIGURE_CAPTIONS = {
     "budget_vs_criticality": "Average criticality vs training budget (ε), one panel per norm (L∞ in 1/255); the "
                              "model trained with ε = 0 appears in every panel.",
     "depth_vs_criticality": "Criticality over relative depth per category (mean ± std over models).",
+    "variance_components": "SD of criticality from the training method, the seed within a method, the reset and "
+                           "the image (one image under one reset), per stage and per layer, with 95% intervals by "
+                           "bootstrap over seeds (coarse with 3 seeds).",
 }
+
+
+SEED_TABLES = {"variance_components": "Variance components over training methods and seeds",
+               "method_effects": "Method effects against the baseline, counting seed variance"}
 
 
 def analyze(
@@ -667,7 +677,10 @@ def analyze(
 
     Returns:
         ``{"layers", "models", "correlations", "profile"}`` DataFrames, ``"stats"`` (what ``stats.json`` holds),
-        ``"paths"`` (name → written file, figures as (png, pdf)) and ``"figures"`` (name → Figure).
+        ``"paths"`` (name → written file, figures as (png, pdf)) and ``"figures"`` (name → Figure); when some
+        method was measured in two or more training seeds (model ids ``ID@seedN``), also ``"variance_components"``
+        and (with a baseline) ``"method_effects"`` (:mod:`layercrit.analysis.variance`), written as CSV with the
+        figure ``variance_components``.
     """
     frame = load_results(results)
     layers = layer_criticality(frame, metric, reset=reset, layer_info=layer_info)
@@ -686,6 +699,11 @@ def analyze(
     }
     excluded = list(models.loc[models["category"].isin(list(heatmap_exclude)), "model_id"])
     figures, skipped = _figures(layers, models, correlation, profile, metric, ci_threshold, excluded)
+    seeds = (variance.seed_analysis(_measurements(frame, metric, reset), baseline_id, value="_crit",
+                                    image=metric == "cos") if variance.has_seeds(models["model_id"]) else {})
+    paths.update({name: write_table(table, out / f"{name}.csv") for name, table in seeds.items()})
+    if seeds:
+        figures["variance_components"] = plots.variance_plot(seeds["variance_components"])
     stats = {
         "metric": metric,
         "criticality": METRICS[metric][1],
@@ -698,6 +716,7 @@ def analyze(
         "correlations": _json_safe(correlation.to_dict(orient="records")),
         "skipped_figures": skipped,
         "run_conditions": _json_safe(run_conditions(frame).to_dict(orient="records")),
+        "seed_replicates": sorted(m for m in models["model_id"] if variance.method_and_seed(m)[1] != 0),
     }
     paths["stats"] = out / "stats.json"
     paths["stats"].write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
@@ -714,10 +733,11 @@ def analyze(
         figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note), paths[name][0])
                  for name in figures],
         tables=[("Rank correlation of average criticality with accuracy", correlation),
-                ("Models", models), ("Criticality over relative depth", profile), ("Layers", layers)],
+                ("Models", models), ("Criticality over relative depth", profile), ("Layers", layers),
+                *[(SEED_TABLES[name], table) for name, table in seeds.items()]],
     )
     return {"layers": layers, "models": models, "correlations": correlation, "profile": profile, "stats": stats,
-            "paths": paths, "figures": figures}
+            "paths": paths, "figures": figures, **seeds}
 
 
 CONDITIONS = ("reset", "data_id", "seed", "engine", "precision", "target_ci", "layercrit_version")

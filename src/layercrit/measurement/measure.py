@@ -17,7 +17,7 @@ from ..data import EvalSet, load_data, to_model_input
 from ..errors import LayercritError
 from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
 from ..results import file_name
-from ..spec import Experiment
+from ..spec import Experiment, check_needs
 from . import engine as engines
 from . import sequential
 from .breakdown import Breakdown
@@ -159,6 +159,9 @@ def measure(
         raise LayercritError("data=None: give the evaluation data (a spec, tensors, a Dataset) or spec= with its data")
 
     check_sizes(images=images, batch_size=batch_size, max_cache_mb=max_cache_mb)
+    check_seeds(seed=seed, data_seed=data_seed)
+    check_needs({"images_per_trial": images_per_trial, "target_ci": target_ci,  # max_trials has a default
+                 "save_logits_top_k": save_logits_top_k, "save_logits": save_logits})
     device = check_device(device)
     resolved = as_resolved(model, fresh_model, arch=arch, pretrained=pretrained, seed=seed, model_id=model_id)
     if engine_name is not None:
@@ -200,6 +203,8 @@ def measure(
                              "leave out target_ci (or them)")
     if design is not None and trial_ids != list(range(len(trial_ids))):
         raise LayercritError("target_ci runs trials 0, 1, 2, ... itself: give trials as a number")
+    if design is not None:
+        design.check_pool(len(evalset))
     meta = {
         "model_id": model_id or resolved.spec,
         "seed": seed,
@@ -364,6 +369,16 @@ def check_sizes(*, images: int | None = None, batch_size: int | None = None, max
         raise LayercritError(f"batch_size={batch_size}: give at least 1 image per forward")
     if max_cache_mb < 0:
         raise LayercritError(f"max_cache_mb={max_cache_mb}: give a memory budget of 0 MB or more")
+
+
+SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit integer: what torch's generators and the sweep store's SQLite hold
+
+
+def check_seeds(**seeds: int | None) -> None:
+    """Refuse a seed outside :data:`SEED_RANGE` (``seed=99999999999999999999`` overflows torch's generator)."""
+    for name, value in seeds.items():
+        if value is not None and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise LayercritError(f"{name}={value}: give a seed from -2**63 to 2**63-1 (a 64-bit integer)")
 
 
 def check_device(device: str | None, name: str = "device") -> str:

@@ -54,7 +54,7 @@ from ..data import EvalSet, load_data
 from ..errors import LayercritError
 from ..models import ResolvedModel
 from .layers import DEFAULT_LAYERS, Target, select_targets
-from .measure import as_resolved, check_sizes, measure
+from .measure import as_resolved, check_seeds, check_sizes, measure
 from .resets import Interpolate, Noise, Reinit, Reset, State
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
@@ -133,6 +133,7 @@ def module_criticality(
         raise LayercritError("module criticality needs at least one noise draw (--draws)")
     tolerance = EPSILON_RULES[epsilon_rule] if tolerance is None else tolerance
     check_sizes(images=images)
+    check_seeds(seed=seed)
     resolved = as_resolved(model, seed=seed, model_id=model_id)
     evalset = load_data(EvalSet.from_tensors(*data) if isinstance(data, tuple) else data,
                         preprocessing=resolved.preprocessing, images=images, seed=seed, root=data_root,

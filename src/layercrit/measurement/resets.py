@@ -478,8 +478,11 @@ def get_reset(name: str | Reset, **options) -> Reset:
     cls = RESETS[name]
     parameters = inspect.signature(cls.__init__).parameters
     declared = declared_options(name)
-    takes_more = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    unknown = [k for k in [*written, *options] if k not in parameters and not takes_more]
+    # a reset with a base (noise, interpolate) hands the options it does not declare on to that base; without one
+    # they are unknown here
+    base = written.get("base", options.get("base", getattr(parameters.get("base"), "default", None)))
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in parameters.values()) and base not in (None, inspect.Parameter.empty)
+    unknown = [k for k in [*written, *options] if k not in parameters and not passes_on]
     unknown = [k for k in written if k in COMMON_OPTIONS] or unknown
     if unknown:
         raise LayercritError(f"reset {name!r} takes no option {unknown[0]!r} "

@@ -108,6 +108,15 @@ class SequentialDesign:
         if self.images_per_trial is not None and self.images_per_trial < 1:
             raise LayercritError(f"images_per_trial={self.images_per_trial}: give at least 1")
 
+    def check_pool(self, pool: int) -> None:
+        """Refuse an evaluation set too small for the pilot: ``2 · min_trials`` blocks of distinct images, each of
+        at least :data:`MIN_IMAGES_PER_TRIAL` (fewer would wrap the same images round as if they were new ones)."""
+        need = self.pilot_trials * MIN_IMAGES_PER_TRIAL
+        if pool < need:
+            raise LayercritError(f"images={pool}: the sequential design (target_ci=...) needs at least {need} "
+                                 f"images, a pilot block of {MIN_IMAGES_PER_TRIAL} for each of its {self.pilot_trials} "
+                                 f"pilot trials; give images={need} or more, or leave out target_ci")
+
     @property
     def pilot_trials(self) -> int:
         return 2 * self.min_trials

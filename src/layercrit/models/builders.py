@@ -36,7 +36,7 @@ def build_architecture(
         kwargs["num_classes"] = num_classes
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    if source not in _ARCHITECTURE_SOURCES and is_code_spec(arch):
+    if names_code(arch):
         if not allow_code:
             raise LayercritError(f"{arch!r} names Python code, which layercrit imports only from a spec you give "
                                  "yourself (--model/--arch, measure(), your sweep config)")
@@ -247,6 +247,12 @@ def is_code_spec(spec: str) -> bool:
     if not all(part.isidentifier() for part in location.split(".")):
         return False
     return importlib.util.find_spec(location.partition(".")[0]) is not None  # a typo'd source stays "unknown spec"
+
+
+def names_code(arch: str) -> bool:
+    """Whether building the architecture spec ``arch`` imports Python code (a factory spec, not a library's
+    model); decided without importing anything."""
+    return arch.partition(":")[0] not in _ARCHITECTURE_SOURCES and is_code_spec(arch)
 
 
 def load_factory(spec: str) -> Callable[..., nn.Module]:

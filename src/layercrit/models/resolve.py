@@ -26,7 +26,7 @@ import torch
 from .. import zoo
 from ..errors import LayercritError
 from .base import ResolvedModel, finish, match_mean_to_channels, model_seed
-from .builders import build_architecture
+from .builders import build_architecture, names_code
 from .checkpoints import infer_head_and_stem, load_state_dict, load_strict, looks_like_checkpoint
 
 
@@ -64,6 +64,20 @@ def resolve_model(
     module, pre = build_architecture(spec, pretrained=pretrained, num_classes=num_classes, allow_code=True)
     return finish(module, pre, spec,
                    lambda: build_architecture(spec, pretrained=False, num_classes=num_classes, allow_code=True)[0])
+
+
+def runs_code(spec: str, *, arch: str | None = None, trust_checkpoint: bool = False) -> list[str]:
+    """What :func:`resolve_model` with these arguments would run as Python code, decided without running it:
+    ``spec`` or ``arch`` naming a factory (``MODULE:FACTORY``, ``FILE.py:FACTORY``), and ``trust_checkpoint``
+    (unpickling a checkpoint's objects runs their code). Empty when it runs none."""
+    found = []
+    if not spec.startswith("zoo:") and not looks_like_checkpoint(spec) and names_code(spec):
+        found.append(f"spec {spec!r}")
+    if arch is not None and names_code(arch):
+        found.append(f"arch {arch!r}")
+    if trust_checkpoint:
+        found.append("trust_checkpoint (unpickling runs code)")
+    return found
 
 
 def _resolve_checkpoint(path: str, arch: str, *, num_classes: int | None, trust_checkpoint: bool) -> ResolvedModel:

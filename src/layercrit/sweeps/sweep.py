@@ -55,11 +55,12 @@ from ..data import EvalSet, load_data
 from ..errors import LayercritError
 from ..measurement.engine import out_of_memory
 from ..measurement.layers import select_targets
-from ..measurement.measure import measure, override_transform
+from ..measurement.measure import check_seeds, measure, override_transform
 from ..measurement.resets import RESETS, declared_options, get_reset
 from ..measurement.sequential import SequentialDesign
 from ..models import ResolvedModel, resolve_model
-from ..spec import MEASURED, RESET_SHORTHANDS, Experiment, split_reset, with_shorthands
+from ..models.resolve import runs_code
+from ..spec import MEASURED, RESET_SHORTHANDS, Experiment, check_needs, split_reset, with_shorthands
 from .store import Store, Unit, export_frame
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,10 @@ class SweepConfig(Experiment):
                 raise LayercritError(f"{source}: {name} must be at least 1")
         if self.max_cache_mb < 0:
             raise LayercritError(f"{source}: max_cache_mb must be at least 0")
+        try:
+            check_seeds(seed=self.seed, data_seed=self.data_seed)
+        except LayercritError as error:
+            raise LayercritError(f"{source}: {error}") from None
         bad = [r for r in self.reset if split_reset(r)[0] not in RESETS]
         if bad or not self.reset:
             raise LayercritError(f"{source}: unknown reset {', '.join(map(repr, bad)) or '(none)'}; use one or a list of {', '.join(RESETS)}")
@@ -166,8 +171,13 @@ class SweepConfig(Experiment):
                 raise LayercritError(f"{source}: {name}: a sweep does not keep it yet; use 'layercrit run "
                                      f"--{name.replace('_', '-')}'")
         if self.sequential:
-            SequentialDesign(self.target_ci, min_trials=self.trials, max_trials=self.max_trials,
-                             images_per_trial=self.images_per_trial, mirror=self.mirror)
+            design = SequentialDesign(self.target_ci, min_trials=self.trials, max_trials=self.max_trials,
+                                      images_per_trial=self.images_per_trial, mirror=self.mirror)
+            if self.images is not None:
+                try:
+                    design.check_pool(self.images)
+                except LayercritError as error:
+                    raise LayercritError(f"{source}: {error}") from None
 
     def to_dict(self) -> dict:
         """Plain data (for the store), readable back with :meth:`from_dict`."""
@@ -189,6 +199,8 @@ def _model_entries(raw, source: str) -> tuple[ModelEntry, ...]:
             raise LayercritError(f"{source}: model #{i + 1} needs an id and a spec, e.g. {{id: r50, spec: torchvision:resnet50}}")
         _check_type(item["id"], str, f"{source}: model #{i + 1}: id")
         model_id = item["id"]
+        if not model_id.strip():
+            raise LayercritError(f"{source}: model #{i + 1} has an empty id: give it a name (its rows' model_id)")
         if model_id in seen:
             raise LayercritError(f"{source}: model id {model_id!r} appears twice; ids must be unique")
         seen.add(model_id)
@@ -250,7 +262,10 @@ def _resets(raw: dict, names: list[str], source: str) -> tuple[str, ...]:
     unused = [key for key in given if not any(key in options for options in takes)]
     if unused and all(kind in RESETS for kind in kinds):  # an unknown reset is reported on its own, later
         raise LayercritError(f"{source}: {unused[0]}: none of the resets ({', '.join(names)}) takes it")
-    return tuple(with_shorthands(text, given, options) for text, options in zip(names, takes, strict=True))
+    try:
+        return tuple(with_shorthands(text, given, options) for text, options in zip(names, takes, strict=True))
+    except LayercritError as error:
+        raise LayercritError(f"{source}: {error}") from None
 
 
 def _names(value, where: str) -> list[str]:
@@ -308,17 +323,43 @@ def load_config(path: str | Path, **overrides) -> SweepConfig:
         raise LayercritError(f"{path} is over {MAX_CONFIG_BYTES // 1_000_000} MB: a sweep config lists settings "
                              "and models, keep it small")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError as error:
         raise LayercritError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
                              f"{error.start}): save it as UTF-8") from None
     except OSError as error:
         raise LayercritError(f"cannot read {path}: {error.strerror}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: an int of >4300 digits
-        raise LayercritError(f"cannot parse {path}: {' '.join(str(error).split()) or 'nested too deeply'}") from None
+        where = ' '.join(str(error).split()).replace('in "<unicode string>", ', "at ")
+        raise LayercritError(f"cannot parse {path}: {where or 'nested too deeply'}") from None
     if isinstance(raw, dict):
         raw = {**raw, **{key: value for key, value in overrides.items() if value is not None}}
+        try:
+            check_needs(raw)  # on the keys written (a stored config has every key, defaults included)
+        except LayercritError as error:
+            raise LayercritError(f"{path}: {error}") from None
     return SweepConfig.from_dict(raw, source=str(path))
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may be overridden on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, str | int | float | bool) and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key if isinstance(key, str | int | float | bool) else id(key_node))
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def conflict(stored: SweepConfig, config: SweepConfig) -> str | None:
@@ -363,15 +404,33 @@ def resolve_entry(entry: ModelEntry, seed: int) -> ResolvedModel:
                          trust_checkpoint=entry.trust_checkpoint, seed=seed, model_id=entry.id)
 
 
+def check_code(config: SweepConfig, allow_code: bool = False) -> None:
+    """Refuse a config that names Python code to run (a ``MODULE:FACTORY`` or ``FILE.py:FACTORY`` spec or arch,
+    ``trust_checkpoint: true``) unless ``allow_code``: a config is a file people share, and running its code is
+    a choice its user makes, never a side effect of measuring."""
+    found = [f"model {m.id!r}: {', '.join(parts)}" for m in config.models if (parts := _code_of(m))]
+    if found and not allow_code:
+        raise LayercritError(f"the sweep config names code to run ({'; '.join(found)}); a sweep runs code from "
+                             "its config only with --allow-code (allow_code=True): give it if you trust that code")
+
+
+def _code_of(entry: ModelEntry) -> list[str]:
+    return runs_code(entry.spec, arch=entry.arch, trust_checkpoint=entry.trust_checkpoint)
+
+
 # ---------------------------------------------------------------- planning and the driver
 
 
-def plan_sweep(config: SweepConfig, store: str | Path | None = None) -> pd.DataFrame:
+def plan_sweep(config: SweepConfig, store: str | Path | None = None, *, allow_code: bool = False) -> pd.DataFrame:
     """A dry run: resolve every model (weights are fetched into their caches if missing) and count its units.
+
+    A dry run imports and unpickles nothing from the config: a model that would run code (see :func:`check_code`,
+    which refuses it unless ``allow_code``) is listed without its layers and units (``<NA>``).
 
     Returns one row per model: ``model_id, spec, layers, units, done, to_run, problem``; ``problem`` says why a
     model cannot be measured (e.g. its weights cannot be downloaded). Writes nothing.
     """
+    check_code(config, allow_code)
     check_data(config)
     stored = {}
     if store is not None and Path(store).exists():
@@ -383,12 +442,16 @@ def plan_sweep(config: SweepConfig, store: str | Path | None = None) -> pd.DataF
             stored[unit.model_id] = stored.get(unit.model_id, 0) + 1
     rows = []
     for entry in config.models:
+        done = stored.get(entry.id, 0)
+        if _code_of(entry):
+            rows.append({"model_id": entry.id, "spec": entry.spec, "layers": pd.NA, "units": pd.NA, "done": done,
+                         "to_run": pd.NA, "problem": ""})
+            continue
         layers, problem = _layer_names(entry, config)
         units = len(plan_units(entry.id, layers, config)) if layers else 0
-        done = stored.get(entry.id, 0)
         rows.append({"model_id": entry.id, "spec": entry.spec, "layers": len(layers or []), "units": units,
                      "done": done, "to_run": units - done, "problem": problem or ""})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"layers": "Int64", "units": "Int64", "to_run": "Int64"})
 
 
 def run_sweep(
@@ -400,6 +463,7 @@ def run_sweep(
     address: str | None = None,
     new_store: bool = False,
     progress: bool = True,
+    allow_code: bool = False,
 ) -> pd.DataFrame:
     """Measure every unit of ``config`` that ``store`` does not hold yet, and return the store's results table.
 
@@ -412,6 +476,7 @@ def run_sweep(
         address: a Ray cluster to join (default: start a local Ray).
         new_store: move an existing ``store`` aside (to ``NAME.old-TIME.sqlite``) and start a new one.
         progress: show the overall bar and the per-worker status.
+        allow_code: run the Python code the config names (factory specs, trusted pickles): see :func:`check_code`.
 
     Returns:
         :func:`layercrit.sweeps.store.export_frame` of the store. Failed units are recorded there (``layercrit status``)
@@ -419,6 +484,7 @@ def run_sweep(
     """
     if not isinstance(config, SweepConfig):
         config = load_config(config)
+    check_code(config, allow_code)
     if backend not in BACKENDS:
         raise LayercritError(f"unknown backend {backend!r}: one of {', '.join(BACKENDS)}")
     if address and backend != "ray":

@@ -9,12 +9,17 @@ project's 2-core CPU (about 2 hours; resumable, so it may span several runs) and
 in float16 (half the size) and loaded back as float32; the recorded accuracies are those of the stored weights.
 
 Set ``LAYERCRIT_FMNIST_ZOO=DIR`` to use a zoo you trained yourself as ``zoo:fmnist/ID``.
+
+Training-seed replicates of a member are ``zoo:fmnist/ID@seedN`` (``baseline@seed1``; ``ID`` itself is seed 0).
+They live in subfolders ``seedN`` of the zoo folder, each a zoo folder of its own as ``layercrit zoo train --seed N
+--out DIR/seedN`` writes it (see docs/demo.md for the replicates shipped and how to train the rest).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import os
 import platform
 import shutil
@@ -33,7 +38,16 @@ from ..models.base import Normalized, ResolvedModel, wrap_module
 from ..models.builders import build_architecture
 from ..models.checkpoints import load_strict
 from ..results import file_name
-from ..training import METHODS, accuracy, resumable, robust_accuracy, train_linear_probe
+from ..seeds import method_and_seed, with_seed
+from ..training import (
+    METHODS,
+    PRECISIONS,
+    accuracy,
+    resumable,
+    resume_problem,
+    robust_accuracy,
+    train_linear_probe,
+)
 
 ARCH = "layercrit:fmnist_resnet20"
 MANIFEST = "manifest.yaml"
@@ -93,9 +107,30 @@ def zoo_dir() -> Path:
     return Path(os.environ.get("LAYERCRIT_FMNIST_ZOO") or Path(__file__).with_name("fmnist"))
 
 
-def entries() -> list[dict]:
-    """The manifest records of the trained zoo (recipe fields plus ``accuracy``, ``file``, ``train_time_s``, ...)."""
-    path = zoo_dir() / MANIFEST
+def entries(replicates: bool = False) -> list[dict]:
+    """The manifest records of the trained zoo (recipe fields plus ``accuracy``, ``file``, ``train_time_s``, ...);
+    with ``replicates``, followed by those of every training-seed replicate (:func:`seed_replicates`)."""
+    return _manifest(zoo_dir()) + (seed_replicates() if replicates else [])
+
+
+def seed_replicates() -> list[dict]:
+    """The records of the training-seed replicates (folders ``seedN`` of the zoo folder), with ids ``ID@seedN``,
+    ``member`` the member's id and ``file`` relative to the zoo folder; by seed, then in zoo order."""
+    records = []
+    for folder in sorted(zoo_dir().glob("seed*"), key=lambda p: (len(p.name), p.name)):
+        if not (folder / MANIFEST).is_file():
+            continue
+        for record in _manifest(folder):
+            if f"seed{record.get('seed')}" != folder.name:
+                raise LayercritError(f"{folder / MANIFEST} holds {record['id']!r} trained with seed "
+                                     f"{record.get('seed')}: a folder seedN holds members trained with --seed N")
+            records.append({**record, "id": with_seed(record["id"], record["seed"]), "member": record["id"],
+                            "file": f"{folder.name}/{record['file']}"})
+    return records
+
+
+def _manifest(folder: Path) -> list[dict]:
+    path = folder / MANIFEST
     if not path.is_file():
         raise LayercritError(
             f"no Fashion-MNIST zoo in {path.parent}: train one with 'layercrit zoo train --out DIR' and set "
@@ -111,11 +146,14 @@ def resolve(model_id: str, pretrained: bool = True, *, trust_checkpoint: bool = 
     ``fresh`` builds randomly initialised networks of the same architecture (for the rerandomize reset);
     ``metadata`` carries the record's category, display name, accuracy, method and hyperparameters.
     """
-    records = {record["id"]: record for record in entries()}
+    method, seed = method_and_seed(model_id)
+    model_id = with_seed(method, seed)  # baseline@seed0 is baseline
+    records = {record["id"]: record for record in entries(replicates=seed != 0)}
     if model_id not in records:
         close = difflib.get_close_matches(model_id, list(records), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise LayercritError(f"no model {model_id!r} in the Fashion-MNIST zoo{hint}; see 'layercrit zoo list'")
+        raise LayercritError(f"no model {model_id!r} in the Fashion-MNIST zoo{hint}; see 'layercrit zoo list' "
+                             "(seed replicates: 'layercrit zoo list --seeds')")
     record = records[model_id]
     module, pre = build_architecture(record["arch"], pretrained=False)
     if pretrained:
@@ -124,7 +162,7 @@ def resolve(model_id: str, pretrained: bool = True, *, trust_checkpoint: bool = 
     resolved = wrap_module(module.eval(), lambda: build_architecture(record["arch"], pretrained=False)[0], pre,
                            spec=f"zoo:fmnist/{model_id}")
     resolved.metadata.update({key: record.get(key) for key in
-                              ("category", "display", "accuracy", "method", "hyperparameters", "budget")})
+                              ("category", "display", "accuracy", "method", "hyperparameters", "budget", "seed")})
     return resolved
 
 
@@ -144,10 +182,11 @@ def summary(records: Sequence[dict] | None = None) -> pd.DataFrame:
             "budget": budget, "robust_accuracy": robust.get(budget) if budget else None,
             "baseline_robust_accuracy": (baseline.get("robust_accuracy") or {}).get(budget) if budget else None,
             "epochs": r["hyperparameters"].get("epochs"), "train_images": r.get("train_images"),
-            "train_min": round(r.get("train_time_s", float("nan")) / 60, 1),
+            "train_min": round(r.get("train_time_s", float("nan")) / 60, 1), "seed": r.get("seed"),
+            "precision": r["hyperparameters"].get("precision"),
         })
     table = pd.DataFrame(rows)
-    numbers = ["epochs", "train_images", "train_min", "accuracy", "probe_accuracy", "robust_accuracy",
+    numbers = ["epochs", "train_images", "train_min", "seed", "accuracy", "probe_accuracy", "robust_accuracy",
                "baseline_robust_accuracy"]
     table[numbers] = table[numbers].apply(pd.to_numeric)
     return table
@@ -176,6 +215,7 @@ def train_zoo(
     test_images: int | None = None,
     data_root: str | None = None,
     robust_images: int = 1000,
+    precision: str | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
@@ -193,11 +233,14 @@ def train_zoo(
         data_root: folder holding the Fashion-MNIST IDX files. log: receives one line per finished member.
         robust_images: the first N test images on which each member's robust accuracy is measured, under PGD-10 at
             every adversarial budget of the zoo (0: none).
+        precision: train in this precision (``fp32``, ``bf16``) instead of the recipe's; the record's
+            hyperparameters then say what was used and ``recipe_precision`` what the recipe asks for. bf16 pays only
+            on a CPU with native bf16 (AMX): on an AVX2-only CPU it is emulated and 5x slower than fp32.
 
     Returns:
         The manifest records written in this call, one row per member.
     """
-    chosen = select_recipes(methods, recipes)
+    chosen = [_in_precision(recipe, precision) for recipe in select_recipes(methods, recipes)]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +256,15 @@ def train_zoo(
             continue
         subset = torch.tensor(subset_indices(len(train_labels), recipe["train_images"], DATA_SEED))
         checkpoints = out / ".checkpoints" / file_name(recipe["id"])
-        with resumable(checkpoints) as clock:
+        key = _training_key(recipe, seed, train_images[subset], train_labels[subset])
+        problem = resume_problem(checkpoints, key)
+        if problem and not force:
+            raise LayercritError(f"zoo member {recipe['id']!r}: {problem}; --force discards it and trains the "
+                                 "member from the start")
+        if problem:
+            log(f"{recipe['id']:<16} discarding its unfinished training (--force): {problem}")
+            shutil.rmtree(checkpoints)
+        with resumable(checkpoints, key) as clock:
             module, losses = train_member(recipe, train_images[subset], train_labels[subset], device=device,
                                           seed=seed)
         seconds, cpu_seconds = clock.total()  # over every run that trained this member, if it was resumed
@@ -254,11 +305,32 @@ def probe_accuracy(net: Normalized, images: torch.Tensor, labels: torch.Tensor, 
     return accuracy(probed, test_x, test_y, device=device)
 
 
+def _in_precision(recipe: dict, precision: str | None) -> dict:
+    """``recipe`` trained in ``precision`` (None: as it is); a recipe that trains nothing by SGD is unchanged."""
+    if precision is None or "precision" not in recipe["hyperparameters"]:
+        return recipe
+    if precision not in PRECISIONS:
+        raise LayercritError(f"unknown training precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision == recipe["hyperparameters"]["precision"]:
+        return recipe
+    return {**recipe, "hyperparameters": {**recipe["hyperparameters"], "precision": precision},
+            "recipe_precision": recipe["hyperparameters"]["precision"]}
+
+
 def _finished(record: dict | None, recipe: dict, seed: int, out: Path) -> bool:
     """``record`` (from the manifest) is ``recipe`` trained with ``seed``, and its weights are there."""
     if record is None or record.get("seed") != seed or not (out / record.get("file", "")).is_file():
         return False
     return all(record.get(key) == value for key, value in copy.deepcopy(recipe).items())
+
+
+def _training_key(recipe: dict, seed: int, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Everything that defines a member's training, kept with its checkpoints so that only the same training
+    continues them: the recipe (architecture, hyperparameters), the seed, and the training images themselves."""
+    data = hashlib.sha256(images.contiguous().numpy().tobytes())
+    data.update(labels.contiguous().numpy().tobytes())
+    return {"recipe": {**copy.deepcopy(recipe), "arch": recipe.get("arch", ARCH)}, "seed": seed,
+            "data_seed": DATA_SEED, "data": data.hexdigest()[:16]}
 
 
 def _budgets(recipes: Sequence[dict]) -> dict[str, tuple[str, float]]:
