@@ -519,12 +519,13 @@ def test_layer_and_model_tables_carry_95_percent_intervals_over_resets_in_percen
     assert models.avg_criticality_ci_pct.item() == pytest.approx(t * per_trial.std(ddof=1) / np.sqrt(3))
 
 
-def test_sequential_rows_report_each_layers_own_interval_beside_the_target():
+def test_sequential_rows_report_each_layers_own_stein_interval_beside_the_target():
     rows = results({"m": {"model.conv1": [0.90, 0.91, 0.90, 0.91], "model.fc": [0.1, 0.9, 0.2, 0.8]}})
-    rows = rows.assign(target_ci=0.03, ci_looks=3, capped=rows.layer == "model.fc", n_images=50)
+    rows = rows.assign(target_ci=0.03, first_stage=3, mirror_of=np.nan, capped=rows.layer == "model.fc",
+                       n_images=50)
     layers = analysis.layer_criticality(rows).set_index("layer")
-    own = 100 * stats.t.ppf(1 - 0.05 / 6, 3) * np.std([0.90, 0.91, 0.90, 0.91], ddof=1) / 2  # 3 looks: α/3
-    assert layers.loc["model.conv1", "criticality_ci_pct"] == pytest.approx(own)
+    own = 100 * stats.t.ppf(0.975, 2) * np.std([0.90, 0.91, 0.90], ddof=1) / 2
+    assert layers.loc["model.conv1", "criticality_ci_pct"] == pytest.approx(own)  # narrower than the target
     assert own < 3.0 and (layers.target_ci_pct == 3.0).all()
     assert layers.loc["model.fc", "criticality_ci_pct"] > 3.0 and layers.loc["model.fc", "capped"]
 

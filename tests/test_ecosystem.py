@@ -515,7 +515,7 @@ def test_save_logits_of_the_sequential_design_are_indexed_by_image_in_the_pool(t
     import layercrit
 
     rows = layercrit.measure("zoo:fmnist/baseline", "fashion-mnist", images=60, layers="fc", trials=2,
-                             target_ci=0.4, max_trials=3, images_per_trial=10, save_logits=tmp_path / "logits",
+                             target_ci=0.4, max_trials=6, images_per_trial=10, save_logits=tmp_path / "logits",
                              device="cpu")
     logits = layercrit.load_logits(tmp_path / "logits")
     measured = rows[rows.layer != "original"]

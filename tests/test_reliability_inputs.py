@@ -4,6 +4,7 @@ call the shell, and diffs of results that share nothing. Each is one line on std
 answer; nothing is computed that was not asked for."""
 
 import pytest
+import torch
 import yaml
 
 import layercrit
@@ -117,8 +118,8 @@ def test_a_checkpoint_whose_pickle_calls_the_shell_gets_the_trust_checkpoint_hin
     (["--reset", "noise(bogus=1)"], "reset 'noise' takes no option 'bogus' (its options: scale, sigma, base)"),
     (["--reset", "noise(scale=0.1,base=zero,bogus=1)"], "reset 'zero' takes no option 'bogus'"),
     (["--reset", "interpolate(alpha=0.5,bogus=1)"], "reset 'rerandomize' takes no option 'bogus'"),
-    (["--target-ci", 0.1, "--images", 5, "--trials", 3], "--images=5: the sequential design (--target-ci=...) needs at least 48 "
-                                          "images, a pilot block of 16 for each of its 3 pilot trials"),
+    (["--target-ci", 0.1, "--images", 5, "--trials", 3], "--images=5: the sequential design (--target-ci=...) needs at least 96 "
+                                          "images, a pilot block of 16 for each of its 6 pilot trials"),
 ], ids=["max-trials alone", "images-per-trial alone", "top-k alone", "scale twice", "unknown noise option",
         "unknown option of the base", "unknown option of interpolate's default base", "too few images"])
 def test_options_that_would_be_silently_ignored_are_one_line_errors(tmp_path, capsys, flags, message):
@@ -127,9 +128,12 @@ def test_options_that_would_be_silently_ignored_are_one_line_errors(tmp_path, ca
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_the_sequential_design_runs_on_as_few_images_as_its_pilot_needs(tiny_model, tiny_data):
-    rows = layercrit.measure(tiny_model, tiny_data, layers="fc", trials=3, target_ci=0.5, max_trials=4)
-    assert len(tiny_data[1]) == 48 and rows.n_images.iloc[1:].min() >= 16
+def test_the_sequential_design_runs_on_as_few_images_as_its_pilot_needs(tiny_model):
+    generator = torch.Generator().manual_seed(1)  # 96 images: 3 pilot draws and their mirrors, 16 images each
+    data = (torch.randint(0, 256, (96, 1, 16, 16), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 10, (96,), generator=generator))
+    rows = layercrit.measure(tiny_model, data, layers="fc", trials=3, target_ci=0.5, max_trials=6)
+    assert rows.n_images.iloc[1:].min() >= 16
 
 
 @pytest.mark.parametrize(("keys", "message"), [
@@ -138,7 +142,7 @@ def test_the_sequential_design_runs_on_as_few_images_as_its_pilot_needs(tiny_mod
     ({"reset": ["zero", "noise(scale=0.1)"], "scale": 0.2},
      "--reset='noise(scale=0.1)' sets scale itself and the scale shorthand (0.2) sets it again"),
     ({"target_ci": 0.1, "images": 20, "trials": 2}, "--images=20: the sequential design (--target-ci=...) needs "
-                                                    "at least 32 images"),
+                                                    "at least 64 images"),
 ], ids=["max_trials alone", "top-k alone", "scale twice", "too few images"])
 def test_a_sweep_config_refuses_options_that_would_be_silently_ignored(tmp_path, capsys, keys, message):
     config = write_config(tmp_path / "sweep.yaml", **keys)

@@ -1,12 +1,15 @@
-"""The sequential design through measure(): blocks, stopping, determinism, and the rows it leaves."""
+"""The sequential design through measure(): blocks, mirrored pairs, Stein's stopping, determinism, and the rows it
+leaves."""
 
 import pandas as pd
 import pytest
 import torch
 
 import layercrit
-from layercrit.measurement.estimate import layer_table
-from layercrit.measurement.sequential import SequentialDesign
+from layercrit.measurement.estimate import layer_table, stein_half_width, stein_units
+from layercrit.measurement.layers import select_targets
+from layercrit.measurement.resets import get_reset
+from layercrit.measurement.sequential import Mirrored, SequentialDesign, mirrors, pairs_pay, unit_means
 
 
 @pytest.fixture
@@ -17,7 +20,7 @@ def pool():
 
 
 def sequential(model, data, **options):
-    options = {"layers": "conv1,conv2,fc", "trials": 3, "target_ci": 0.05, "max_trials": 15, "images": None,
+    options = {"layers": "conv1,conv2,fc", "trials": 3, "target_ci": 0.05, "max_trials": 30, "images": None,
                "batch_size": 64, **options}
     return layercrit.measure(model, data, **options)
 
@@ -25,31 +28,85 @@ def sequential(model, data, **options):
 def test_each_trial_sees_its_own_block_the_same_for_every_layer(tiny_model, pool):
     df = sequential(tiny_model, pool, images_per_trial=40)
     rows = df[df.layer != "original"]
-    pilot = SequentialDesign(0.05).pilot_size(600)  # 200: three pilot blocks cover the pool
+    pilot = SequentialDesign(0.05).pilot_size(600)  # 32 images for each of the 6 pilot trials (3 draws, 3 mirrors)
     offsets = rows.groupby("trial").image_offset.unique()
     assert all(len(o) == 1 for o in offsets)  # every layer's trial t is on the same block
-    assert [o[0] for o in offsets][:5] == [0, pilot, 2 * pilot, 3 * pilot, 3 * pilot + 40]
-    assert rows[rows.trial < 3].n_images.eq(pilot).all() and rows[rows.trial >= 3].n_images.eq(40).all()
+    assert [o[0] for o in offsets][:8] == [0, pilot, 2 * pilot, 3 * pilot, 4 * pilot, 5 * pilot, 6 * pilot,
+                                           6 * pilot + 40]
+    assert rows[rows.trial < 6].n_images.eq(pilot).all() and rows[rows.trial >= 6].n_images.eq(40).all()
 
 
-def test_layers_stop_at_the_target_or_say_they_hit_the_cap(tiny_model, pool):
+def test_each_layer_reports_its_own_stein_interval_within_the_target_or_says_it_hit_the_cap(tiny_model, pool):
     df = sequential(tiny_model, pool, images_per_trial=40)
     table = layer_table(df).set_index("layer")
     assert set(table.index) == {"model.conv1", "model.conv2", "model.fc"}
-    for _, layer in table.iterrows():
-        assert (layer.criticality_ci <= 0.05 and not layer.capped) or \
-            (layer.capped and layer.trials == 15 and layer.criticality_ci > 0.05)
-        assert layer.target_ci == 0.05  # a stopped layer reports its own interval, the target beside it
-    assert (table.trials >= 10).all() | (table.trials == 15).all()
+    for name, layer in table.iterrows():
+        rows = df[(df.layer == name) & ~df.pilot]  # the pilot chose the design; the estimate is what follows it
+        units = unit_means(rows.to_dict("records"))
+        assert layer.criticality == pytest.approx(sum(units) / len(units))
+        assert layer.criticality_ci == pytest.approx(stein_half_width(units, 20))
+        if len(units) < 20:  # the cap came before the first stage's end
+            assert layer.capped
+            continue
+        stein = stein_units(units[:20], 0.05)
+        if layer.capped:  # Stein's rule wanted more units than 30 trials hold
+            assert stein > len(units) and layer.criticality_ci > 0.05
+        else:
+            assert len(units) == stein and layer.criticality_ci <= 0.05
+    assert (table.target_ci == 0.05).all()  # each layer's own interval, the target beside it
     rows = df[df.layer != "original"]
-    assert rows.ci_looks.eq(len(SequentialDesign(0.05, max_trials=15).looks)).all()
-    assert rows.target_ci.eq(0.05).all()
+    assert rows.first_stage.eq(20).all() and rows.target_ci.eq(0.05).all() and rows.ci_looks.eq(1).all()
+    assert rows.pilot.eq(rows.trial < 6).all()
+
+
+def test_the_pilot_pairs_every_symmetric_draw_with_its_mirror(tiny_model, pool):
+    df = sequential(tiny_model, pool, images_per_trial=40)
+    pilot = df[(df.layer != "original") & (df.trial < 6)]
+    assert pilot[pilot.trial % 2 == 1].mirror_of.eq(pilot[pilot.trial % 2 == 1].trial - 1).all()
+    assert pilot[pilot.trial % 2 == 0].mirror_of.isna().all()
+    alone = sequential(tiny_model, pool, images_per_trial=40, mirror=False)
+    assert alone[alone.layer != "original"].mirror_of.isna().all()
+
+
+def test_after_the_pilot_a_layer_is_measured_in_pairs_exactly_when_its_pilot_pairs_pay(tiny_model, pool):
+    df = sequential(tiny_model, pool, images_per_trial=40)
+    for name, rows in df[df.layer != "original"].groupby("layer"):
+        pilot = rows[rows.trial < 6].sort_values("trial").criticality
+        later = rows[rows.trial >= 6]
+        paired = later[later.trial % 2 == 1].mirror_of.notna()
+        assert (paired.all() if pairs_pay(pilot) else not paired.any()), name
+
+
+def test_pairs_pay_when_mirrored_draws_are_negatively_correlated():
+    assert pairs_pay([0.2, 0.8, 0.7, 0.3, 0.4, 0.6])  # each pair averages 0.5
+    assert not pairs_pay([0.2, 0.21, 0.8, 0.79, 0.5, 0.52])  # each draw's mirror is as critical as the draw
+
+
+def test_a_mirrored_trial_is_the_negated_draw_of_the_trial_before(tiny_model):
+    model = tiny_model.model
+    reset = get_reset("rerandomize", fresh=tiny_model.fresh).bind(model)
+    conv1, fc = (select_targets(model, name)[0] for name in ("conv1", "fc"))
+    mirrored = Mirrored(reset, [conv1])
+    for name, value in mirrored.new_states(model, conv1, 5)["model.conv1"].items():
+        assert torch.equal(value, -reset.new_states(model, conv1, 4)["model.conv1"][name])
+    for name, value in mirrored.new_states(model, fc, 5)["model.fc"].items():  # not mirrored: its own draw
+        assert torch.equal(value, reset.new_states(model, fc, 5)["model.fc"][name])
+
+
+def test_only_draws_symmetric_about_zero_are_mirrored(tiny_model):
+    model = tiny_model.model
+    rerandomize = get_reset("rerandomize", fresh=tiny_model.fresh).bind(model)
+    conv, bn = (select_targets(model, name)[0] for name in ("conv1", "bn1"))
+    assert mirrors(rerandomize, model, conv)  # Kaiming-uniform weight and a uniform bias around 0
+    assert not mirrors(rerandomize, model, bn)  # a BatchNorm weight of 1 (and a running variance of 1)
+    assert not mirrors(get_reset("zero"), model, conv)  # not random
+    assert not mirrors(get_reset("noise", scale=0.1), model, conv)  # noise around the trained weights
 
 
 def test_a_layers_trials_do_not_depend_on_which_other_layers_run(tiny_model, pool):
     together = sequential(tiny_model, pool, images_per_trial=40)
     alone = sequential(tiny_model, pool, images_per_trial=40, layers="conv2")
-    columns = ["trial", "image_offset", "n_images", "criticality", "top1_acc"]
+    columns = ["trial", "image_offset", "n_images", "mirror_of", "criticality", "top1_acc"]
     a = together[together.layer == "model.conv2"][columns].reset_index(drop=True)
     b = alone[alone.layer == "model.conv2"][columns].reset_index(drop=True)
     assert a.equals(b)
@@ -59,7 +116,7 @@ def test_the_same_spec_gives_the_same_rows(tiny_model, pool):
     first, second = sequential(tiny_model, pool), sequential(tiny_model, pool)
     assert first.drop(columns="layercrit_version").equals(second.drop(columns="layercrit_version"))
     # Cochran's rule chose the block size from the pilot: every post-pilot trial has the same size
-    post = first[(first.layer != "original") & (first.trial >= 3)]
+    post = first[(first.layer != "original") & (first.trial >= 6)]
     assert post.n_images.nunique() <= 1
 
 
@@ -67,7 +124,7 @@ def test_the_original_row_pools_every_block_evaluated(tiny_model, pool):
     df = sequential(tiny_model, pool, images_per_trial=40)
     original = df[df.layer == "original"].iloc[0]
     trials = int(df.trial.max()) + 1
-    assert original.n_images == 3 * 200 + (trials - 3) * 40
+    assert original.n_images == 6 * 32 + (trials - 6) * 40
     full = layercrit.measure(tiny_model, pool, layers="fc", trials=1, images=None)
     assert original.top1_acc == pytest.approx(full[full.layer == "original"].top1_acc.item(), abs=15)
 
@@ -76,13 +133,14 @@ def test_the_fixed_design_rows_say_so(tiny_model, pool):
     df = layercrit.measure(tiny_model, pool, layers="fc", trials=2, images=100)
     rows = df[df.layer != "original"]
     assert rows.image_offset.eq(0).all() and rows.ci_looks.eq(1).all() and not rows.capped.any()
-    assert rows.target_ci.isna().all()
+    assert rows.target_ci.isna().all() and rows.mirror_of.isna().all() and rows.first_stage.isna().all()
+    assert not rows.pilot.any()
 
 
 @pytest.mark.parametrize("options, message", [
     ({"target_ci": 1.5}, "target_ci"),
     ({"target_ci": 0.05, "trials": 1}, "trials >= 2"),
-    ({"target_ci": 0.05, "max_trials": 2}, "max_trials"),
+    ({"target_ci": 0.05, "max_trials": 5}, "max_trials=5: give at least twice trials"),
     ({"target_ci": 0.05, "images_per_trial": 0}, "images_per_trial"),
     ({"target_ci": 0.05, "trials": [1, 2]}, "trials as a number"),
 ])
@@ -96,7 +154,7 @@ def test_run_writes_layers_csv_and_prints_each_layers_interval(tmp_path, capsys)
 
     out = tmp_path / "seq"
     code = main(["run", "--model", "zoo:fmnist/baseline", "--data", "fashion-mnist", "--images", "300",
-                 "--layers", "conv1,fc", "--target-ci", "0.1", "--max-trials", "12", "--device", "cpu",
+                 "--layers", "conv1,fc", "--target-ci", "0.1", "--max-trials", "24", "--device", "cpu",
                  "--out", str(out), "--quiet"])
     assert code == 0
     layers = pd.read_csv(out / "layers.csv")
@@ -112,7 +170,7 @@ def test_run_writes_layers_csv_and_prints_each_layers_interval(tmp_path, capsys)
 @pytest.mark.parametrize("argv, fragment", [
     (["--target-ci", "0"], "--target-ci=0.0: give a half-width as a fraction of 1"),
     (["--target-ci", "0.05", "--max-trials", "0"], "--max-trials"),
-    (["--target-ci", "0.05", "--max-trials", "2"], "--max-trials=2: give at least trials (3)"),
+    (["--target-ci", "0.05", "--max-trials", "2"], "--max-trials=2: give at least twice trials (6, the pilot)"),
     (["--target-ci", "0.05", "--images-per-trial", "-4"], "--images-per-trial"),
     (["--save-logits", "--save-logits-top-k", "0"], "--save-logits-top-k"),
 ])

@@ -156,6 +156,8 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-trials", type=_positive_int, help="with --target-ci: most trials per layer (100)")
     g.add_argument("--images-per-trial", type=_positive_int, help="with --target-ci: images per trial after the pilot "
                    "(default: Cochran's rule on the pilot's variance components)")
+    g.add_argument("--no-mirror", dest="mirror", action="store_false", help="with --target-ci: single reset draws only "
+                   "(default: mirrored pairs W, -W where the init is symmetric and the pilot shows they pay)")
     o = p.add_argument_group("outputs")
     o.add_argument("--save-logits", action="store_true", help="keep every evaluation's logits in OUT/logits (float16; "
                    "read with layercrit.load_logits); 10,000 images x 1,000 classes x 163 evaluations is ~3 GB")

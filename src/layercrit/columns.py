@@ -13,6 +13,6 @@ META_COLUMNS = ("computed_in_trial", "kernel", "seed", "data_id", "n_skipped", "
                 "layercrit_version")
 # Which images a trial saw and how its layer's interval was made (see layercrit.measurement.estimate): the fixed design's rows
 # all start at image 0 and look once.
-DESIGN_COLUMNS = ("image_offset", "target_ci", "ci_looks", "capped")
+DESIGN_COLUMNS = ("image_offset", "mirror_of", "pilot", "target_ci", "first_stage", "ci_looks", "capped")
 # Block Influence and angular distance of transformer block targets (layercrit.measurement.proxies); NaN elsewhere.
 COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *PROXY_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS)

@@ -46,6 +46,7 @@ class Experiment:
     target_ci: float | None = None  # the sequential design
     max_trials: int = 100
     images_per_trial: int | None = None
+    mirror: bool = True  # the sequential design: mirrored pairs of draws where the pilot shows they pay
     # engine
     engine: str = "fast"
     precision: str = "fp32"
@@ -78,7 +79,7 @@ class Experiment:
             "engine": self.engine, "precision": self.precision, "max_cache_mb": self.max_cache_mb,
             "compile": self.compile, "channels_last": False if self.exact else None,
             "fold_bn": False if self.exact else None, "target_ci": self.target_ci, "max_trials": self.max_trials,
-            "images_per_trial": self.images_per_trial, "image_target_ci": self.image_target_ci,
+            "images_per_trial": self.images_per_trial, "mirror": self.mirror, "image_target_ci": self.image_target_ci,
             "save_logits_top_k": self.save_logits_top_k, "log_batches": self.log_batches, "task": self.task,
         }
 

@@ -26,6 +26,11 @@ Every aggregate is a linear contrast ``θ = Σ_u c_u μ_u`` of *units* ``u`` (a 
 * **Bounds.** Criticality lies in [0, 1], so a contrast lies in ``[Σ min(c_u, 0), Σ max(c_u, 0)]``; the interval's
   ends are clipped to that range (which keeps its coverage), and ``half_width`` stays the symmetric one.
 
+The units of the sequential design are those of each layer's own interval
+(:func:`layercrit.measurement.estimate.unit_rows`): its pilot is left out and a mirrored pair of draws is one trial,
+keyed by its first draw and block (the dependence through images between a pair and another layer's two single
+draws on the same blocks is left out; the images' share of a trial's variance is small).
+
 A deterministic reset (``zero``: later trials copy the first, ``computed_in_trial``) is a constant with no spread
 over resets. Units with a single draw of a random reset have no variance estimate: the interval is NaN.
 """
@@ -41,7 +46,7 @@ import pandas as pd
 from scipy import stats
 
 from ..errors import LayercritError
-from .estimate import ALPHA, draws
+from .estimate import ALPHA, draws, unit_rows
 
 KEY_COLUMNS = ("seed", "trial", "image_offset", "n_images", "data_id")
 """What a trial row shares with other units' rows: its reset draw and its images."""
@@ -81,7 +86,7 @@ class Trials:
         rows = rows[rows.layer != "original"] if "layer" in rows else rows
         if rows.empty:
             raise LayercritError("no trial rows to aggregate: measure some layers first")
-        rows = rows.reset_index(drop=True)
+        rows = unit_rows(rows, unit, value).reset_index(drop=True)  # the sequential design's units, as per layer
         unit_of_row = rows.groupby(unit, sort=False, dropna=False).ngroup().to_numpy()
         first = rows.iloc[np.unique(unit_of_row, return_index=True)[1]]
         # units in order of appearance; with one column, its values (not 1-tuples)

@@ -10,20 +10,23 @@ estimate is the mean of the trial means, and the interval is a Student-t interva
   (whose own sampling error is small at 10,000 images) and honest about the resets: with 3 trials the t quantile
   is 4.30, so intervals are wide when resets disagree. A deterministic reset (``zero``) computed once has no
   spread over resets: its interval is 0.
-* **Sequential design** (``target_ci = H``; see :mod:`layercrit.measurement.sequential`). Each trial has its own block of
-  images, so the interval covers image sampling too. The stopping rule looks at the interval only at the trial
-  counts of a fixed schedule (:func:`look_schedule`, ``K`` looks) and splits the error rate over them
-  (Bonferroni: ``t(1 - α/(2K), n-1)``); the intervals at all ``K`` looks then hold together with probability
-  ≥ 1 − α when trial means are normal, so the interval at a data-dependent stop keeps its level. A layer stops
-  once that interval is ±H or narrower, and is reported with that interval, its own (not ± H: most layers stop
-  well inside H, and reporting H would widen every aggregate of them); the target is a separate column. A layer
-  that reaches ``max_trials`` first is marked ``capped``. A simulation over bounded reset distributions of the
-  shapes measured on real layers (skewed, rare outliers; tests/test_estimate.py) measures the coverage.
-  ``ci_looks`` in the rows is ``K`` (1 for the fixed design).
+* **Sequential design** (``target_ci = H``; see :mod:`layercrit.measurement.sequential`). Each trial has its own
+  block of images, so the interval covers image sampling too. The i.i.d. units are single draws, or mirrored pairs
+  of draws (``W`` and ``-W``, rows with ``mirror_of``) whose mean is one unit; the pilot's rows (``pilot``) chose
+  the design and are left out. Stein's two-stage procedure: the first ``first_stage`` units' spread ``s`` fixes
+  the number of units ``n`` in advance of the rest
+  (:func:`stein_units`), and the interval is ``mean ± t(0.975, first_stage - 1) · s / sqrt(n)`` over all ``n`` unit
+  means (:func:`stein_half_width`), exact under normality at a data-dependent ``n`` because ``n`` depends on ``s``
+  alone. It is the layer's own interval: at most ±H, unless the layer reached ``max_trials`` first (``capped``).
+  A simulation on reset distributions measured on the zoo's layers (skewed ones included; tests/test_estimate.py)
+  measures its coverage. Results of the earlier sequential design (looks on a schedule) carry ``ci_looks = K`` and
+  get the t-interval at level α/K (Bonferroni) over their trials.
 
 Rows carry what the estimator needs, so tables can be rebuilt from any results file: ``criticality``,
-``computed_in_trial`` (copies of a deterministic reset are not new draws), ``n_images`` and ``ci_looks``. Aggregates
-over layers (a stage's or a model's mean, differences) are :mod:`layercrit.measurement.aggregate`'s.
+``computed_in_trial`` (copies of a deterministic reset are not new draws), ``n_images``, ``mirror_of``,
+``pilot``, ``first_stage`` and ``ci_looks``. A layer reports its own interval (not ±H: most layers stop well
+inside H, and reporting H would widen every aggregate of them); the target is a separate column. Aggregates over
+layers (a stage's or a model's mean, differences) are :mod:`layercrit.measurement.aggregate`'s, over the same units.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import pandas as pd
 from scipy import stats
 
 ALPHA = 0.05  # every interval in layercrit is at 95%
-LOOK_GROWTH = 1.5  # the sequential design looks at n, 1.5 n, 2.25 n, ... trials
 
 
 def half_width(values: Sequence[float], looks: int = 1, alpha: float = ALPHA) -> float:
@@ -53,13 +55,22 @@ def half_width(values: Sequence[float], looks: int = 1, alpha: float = ALPHA) ->
     return float(stats.t.ppf(1 - alpha / (2 * looks), len(x) - 1) * s / math.sqrt(len(x)))
 
 
-def look_schedule(min_trials: int, max_trials: int, growth: float = LOOK_GROWTH) -> list[int]:
-    """Trial counts at which the sequential design looks at a layer's interval: ``min_trials``, then ×``growth``
-    (rounded up), ending with ``max_trials``."""
-    looks = [max(min_trials, 2)]
-    while looks[-1] < max_trials:
-        looks.append(min(max_trials, max(looks[-1] + 1, math.ceil(looks[-1] * growth))))
-    return looks
+def stein_units(first_stage: Sequence[float], target: float, alpha: float = ALPHA) -> int:
+    """Stein's number of units for a half-width of ``target``: ``max(k, ceil((t · s / target)²))`` from the first
+    stage's ``k`` unit means (``s`` their standard deviation, ``t = t(1 − α/2, k − 1)``)."""
+    k = len(first_stage)
+    s = float(np.std(first_stage, ddof=1))
+    return max(k, math.ceil((stats.t.ppf(1 - alpha / 2, k - 1) * s / target) ** 2 - 1e-9))
+
+
+def stein_half_width(units: Sequence[float], first_stage: int, alpha: float = ALPHA) -> float:
+    """Half-width of Stein's interval over ``units`` (unit means in order), whose first ``first_stage`` set their
+    number: ``t(1 − α/2, first_stage − 1) · s_first / sqrt(len(units))``. With fewer units than ``first_stage`` (a
+    trial cap came first), the plain t-interval over them."""
+    if len(units) < first_stage:
+        return half_width(units)
+    s = float(np.std(units[:first_stage], ddof=1))
+    return float(stats.t.ppf(1 - alpha / 2, first_stage - 1) * s / math.sqrt(len(units)))
 
 
 def images_per_trial(within_var: Sequence[float], between_var: Sequence[float], *, pilot_images: int,
@@ -82,15 +93,16 @@ def images_per_trial(within_var: Sequence[float], between_var: Sequence[float], 
 
 def layer_table(rows: pd.DataFrame, by: Sequence[str] | None = None, *, value: str = "criticality") -> pd.DataFrame:
     """Per layer: ``criticality`` (mean over reset draws, fraction), ``criticality_ci`` (the 95% half-width of the
-    layer's own t-interval over its draws, at the design's level, see the module docstring),
-    ``criticality_low``/``criticality_high`` (the interval's ends, clipped to [0, 1] for criticality: the estimand
-    cannot leave it), ``target_ci`` (the sequential design's target ±H, NaN for the fixed design), ``trials`` (reset
-    draws), ``images`` (image-forwards spent on the layer), and ``capped`` (the sequential design stopped at its
+    layer's own interval over its units, see the module docstring), ``criticality_low``/``criticality_high`` (the
+    interval's ends, clipped to [0, 1] for criticality: the estimand cannot leave it), ``target_ci`` (the
+    sequential design's target ±H, NaN for the fixed design), ``trials`` (evaluations: reset draws and their
+    mirrors), ``images`` (image-forwards spent on the layer), and ``capped`` (the sequential design stopped at its
     trial cap before reaching its target).
 
     ``by`` are the grouping columns above ``layer`` (default: those of ``model_id``, ``reset``, ``alpha`` present).
-    ``value`` is the column to estimate (another metric, in its own units, not clipped: the sequential design's
-    target applies to ``criticality`` only). Layers keep the order of their first row. Results without the design
+    ``value`` is the column to estimate (another metric, in its own units, not clipped: the sequential design chose
+    its number of units for ``criticality``, so Stein's interval applies to it only; other metrics get the
+    t-interval over the same units). Layers keep the order of their first row. Results without the design
     columns (the paper's CSV) are read as the fixed design.
     """
     by = _grouping(rows, by)
@@ -101,10 +113,14 @@ def layer_table(rows: pd.DataFrame, by: Sequence[str] | None = None, *, value: s
     out = []
     for key, group in rows[rows.layer != "original"].groupby([*by, "layer"], sort=False, dropna=False):
         drawn = draws(group)
-        mean = float(drawn[value].mean())
-        width = half_width(drawn[value], looks_of(group))
+        units = estimate_units(drawn, value)
+        if _stein(group) and value == "criticality":
+            width = stein_half_width(units, int(group.first_stage.max()))
+        else:  # the fixed design; another metric; or a result of the earlier sequential design (K looks)
+            width = half_width(units, looks_of(group))
         if len(drawn) == 1 and len(group) > 1:
             width = 0.0  # a deterministic reset: every trial is this one computation
+        mean = float(np.mean(units))
         low, high = mean - width, mean + width
         if value == "criticality":
             low, high = max(low, 0.0), min(high, 1.0)
@@ -134,6 +150,58 @@ def draws(group: pd.DataFrame) -> pd.DataFrame:
     if "computed_in_trial" not in group:
         return group
     return group[group.computed_in_trial.fillna(group.trial) == group.trial]
+
+
+def estimate_units(drawn: pd.DataFrame, value: str) -> list[float]:
+    """The i.i.d. units' means in trial order: a mirrored pair's mean (the draw and the row with its
+    ``mirror_of``), or one draw's value; the sequential design's pilot rows are left out (:func:`_estimated`)."""
+    drawn = _estimated(drawn)
+    if "mirror_of" not in drawn or drawn.mirror_of.isna().all():
+        return drawn[value].tolist()
+    units, index = np.unique(drawn.mirror_of.fillna(drawn.trial).to_numpy(dtype=np.int64), return_inverse=True)
+    values = drawn[value].to_numpy(dtype=np.float64)
+    return (np.bincount(index, values) / np.bincount(index)).tolist()
+
+
+def unit_rows(rows: pd.DataFrame, unit: Sequence[str], value: str) -> pd.DataFrame:
+    """The rows as the estimate's units, for estimators that work on rows (:mod:`layercrit.measurement.aggregate`):
+    the sequential design's pilot rows left out (per ``unit``, unless nothing follows them), and a mirrored pair as
+    one row, the first draw's, holding the pair's mean ``value`` and both rows' ``n_images``."""
+    unit = list(unit)
+    if "pilot" in rows and rows.pilot.fillna(False).astype(bool).any():
+        pilot = rows.pilot.fillna(False).astype(bool)
+        after = (~pilot).groupby([rows[c] for c in unit], sort=False, dropna=False).transform("sum")
+        rows = rows[~(pilot & (after > 0))]
+    if "mirror_of" not in rows or rows.mirror_of.isna().all():
+        return rows
+    if "n_images" not in rows:
+        rows = rows.assign(n_images=0)
+    mirrored = rows.mirror_of.notna()
+    second = rows[mirrored]
+    partner = {(*key, int(trial)): (v, n) for *key, trial, v, n in
+               second[[*unit, "mirror_of", value, "n_images"]].itertuples(index=False, name=None)}
+    first = rows[~mirrored].copy()
+    found = [partner.get((*key, int(trial))) for *key, trial in first[[*unit, "trial"]].itertuples(index=False, name=None)]
+    has = np.array([f is not None for f in found], dtype=bool)
+    if has.any():
+        first.loc[has, value] = (first.loc[has, value].to_numpy(np.float64)
+                                 + np.array([f[0] for f in found if f is not None], dtype=np.float64)) / 2
+        first.loc[has, "n_images"] = (first.loc[has, "n_images"].to_numpy()
+                                      + np.array([f[1] for f in found if f is not None]))
+    return first
+
+
+def _estimated(drawn: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the estimate: the sequential design's pilot sets the design and is left out, unless the trial
+    cap left nothing after it."""
+    if "pilot" not in drawn or not drawn.pilot.fillna(False).astype(bool).any():
+        return drawn
+    after = drawn[~drawn.pilot.fillna(False).astype(bool)]
+    return after if len(after) else drawn
+
+
+def _stein(group: pd.DataFrame) -> bool:
+    return "first_stage" in group and group.first_stage.notna().any()
 
 
 def looks_of(group: pd.DataFrame) -> int:

@@ -73,6 +73,7 @@ def measure(
     target_ci: float | None = None,
     max_trials: int = 100,
     images_per_trial: int | None = None,
+    mirror: bool = True,
     image_target_ci: float | None = None,
     memo: dict | None = None,
     save_logits: str | Path | None = None,
@@ -128,10 +129,11 @@ def measure(
             without ``compile``, off for the naive one); last bits only, like ``channels_last``. With both off the
             fast engine's results equal the naive engine's bit for bit.
         target_ci: the sequential design (:mod:`layercrit.measurement.sequential`): estimate every layer's expected criticality
-            over resets and images to ± this (fraction) at 95%, each trial a new reset draw on its own block of
-            images, ``trials`` of them at least and ``max_trials`` at most; ``images_per_trial`` sets the block
-            size after the pilot (default: Cochran's rule on the pilot). Default None: the paper's fixed design,
-            every trial on all ``images``.
+            over resets and images to ± this (fraction) at 95% (Stein's two-stage procedure), each trial a reset
+            draw or its mirror on its own block of images: a pilot of ``trials`` draws (each with its mirror, or
+            another draw), ``max_trials`` at most; ``images_per_trial`` sets the block size after the pilot
+            (default: Cochran's rule on the pilot); ``mirror=False``: single draws only, no mirrored pairs.
+            Default None: the paper's fixed design, every trial on all ``images``.
         image_target_ci: stop evaluating a (layer, trial) once the 95% confidence sequences of its criticality and
             top-1 over images (fractions) are narrower than ± this; rows then report their own ``n_images``,
             ``criticality_ci`` and ``top1_ci``. Images are always taken in the same order.
@@ -214,7 +216,8 @@ def measure(
                                    channels_last=channels_last, fold_bn=fold_bn,
                                    image_target_ci=image_target_ci)
     design = None if target_ci is None else SequentialDesign(
-        target_ci, min_trials=len(trial_ids), max_trials=max_trials, images_per_trial=images_per_trial)
+        target_ci, min_trials=len(trial_ids), max_trials=max_trials, images_per_trial=images_per_trial,
+        mirror=mirror)
     if design is not None and (log_batches or per_class is not None):
         raise LayercritError(f"target_ci={target_ci}: log_batches and per_class follow the paper's fixed design: "
                              "leave out target_ci (or them)")
@@ -253,7 +256,8 @@ def measure(
                  *META_COLUMNS, *DESIGN_COLUMNS]
 
         def frame(rows: list[dict], labels=labels, order=order, breakdown=breakdown) -> pd.DataFrame:
-            fixed = {"image_offset": 0, "target_ci": float("nan"), "ci_looks": 1, "capped": False}
+            fixed = {"image_offset": 0, "mirror_of": float("nan"), "pilot": False, "target_ci": float("nan"),
+                     "first_stage": float("nan"), "ci_looks": 1, "capped": False}
             nan = dict.fromkeys(PROXY_COLUMNS, float("nan"))
             return pd.DataFrame([{**labels, **fixed, **row, **proxies.get(row["layer"], nan),
                                   "kernel": kernels.get(row["layer"]),

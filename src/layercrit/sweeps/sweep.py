@@ -173,7 +173,7 @@ class SweepConfig(Experiment):
                                      f"--{name.replace('_', '-')}'")
         if self.sequential:
             design = SequentialDesign(self.target_ci, min_trials=self.trials, max_trials=self.max_trials,
-                                      images_per_trial=self.images_per_trial)
+                                      images_per_trial=self.images_per_trial, mirror=self.mirror)
             if self.images is not None:
                 try:
                     design.check_pool(self.images)
