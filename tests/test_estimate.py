@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from layercrit.measurement.aggregate import model_table
+from layercrit.measurement.aggregate import Trials, model_table
 from layercrit.measurement.estimate import (
     half_width,
     images_per_trial,
@@ -243,3 +243,16 @@ def test_the_papers_three_trial_interval_undercovers_on_skewed_layers(distributi
                         "covered": float((np.abs(draws.mean(axis=1) - truth) <= width).mean())})
     covered = pd.DataFrame(covered).groupby("skewed").covered.mean()
     assert covered[True] < 0.94 and covered[True] < covered[False]
+
+
+def test_an_aggregate_of_one_sequential_layer_uses_the_units_of_its_own_interval():
+    # the pilot left out and each mirrored pair one trial, as in the layer's own estimate; otherwise the aggregate
+    # would count the pilot's draws and treat a draw and its mirror as independent
+    values = [0.9, 0.9, 0.2, 0.6, 0.5, 0.3, 0.1, 0.7]
+    rows = _rows(values, mirror_of=[None, 0, None, 2, None, 4, None, None], pilot=[True, True] + [False] * 6,
+                 first_stage=3, target_ci=0.1, seed=0, image_offset=[100 * t for t in range(8)])
+    units = [0.4, 0.4, 0.1, 0.7]
+    estimate = Trials(rows).estimate({("m", "conv1"): 1.0})
+    assert estimate.value == pytest.approx(layer_table(rows).criticality.item())
+    assert estimate.half_width == pytest.approx(half_width(units))
+    assert estimate.df == pytest.approx(len(units) - 1)
