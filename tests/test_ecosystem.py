@@ -514,7 +514,7 @@ def test_save_logits_keeps_every_evaluation_and_agrees_with_the_rows(tmp_path):
 def test_save_logits_of_the_sequential_design_are_indexed_by_image_in_the_pool(tmp_path):
     import layercrit
 
-    rows = layercrit.measure("zoo:fmnist/baseline", "fashion-mnist", images=60, layers="fc", trials=2,
+    rows = layercrit.measure("zoo:fmnist/baseline", "fashion-mnist", images=80, layers="fc", trials=2,
                              target_ci=0.4, max_trials=6, images_per_trial=10, save_logits=tmp_path / "logits",
                              device="cpu")
     logits = layercrit.load_logits(tmp_path / "logits")

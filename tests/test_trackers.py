@@ -7,6 +7,7 @@ import struct
 import time
 
 import pandas as pd
+import torch
 import pytest
 
 from layercrit import cli, measure
@@ -154,7 +155,9 @@ def test_the_sequential_design_logs_its_layers_only_when_the_run_ends(tiny_model
     pytest.importorskip("tensorboard")
     tracker = Tracker("tensorboard", out=tmp_path, sequential=True)
     tracker.backend = recorder = Recorder()
-    df = measure(tiny_model, tiny_data, images=None, layers="fc", trials=3, target_ci=0.5, max_trials=6,
+    images, labels = tiny_data
+    twice = (torch.cat([images, images]), torch.cat([labels, labels]))  # the pilot's 6 blocks of 16 images
+    df = measure(tiny_model, twice, images=None, layers="fc", trials=3, target_ci=0.5, max_trials=6,
                  images_per_trial=16, on_rows=tracker)
     assert recorder.steps == []  # its intervals change with every trial
     tracker.close(df)

@@ -176,7 +176,7 @@ def unit_rows(rows: pd.DataFrame, unit: Sequence[str], value: str) -> pd.DataFra
         return rows
     if "n_images" not in rows:
         rows = rows.assign(n_images=0)
-    mirrored = rows.mirror_of.notna()
+    mirrored = rows.mirror_of.notna() & (rows.mirror_of != rows.trial)  # a row that mirrors an earlier trial's draw
     second = rows[mirrored]
     partner = {(*key, int(trial)): (v, n) for *key, trial, v, n in
                second[[*unit, "mirror_of", value, "n_images"]].itertuples(index=False, name=None)}
