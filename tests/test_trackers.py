@@ -7,8 +7,8 @@ import struct
 import time
 
 import pandas as pd
-import torch
 import pytest
+import torch
 
 from layercrit import cli, measure
 from layercrit.errors import LayercritError
