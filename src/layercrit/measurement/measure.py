@@ -27,7 +27,7 @@ from .logits import LogitsWriter
 from .proxies import block_proxies, block_spans
 from .resets import Reset, get_reset
 from .sequential import SequentialDesign
-from .tasks import DEFAULT_TASK, TASKS, Task, get_task
+from .tasks import DEFAULT_TASK, PROBE_EXAMPLES, TASKS, Task, get_task
 
 
 def measure(
@@ -200,7 +200,7 @@ def measure(
         raise LayercritError(f"trials={trials!r}: give at least 1 (or trial numbers >= 0)")
     if batch_size is None:  # on a GPU, start at the paper's 500 and halve on out-of-memory
         batch_size = 500 if device.startswith("cuda") else 100
-    task.probe(resolved.model, evalset, device, batch_size)
+    task.probe(resolved.model, evalset, device, min(batch_size, PROBE_EXAMPLES))
     targets = select_targets(resolved.model, layers, groups=groups, cumulative=cumulative)
     if isinstance(reset, Reset) and (reset_options or bn != "keep" or bn_batches is not None):
         raise LayercritError("reset is a Reset object: give its options (and bn) to the object, not to measure()")

@@ -75,6 +75,9 @@ def take(inputs: Any, index: slice | torch.Tensor) -> Any:
     return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) else t, inputs)
 
 
+PROBE_EXAMPLES = 8  # few enough to fit wherever a batch of the run will (the engine halves its batch when out of memory)
+
+
 class Task:
     """The default task: tensors in (examples first), a tensor of class logits per example out."""
 
@@ -108,7 +111,8 @@ class Task:
         with torch.no_grad():
             logits, truth = self.predictions(self.call(model.to(device), x), x, evalset.labels[part])
         classes = logits.shape[-1]
-        counted = truth[truth >= 0]
+        labels = evalset.labels if isinstance(evalset.labels, torch.Tensor) and evalset.labels.ndim == 1 else truth
+        counted = labels[labels >= 0]  # every label, not only the probed examples'
         top = int(counted.max()) if len(counted) else -1
         if top >= classes:
             raise LayercritError(
