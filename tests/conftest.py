@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from layercrit.measurement.engine import keep_freed_memory
 from layercrit.models import Preprocessing, wrap_module
 
 torch.set_num_threads(1)
+keep_freed_memory()  # as the command line does (a library call leaves the allocator alone): the tests measure a lot
 
 
 class TinyCNN(nn.Module):
@@ -31,12 +33,6 @@ class TinyCNN(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         _ = self.unused(x)
         return self.fc(self.pool(self.relu(self.conv2(x))).flatten(1))
-
-
-def tiny_factory(seed: int = 0):
-    def build():
-        return TinyCNN()
-    return build
 
 
 @pytest.fixture

@@ -77,7 +77,7 @@ def reference(tmp_path_factory):
     ({"models": [{"id": "x", "spec": "s"}, {"id": "x", "spec": "t"}]}, r"model id 'x' appears twice"),
     ({"models": [{"id": "x", "spec": "s", "top1_acc": 76}]}, r"uses result column name\(s\) top1_acc as metadata"),
     ({"reset": ["rerandomize", "shuffle"]}, r"unknown reset 'shuffle'; use one or a list of rerandomize, zero"),
-    ({"trials": 0}, r"trials must be at least 1"),
+    ({"trials": 0}, r"trials=0: give at least 1"),
     ({"images": "many"}, r"images must be int or null, not 'many'"),
     ({"engine": "turbo"}, r"unknown engine 'turbo'"),
 ])

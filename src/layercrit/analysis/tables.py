@@ -433,11 +433,13 @@ ORDERS = ("notebook", "metadata")
 REGISTRY_ZOOS = ("paper", "fmnist")
 
 
-def registry_meta(model_ids: Sequence[str]) -> pd.DataFrame:
-    """What the bundled zoos' records say about these model ids (:func:`layercrit.zoo.entries`).
+def registry_meta(model_ids: Sequence[str], specs: dict[str, str] | None = None) -> pd.DataFrame:
+    """What the bundled zoos' records say about these models (:func:`layercrit.zoo.entries`).
 
-    A spec ``zoo:ZOO/ID`` is looked up in its zoo; a plain id in every zoo, and used only when exactly one zoo has
-    it. A zoo that cannot be read (the Fashion-MNIST zoo when it is not installed) is skipped.
+    A model is matched by its spec (``specs[model_id]``, the rows' ``model_spec``): ``zoo:ZOO/ID`` is looked up in
+    its zoo, and any other spec (a user's checkpoint, whatever its id) matches nothing. Without a spec (the paper's
+    CSV format), the id itself: ``zoo:ZOO/ID`` in its zoo, a plain id in every zoo, used only when exactly one zoo
+    has it. A zoo that cannot be read (the Fashion-MNIST zoo when it is not installed) is skipped.
 
     Returns:
         Columns ``model_id``, :data:`META_FIELDS` and ``registry`` (``zoo:paper``, ``zoo:fmnist``), one row per
@@ -453,9 +455,13 @@ def registry_meta(model_ids: Sequence[str]) -> pd.DataFrame:
             continue
     rows = []
     for model_id in dict.fromkeys(map(str, model_ids)):
-        zoo_name, _, plain = model_id.removeprefix("zoo:").partition("/")
-        if model_id.startswith("zoo:"):
+        spec = (specs or {}).get(model_id)
+        key = str(spec) if isinstance(spec, str) and spec else model_id
+        zoo_name, _, plain = key.removeprefix("zoo:").partition("/")
+        if key.startswith("zoo:"):
             owners = [zoo_name] if plain in records.get(zoo_name, {}) else []
+        elif key != model_id:
+            owners = []  # a spec outside the zoos: the id is the user's own name
         else:
             plain, owners = model_id, [name for name, known in records.items() if model_id in known]
         if len(owners) == 1:
@@ -478,7 +484,9 @@ def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, 
     models.insert(2, "avg_criticality_ci_pct", models["model_id"].map(intervals))
     models = models.merge(meta, on="model_id", how="left")
     from_meta = models["accuracy"].notna()
-    known = registry_meta(models["model_id"]) if registry else registry_meta([])
+    specs = (results.dropna(subset=["model_spec"]).groupby("model_id", sort=False)["model_spec"].first().to_dict()
+             if "model_spec" in results.columns else {})
+    known = registry_meta(models["model_id"], specs) if registry else registry_meta([])
     models = _with_registry(models, known)
     from_registry = models["accuracy"].notna() & ~from_meta
     models["category"] = [str(c) if pd.notna(c) else OTHER for c in models["category"]]

@@ -19,14 +19,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import LayercritError
+from ..spec import DEFAULT_LAYERS
 
 KINDS: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
-    "linear": (nn.Linear,),
+    "linear": (nn.Linear,),  # and transformers' Conv1D (GPT-2's linear layers), recognised by name: see _is_kind
     "bn": (_BatchNorm,),
     "ln": (nn.LayerNorm, nn.GroupNorm),
 }
-DEFAULT_LAYERS = "conv,linear"
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,18 @@ _INDEXED = re.compile(r"\d$")  # children named like a position: 0, layer3, s2, 
 def select_layers(model: nn.Module, layers: str | list[str] = DEFAULT_LAYERS) -> list[str]:
     """Names of the modules selected by ``layers``, in network (registration) order.
 
-    ``layers`` is a comma list (or list) of kinds — ``conv`` (Conv1d/2d/3d), ``linear``, ``bn`` (BatchNorm*),
-    ``ln`` (LayerNorm/GroupNorm) — and/or glob patterns over module names (``layer4.*``, ``model.fc``). Patterns
-    may leave out the ``model.`` prefix of the normalising wrapper. A pattern that selects nothing is an error.
+    ``layers`` is a comma list (or list) of kinds — ``conv`` (Conv1d/2d/3d), ``linear`` (Linear, transformers'
+    Conv1D), ``bn`` (BatchNorm*), ``ln`` (LayerNorm/GroupNorm) — and/or glob patterns over module names
+    (``layer4.*``, ``model.fc``). Patterns may leave out the ``model.`` prefix of the normalising wrapper. A pattern
+    that selects nothing is an error, except in the default (``conv,linear``), which takes the kinds the model has
+    (an MLP: its linear layers).
     """
     patterns = [p.strip() for p in (layers.split(",") if isinstance(layers, str) else layers) if p.strip()]
     if not patterns:
         raise LayercritError(f"layers={layers!r}: give kinds (conv, linear, bn, ln) and/or name globs, e.g. layers='conv,linear'")
     modules = [(name, module) for name, module in model.named_modules() if name]
+    if layers == DEFAULT_LAYERS:
+        patterns = [kind for kind in patterns if _match(kind, modules)] or patterns
     chosen: set[str] = set()
     for pattern in patterns:
         matched = _match(pattern, modules)
@@ -71,11 +75,20 @@ def select_layers(model: nn.Module, layers: str | list[str] = DEFAULT_LAYERS) ->
 
 def _match(pattern: str, modules: list[tuple[str, nn.Module]]) -> set[str]:
     if pattern in KINDS:
-        return {name for name, module in modules if isinstance(module, KINDS[pattern]) and _has_state(module)}
+        return {name for name, module in modules if _is_kind(module, pattern) and _has_state(module)}
     return {
         name for name, module in modules
         if (fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(_short(name), pattern)) and _has_state(module)
     }
+
+
+def _is_kind(module: nn.Module, kind: str) -> bool:
+    """``module`` is of ``kind``; transformers' ``Conv1D`` (a linear layer with its weight transposed, GPT-2's) is
+    ``linear``, recognised by its class so that transformers need not be installed."""
+    if isinstance(module, KINDS[kind]):
+        return True
+    return kind == "linear" and any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+                                    for cls in type(module).__mro__)
 
 
 def _has_state(module: nn.Module) -> bool:
@@ -85,13 +98,6 @@ def _has_state(module: nn.Module) -> bool:
 
 def _short(name: str) -> str:
     return name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise LayercritError(f"unknown layer {name!r}") from None
 
 
 # ---------------------------------------------------------------- targets: layers, groups, cumulative

@@ -44,22 +44,22 @@ import traceback
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from ..columns import COLUMNS
-from ..data import EvalSet, load_data
+from ..data import load_data
 from ..errors import LayercritError
-from ..measurement.engine import out_of_memory
+from ..measurement.engine import default_batch_size, keep_freed_memory, out_of_memory
 from ..measurement.layers import select_targets
-from ..measurement.measure import measure, override_transform
+from ..measurement.prepare import Prepared, execute, prepare
 from ..measurement.resets import RESETS, declared_options, get_reset
 from ..measurement.sequential import SequentialDesign
 from ..models import ResolvedModel, resolve_model
-from ..spec import MEASURED, RESET_SHORTHANDS, Experiment, split_reset, with_shorthands
+from ..spec import FIELDS, MEASURED, RESET_SHORTHANDS, Experiment, parse_bn, split_reset, with_shorthands
 from .store import Store, Unit, export_frame
 
 log = logging.getLogger(__name__)
@@ -136,28 +136,25 @@ class SweepConfig(Experiment):
         for name, hint in _CONFIG_TYPES.items():
             if name in values:
                 _check_type(values[name], hint, f"{source}: {name}")
-        config = cls(**values)
+        try:
+            config = cls(**values)  # an Experiment checks its own fields
+        except LayercritError as error:
+            raise LayercritError(f"{source}: {error}") from None
         config._validate(source)
         return config
 
     def _validate(self, source: str) -> None:
-        from ..measurement.engine import EngineOptions
-
-        for name in ("images", "trials", "layers_per_unit", "batch_size", "max_trials", "images_per_trial"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise LayercritError(f"{source}: {name} must be at least 1")
-        if self.max_cache_mb < 0:
-            raise LayercritError(f"{source}: max_cache_mb must be at least 0")
+        if self.layers_per_unit < 1:
+            raise LayercritError(f"{source}: layers_per_unit={self.layers_per_unit}: give at least 1")
         bad = [r for r in self.reset if split_reset(r)[0] not in RESETS]
         if bad or not self.reset:
             raise LayercritError(f"{source}: unknown reset {', '.join(map(repr, bad)) or '(none)'}; use one or a list of {', '.join(RESETS)}")
+        bn, bn_batches = parse_bn(self.bn)
         for name in self.reset:
-            options = self.experiment(name).measure_options()
             try:
-                get_reset(name, **options["reset_options"], bn=options["bn"], bn_batches=options["bn_batches"])
+                get_reset(name, bn=bn, bn_batches=bn_batches)
             except LayercritError as error:  # a reset missing its options (reinit without checkpoint, ...)
                 raise LayercritError(f"{source}: {error}") from None
-        EngineOptions(engine=self.engine, precision=self.precision, batch_size=self.batch_size or 1)
         if self.save_logits:
             raise LayercritError(f"{source}: save_logits: a sweep does not keep logits yet; measure the models whose "
                                  "logits you need with 'layercrit run --save-logits'")
@@ -213,8 +210,7 @@ def _model_entries(raw, source: str) -> tuple[ModelEntry, ...]:
 _TYPE_NAMES = {bool: "true or false", int: "int", float: "a number", str: "a string", type(None): "null"}
 _MODEL_TYPES = {name: hint for name, hint in typing.get_type_hints(ModelEntry).items() if name != "metadata"}
 _CONFIG_TYPES = {name: hint for name, hint in typing.get_type_hints(SweepConfig).items()
-                 if name not in ("models", "reset")}  # checked (and normalised) on their own
-FIELDS = tuple(f.name for f in fields(Experiment))
+                 if name not in ("models", "reset", "save_logits", "per_class")}  # checked on their own
 
 
 def _check_type(value, hint, where: str) -> None:
@@ -224,10 +220,13 @@ def _check_type(value, hint, where: str) -> None:
     if any(_is_kind(value, kind) for kind in kinds):
         return
     quoted = "; write it without quotes" if bool in kinds and isinstance(value, str) else ""
-    raise LayercritError(f"{where} must be {' or '.join(_TYPE_NAMES[k] for k in kinds)}, not {_short(value)}{quoted}")
+    names = [_TYPE_NAMES.get(k, "a list of numbers") for k in kinds]
+    raise LayercritError(f"{where} must be {' or '.join(names)}, not {_short(value)}{quoted}")
 
 
 def _is_kind(value, kind: type) -> bool:
+    if typing.get_origin(kind) is tuple:  # tuple[float, ...]: a YAML list of them
+        return isinstance(value, list | tuple) and all(_is_kind(v, typing.get_args(kind)[0]) for v in value)
     if kind in (int, float) and isinstance(value, bool):
         return False
     return isinstance(value, (int, float) if kind is float else kind)
@@ -568,6 +567,7 @@ class SweepWorker:
     """
 
     def __init__(self, config: SweepConfig, name: str, *, device: str | None = None, threads: int | None = None):
+        keep_freed_memory()  # a worker process is the sweep's own
         if threads:
             torch.set_num_threads(threads)
         self.config = config
@@ -575,10 +575,8 @@ class SweepWorker:
         self.device = device or config.device
         self._model_id: str | None = None
         self._resolved: ResolvedModel | None = None
-        self._evalset: EvalSet | None = None
-        self._evalset_for = None  # the preprocessing the evaluation set was decoded with
-        self._batch_size = config.batch_size or _default_batch_size(self.device)
-        self._memo: dict = {}
+        self._prepared: dict[str, Prepared] = {}  # the current model's, by reset
+        self._last: Prepared | None = None  # its evaluation set serves the next model decoded the same way
         self._broken: dict[str, str] = {}
 
     def run(self, unit: Unit) -> Outcome:
@@ -588,22 +586,18 @@ class SweepWorker:
         except Exception as error:  # noqa: BLE001 - a failed unit is recorded and the sweep goes on
             return Outcome(unit, self.name, time.perf_counter() - start, error=_one_line(error),
                            detail=traceback.format_exc())
-        return Outcome(unit, self.name, time.perf_counter() - start, rows=rows,
-                       batch_size=self._memo.get("batch_size", self._batch_size))
+        prepared = self._prepared.get(unit.reset)
+        size = prepared.memo.get("batch_size", prepared.options.batch_size) if prepared is not None else None
+        return Outcome(unit, self.name, time.perf_counter() - start, rows=rows, batch_size=size)
 
     def _measure(self, unit: Unit) -> pd.DataFrame:
-        resolved, evalset = self._load(unit.model_id)
-        config = self.config
-        options = config.experiment(unit.reset).measure_options()
-        # the evaluation set is decoded already (with the transform set by resize/crop/interpolation)
-        options.update(resize=None, crop=None, interpolation=None, batch_size=self._batch_size, device=self.device,
-                       progress=False)
-        if not config.sequential:
-            options.update(trials=[unit.trial])
-        if config.chunked:
-            options.update(layers=list(unit.layers))
+        prepared = self._prepare(unit)
+        if not self.config.sequential:
+            prepared = prepared.select(trials=[unit.trial])
+        if self.config.chunked:
+            prepared = prepared.select(layers=list(unit.layers))
         try:  # out of memory, the engine halves the batch and remembers the size that fits in the model's memo
-            return measure(resolved, evalset, model_id=unit.model_id, memo=self._memo, **options)
+            return execute(prepared, progress=False)
         except Exception as error:
             if isinstance(error, LayercritError):  # the model's own problem, e.g. non-finite outputs unmodified
                 self._broken[unit.model_id] = str(error)
@@ -611,37 +605,30 @@ class SweepWorker:
                 raise LayercritError(f"out of memory even at batch size 1 ({_one_line(error)})") from error
             raise
 
-    def _load(self, model_id: str) -> tuple[ResolvedModel, EvalSet]:
+    def _prepare(self, unit: Unit) -> Prepared:
+        """The unit's model and reset prepared: once per model and reset, its evaluation set decoded once for every
+        model that takes the same preprocessing."""
+        model_id = unit.model_id
         if model_id in self._broken:
             raise LayercritError(self._broken[model_id])
         if model_id != self._model_id:
-            self._model_id, self._resolved = None, None  # free the previous model before building the next
-            self._batch_size = self.config.batch_size or _default_batch_size(self.device)
-            self._memo = {}  # what the engine learns about this model: its structure, the batch size that fits
-            config = self.config
+            self._model_id, self._resolved, self._prepared = None, None, {}  # free the previous model first
             try:
-                resolved = resolve_entry(config.model(model_id), config.seed)
-                if config.resize or config.crop or config.interpolation:
-                    resolved.preprocessing = override_transform(resolved.preprocessing, config.resize, config.crop,
-                                                                config.interpolation)
-                if self._evalset is None or self._evalset_for != resolved.preprocessing:
-                    self._evalset = None
-                    self._evalset = load_data(config.data, preprocessing=resolved.preprocessing, images=config.images,
-                                              seed=config.seed if config.data_seed == -1 else config.data_seed,
-                                              root=config.data_root, cache_dir=config.cache_dir,
-                                              use_cache=config.use_cache, skip_bad_images=config.skip_bad_images)
-                    self._evalset_for = resolved.preprocessing
+                self._resolved = resolve_entry(self.config.model(model_id), self.config.seed)
             except Exception as error:
                 self._broken[model_id] = _one_line(error)
                 raise
-            self._model_id, self._resolved = model_id, resolved
-        return self._resolved, self._evalset
-
-
-def _default_batch_size(device: str | None) -> int:
-    """As measure() chooses: the paper's 500 on a GPU (halved when out of memory), 100 on the CPU."""
-    on_gpu = device.startswith("cuda") if device else torch.cuda.is_available()
-    return 500 if on_gpu else 100
+            self._model_id = model_id
+        if unit.reset not in self._prepared:
+            experiment = replace(self.config.experiment(unit.reset), device=self.device,
+                                 batch_size=self.config.batch_size or default_batch_size(self.device))
+            try:
+                self._last = self._prepared[unit.reset] = prepare(self._resolved, spec=experiment, model_id=model_id,
+                                                                  previous=self._last)
+            except Exception as error:
+                self._broken[model_id] = _one_line(error)
+                raise
+        return self._prepared[unit.reset]
 
 
 def _one_line(error: BaseException) -> str:
