@@ -237,3 +237,13 @@ def test_zoo_metadata_is_matched_by_the_models_spec_never_by_an_id_a_user_chose(
 
     known = registry_meta(["baseline", "mine"], {"baseline": "runs/my_ckpt.pth", "mine": "zoo:fmnist/baseline"})
     assert list(known.model_id) == ["mine"] and known.registry.tolist() == ["zoo:fmnist"]
+
+
+def test_a_sweep_config_takes_the_normalisation_as_keys_and_stores_them():
+    from layercrit.sweeps.sweep import SweepConfig
+
+    config = SweepConfig.from_dict({"data": "d", "models": [{"id": "m", "spec": "s"}], "mean": [0.5], "std": [0.25]})
+    assert (config.experiment("rerandomize").mean, config.experiment("rerandomize").std) == ((0.5,), (0.25,))
+    assert SweepConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(LayercritError, match="mean must be a list of numbers or null"):
+        SweepConfig.from_dict({"data": "d", "models": [{"id": "m", "spec": "s"}], "mean": "x", "std": [0.25]})

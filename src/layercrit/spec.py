@@ -145,7 +145,8 @@ class Experiment:
         return (False, False) if self.exact else (self.channels_last, self.fold_bn)
 
     def to_dict(self) -> dict:
-        values = asdict(self)
+        """Plain data (JSON and YAML hold it): tuples as lists, notebook objects as their text."""
+        values = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
         for name in ("layers", "reset", "task", "trials"):  # objects given in a notebook, as their text
             value = getattr(self, name)
             if not isinstance(value, str | int):

@@ -38,7 +38,7 @@ from .layers import Target, select_targets
 from .logits import LogitsWriter
 from .resets import Reset, get_reset
 from .sequential import SequentialDesign
-from .tasks import Task, get_task
+from .tasks import PROBE_EXAMPLES, Task, get_task
 
 
 @dataclass
@@ -139,7 +139,7 @@ def prepare(
     targets = select_targets(resolved.model, spec.layers, groups=spec.groups, cumulative=spec.cumulative)
     strategy = _reset(spec, resolved, trust_checkpoint)
     batch_size = spec.batch_size or engines.default_batch_size(device)
-    classes = task.probe(resolved.model, evalset, device, batch_size)  # the user's options are all checked first
+    classes = _probe(task, resolved.model, evalset, device)  # the user's options are all checked first
     strategy.bind(resolved.model, evalset.images, batch_size, task)
     tied = tied_parameters(resolved.model, targets)
     for name, others in tied.items():
@@ -327,6 +327,18 @@ def _evaluation_set(data, spec: Experiment, pre: Preprocessing, previous: Prepar
 def _same_subset(a: Experiment, b: Experiment) -> bool:
     keys = ("images", "data_root", "skip_bad_images")
     return a.subset_seed == b.subset_seed and all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def _probe(task: Task, model: nn.Module, evalset: EvalSet, device: str) -> int:
+    """The task's probe of the unmodified model, on fewer examples while out of memory (as the engine does)."""
+    examples = PROBE_EXAMPLES
+    while True:
+        try:
+            return task.probe(model, evalset, device, examples)
+        except Exception as error:
+            if not engines.out_of_memory(error) or examples == 1:
+                raise
+            examples //= 2
 
 
 def _reset(spec: Experiment, resolved: ResolvedModel, trust_checkpoint: bool) -> Reset:

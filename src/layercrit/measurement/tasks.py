@@ -75,6 +75,9 @@ def take(inputs: Any, index: slice | torch.Tensor) -> Any:
     return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) else t, inputs)
 
 
+PROBE_EXAMPLES = 8  # few enough to fit wherever a batch of the run will (the engine halves its batch when out of memory)
+
+
 class Task:
     """The default task: tensors in (examples first), a tensor of class logits per example out."""
 
@@ -100,10 +103,10 @@ class Task:
     def check(self, evalset: EvalSet, resolved: ResolvedModel) -> None:
         """Refuse data this task cannot use with this model (before any work)."""
 
-    def probe(self, model: nn.Module, evalset: EvalSet, device: str, batch_size: int = 100) -> int:
-        """One batch through the unmodified model: its classes must cover the labels; warn when its predictions
-        are near uniform (criticalities then compare noise). Returns the number of classes compared."""
-        part = slice(0, min(batch_size, len(evalset)))
+    def probe(self, model: nn.Module, evalset: EvalSet, device: str, examples: int = PROBE_EXAMPLES) -> int:
+        """A few examples through the unmodified model: its classes must cover the labels; warn when its
+        predictions are near uniform (criticalities then compare noise). Returns the number of classes compared."""
+        part = slice(0, min(examples, len(evalset)))
         x = self.inputs(take(evalset.images, part), device)
         with torch.no_grad():
             logits, truth = self.predictions(self.call(model.to(device), x), x, evalset.labels[part])
