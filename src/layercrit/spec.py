@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from .errors import LayercritError
 
@@ -146,11 +146,12 @@ class Experiment:
 
     def to_dict(self) -> dict:
         """Plain data (JSON and YAML hold it): tuples as lists, notebook objects as their text."""
-        values = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
-        for name in ("layers", "reset", "task", "trials"):  # objects given in a notebook, as their text
+        values = {}
+        for name in FIELDS:  # not asdict: it would deep-copy a notebook's Reset object, bound to its model
             value = getattr(self, name)
-            if not isinstance(value, str | int):
-                values[name] = _as_text(value)
+            if name in ("layers", "reset", "task", "trials") and not isinstance(value, str | int):
+                value = _as_text(value)  # objects given in a notebook, as their text
+            values[name] = list(value) if isinstance(value, tuple) else value
         return values
 
     def measured(self) -> dict:

@@ -120,6 +120,7 @@ class SweepConfig(Experiment):
         """Plain data (for the store), readable back with :meth:`from_dict`."""
         values = super().to_dict()
         values["reset"] = list(self.reset)
+        values["layers_per_unit"] = self.layers_per_unit
         values["models"] = [{**{k: v for k, v in asdict(m).items() if k != "metadata"}, **m.metadata} for m in self.models]
         return values
 
