@@ -160,8 +160,13 @@ class Experiment:
         return {name: values[name] for name in MEASURED}
 
     def spec_id(self) -> str:
-        """A short fingerprint of :meth:`measured`: rows made with the same id are comparable."""
-        text = json.dumps(self.measured(), sort_keys=True, default=str)
+        """A short fingerprint of :meth:`measured`: rows made with the same id are comparable. In the fixed design
+        the number of trials says how many rows there are, not what each is, so it is left out (a sweep grown by a
+        trial keeps its id)."""
+        measured = self.measured()
+        if not self.sequential:
+            del measured["trials"]
+        text = json.dumps(measured, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property

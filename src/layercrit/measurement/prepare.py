@@ -128,6 +128,8 @@ def prepare(
     """
     spec = spec or Experiment()
     data = spec.data if data is None else data
+    if isinstance(data, str) and data != spec.data:
+        spec = replace(spec, data=data)  # the experiment records the data it was measured on
     if data is None:
         raise LayercritError("data=None: give the evaluation data (a spec, tensors, a Dataset) or spec= with its data")
     device = engines.check_device(spec.device)
