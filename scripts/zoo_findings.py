@@ -14,7 +14,11 @@ It prints, and writes to ``OUT/findings.md``:
   (``layer3``) criticality minus the mean of the early stages' (stem and ``layer1``), in points;
 - each finding as a difference from the baseline with its half-width (members are measured with their own
   resets, so half-widths of a difference add in quadrature);
-- Spearman's ρ between test accuracy and mean criticality.
+- Spearman's ρ between test accuracy and mean criticality;
+- with ``--seeds``, the training-seed replicates (``ID@seedN``) the zoo holds are measured too, and each method's
+  effect on every stage, the mean and the depth shift is set against its seed variance
+  (:func:`layercrit.analysis.variance.method_effects`: mean over seeds minus the baseline's, 95% interval on the
+  pooled variance over seeds, effect ÷ seed SD).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pandas as pd
 from scipy import stats
 
 import layercrit
+from layercrit.analysis import variance
 from layercrit.measurement.estimate import layer_table, model_table
 from layercrit.zoo import fmnist
 
@@ -74,7 +79,7 @@ def pct(value: float, width: float) -> str:
 
 
 def report(rows: pd.DataFrame, target_ci: float) -> str:
-    records = {r["id"]: r for r in fmnist.entries()}
+    records = {r["id"]: r for r in fmnist.entries(replicates=True)}
     layers = layer_table(rows)
     stages = stage_table(layers)
     models = model_table(rows).set_index("model_id")
@@ -102,7 +107,35 @@ def report(rows: pd.DataFrame, target_ci: float) -> str:
     lines += ["", f"Spearman ρ(test accuracy, mean criticality): {rho:.2f} (p = {p:.2g}, n = {len(ids)}); without "
               f"frozen_random {rho_kept:.2f} (p = {p_kept:.2g}).",
               f"Layers that hit the 100-trial cap before ±{target_ci:g}: {capped} of {len(layers)}."]
+    if variance.has_seeds(ids):
+        lines += ["", *seed_effects(rows)]
     return "\n".join(lines)
+
+
+def seed_effects(rows: pd.DataFrame) -> list[str]:
+    """Each method's effect against the baseline per stage, on the mean and on the depth shift, counting seed
+    variance (points)."""
+    rows = rows.assign(criticality_pct=100 * rows.criticality)
+    stages = variance.model_units(rows, stage=stage_of)
+    stages = stages[stages.level == "stage"]
+    overall = variance.model_units(rows, stage=lambda layer: "mean")
+    by_stage = stages.set_index(["model_id", "unit"])
+    deep = by_stage.xs(DEEP[0], level="unit")
+    early = [by_stage.xs(stage, level="unit") for stage in EARLY]
+    shift_units = deep[["method", "seed"]].assign(
+        level="shift", unit="depth shift", mean=deep["mean"] - sum(e["mean"] for e in early) / len(early),
+        noise_var=deep["noise_var"] + sum(e["noise_var"] for e in early) / len(early) ** 2,
+        reset_var=float("nan"), image_var=float("nan"), trials=deep["trials"]).reset_index()
+    units = pd.concat([stages, overall[overall.level == "stage"], shift_units], ignore_index=True)
+    effects = variance.method_effects(units, "baseline")
+    lines = ["Method effects against the baseline, counting seed variance (points; mean over seeds, 95% interval "
+             "on the pooled variance of model means over seeds):", "",
+             "| method | seeds | unit | effect | seed SD | effect ÷ seed SD | verdict |", "|---" * 7 + "|"]
+    for row in effects.itertuples():
+        lines.append(f"| {row.method} | {row.seeds} (baseline {row.baseline_seeds}) | {row.unit} | "
+                     f"{row.effect_pct:+.1f} ± {row.ci_pct:.1f} | {row.seed_sd_pct:.2f} | "
+                     f"{row.effect_over_seed_sd:+.1f} | {row.verdict} |")
+    return lines
 
 
 def main() -> None:
@@ -111,7 +144,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--target-ci", type=float, default=0.03)
     parser.add_argument("--models", nargs="+", default=[r["id"] for r in fmnist.entries()])
+    parser.add_argument("--seeds", action="store_true", help="also measure the zoo's training-seed replicates")
     args = parser.parse_args()
+    if args.seeds:
+        args.models += [r["id"] for r in fmnist.seed_replicates()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = report(measure_zoo(out, images=args.images, target_ci=args.target_ci, models=args.models), args.target_ci)

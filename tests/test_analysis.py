@@ -554,7 +554,7 @@ def test_a_plain_id_two_zoos_share_is_not_guessed(monkeypatch):
 
     fake = {"paper": [{"id": "baseline", "category": "baseline", "accuracy": 76.0}],
             "fmnist": [{"id": "baseline", "category": "baseline", "accuracy": 77.7}]}
-    monkeypatch.setattr(zoo, "entries", lambda name: fake[name])
+    monkeypatch.setattr(zoo, "entries", lambda name, replicates=False: fake[name])
     known = analysis.registry_meta(["baseline", "zoo:fmnist/baseline"])
     assert known.model_id.tolist() == ["zoo:fmnist/baseline"] and known.accuracy.tolist() == [77.7]
 

@@ -4,6 +4,7 @@ and equal the uninterrupted run's rows."""
 
 import errno
 import io
+import json
 import signal
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def assert_leading_rows_of(expected: list[str], out: Path) -> int:
     leading = pd.read_csv(io.StringIO("\n".join(expected))).iloc[:len(parquet)]
     assert parquet[["layer", "trial", "criticality"]].equals(leading[["layer", "trial", "criticality"]])
     assert abs(len(parquet) - len(table)) <= 2  # at most one chunk (a layer's two trials) apart
-    assert (out / "run.json").is_file()
+    assert json.loads((out / "run.json").read_text())["complete"] is False  # a reader can tell it was interrupted
     return len(table)
 
 

@@ -2,13 +2,16 @@
 
 import errno
 import gzip
+import os
 import re
+import shutil
 import struct
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from layercrit.data import folders, load_data, load_fashion_mnist
 from layercrit.errors import LayercritError
@@ -214,3 +217,55 @@ def test_unwritable_cache_is_warned_about_once_and_the_run_goes_on(tmp_path, mon
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith(f"cannot write the image cache in {cache / 'evalsets'} ({error.strerror}): going on")
     assert not [path for path in cache.rglob("*") if path.is_file() or path.name.startswith(".tmp-")]
+
+
+def bmp_folder(root, seed, classes=("cat", "dog"), n_per_class=3):
+    """Uncompressed images: other pixels give files of exactly the same size."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / c / f"{i}.bmp")
+    return root
+
+
+def repaint_keeping_names_sizes_and_mtimes(folder, seed):
+    """Other pixels in every image, each file with the size and mtime it had (a script's copy, an extracted archive)."""
+    stats = {path: path.stat() for path in folder.rglob("*.bmp")}
+    bmp_folder(folder, seed)
+    for path, stat in stats.items():
+        assert path.stat().st_size == stat.st_size
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_two_folders_with_equal_names_sizes_and_mtimes_do_not_share_a_cache(tmp_path):
+    first = bmp_folder(tmp_path / "a" / "val", seed=0)
+    second = tmp_path / "b" / "val"
+    shutil.copytree(first, second, copy_function=shutil.copy2)
+    repaint_keeping_names_sizes_and_mtimes(second, seed=1)
+    cache = tmp_path / "cache"
+    measured_first = folder_evalset(first, cache_dir=cache)
+    measured_second = folder_evalset(second, cache_dir=cache)
+    assert same_evalset(measured_second, folder_evalset(second))  # what --no-cache gives
+    assert not torch.equal(measured_first.images, measured_second.images)
+    assert measured_first.data_id != measured_second.data_id
+
+
+def test_images_rewritten_in_place_with_their_mtimes_restored_are_decoded_again(tmp_path):
+    folder = bmp_folder(tmp_path / "val", seed=0)
+    cache = tmp_path / "cache"
+    before = folder_evalset(folder, cache_dir=cache)
+    repaint_keeping_names_sizes_and_mtimes(folder, seed=1)
+    after = folder_evalset(folder, cache_dir=cache)
+    assert same_evalset(after, folder_evalset(folder))
+    assert not torch.equal(before.images, after.images)
+
+
+def test_a_byte_for_byte_copy_of_a_folder_reuses_its_cache(tmp_path, monkeypatch):
+    first = bmp_folder(tmp_path / "a" / "val", seed=0)
+    cache = tmp_path / "cache"
+    measured_first = folder_evalset(first, cache_dir=cache)
+    second = tmp_path / "b" / "val"
+    shutil.copytree(first, second, copy_function=shutil.copy)  # new mtimes, same bytes: the same images
+    monkeypatch.setattr(folders, "_decode_all", lambda *a, **k: pytest.fail("decoded again despite the cache"))
+    assert same_evalset(folder_evalset(second, cache_dir=cache), measured_first)

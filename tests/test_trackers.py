@@ -4,6 +4,7 @@ read back from each tracker's own offline files (TensorBoard events, an MLflow f
 import glob
 import json
 import struct
+import time
 
 import pandas as pd
 import pytest
@@ -42,6 +43,17 @@ def wandb_records(folder) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def wandb_records_when_flushed(folder, limit_s: float = 300.0) -> list:
+    """The records once W&B's service has written the run's exit record: ``finish()`` may return before its
+    separate writer process has flushed the file, so wait for that event (bounded), never for a fixed time."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        records = wandb_records(folder) if glob.glob(f"{folder}/**/run-*.wandb", recursive=True) else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 class Recorder:
@@ -110,7 +122,7 @@ def test_wandb_offline_run_holds_the_options_and_each_layers_estimate(tmp_path, 
     with Tracker("wandb", name="tiny", config={"reset": "zero"}, out=tmp_path) as tracker:
         df = measure(tiny_model, tiny_data, images=None, reset="zero", trials=2, on_rows=tracker)
         tracker.close(df)
-    records = wandb_records(tmp_path / "wandb")
+    records = wandb_records_when_flushed(tmp_path / "wandb")
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.display_name == "tiny" and run.project == "layercrit"
     assert {i.key: json.loads(i.value_json) for i in run.config.update}["reset"] == "zero"

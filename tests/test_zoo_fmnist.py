@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from layercrit import cli, resolve_model
+from layercrit.analysis.tables import registry_meta
 from layercrit.data import load_fashion_mnist, subset_indices
 from layercrit.errors import LayercritError
 from layercrit.measurement.layers import select_layers
@@ -70,6 +71,47 @@ def test_retraining_one_member_replaces_its_record_and_keeps_the_others(trained_
     assert records[1]["seed"] == 0 and records[1]["test_images"] == 200
 
 
+def test_a_seed_replicate_trained_into_a_seed_folder_resolves_as_id_at_seed(trained_zoo, capsys):
+    folder, _, _ = trained_zoo
+    fmnist.train_zoo(folder / "seed1", recipes=[tiny("baseline", epochs=1)], seed=1, precision="fp32",
+                     test_images=200, robust_images=0, log=lambda line: None)
+    record = yaml.safe_load((folder / "seed1" / "manifest.yaml").read_text())["models"][0]
+    assert record["seed"] == 1 and record["hyperparameters"]["precision"] == "fp32"
+    assert record["recipe_precision"] == "bf16", "the precision the recipe asks for stays on record"
+
+    assert [r["id"] for r in fmnist.entries()] == ["baseline", "frozen_random"]
+    assert [r["id"] for r in fmnist.entries(replicates=True)] == ["baseline", "frozen_random", "baseline@seed1"]
+    replicate = resolve_model("zoo:fmnist/baseline@seed1")
+    assert replicate.spec == "zoo:fmnist/baseline@seed1"
+    assert replicate.metadata["seed"] == 1 and replicate.metadata["accuracy"] == record["accuracy"]
+    seed0, also_seed0 = resolve_model("zoo:fmnist/baseline"), resolve_model("zoo:fmnist/baseline@seed0")
+    weight = "model.conv1.weight"
+    assert torch.equal(seed0.model.state_dict()[weight], also_seed0.model.state_dict()[weight])
+    assert not torch.equal(seed0.model.state_dict()[weight], replicate.model.state_dict()[weight])
+
+    known = registry_meta(["zoo:fmnist/baseline@seed1"])
+    assert known.accuracy.tolist() == [record["accuracy"]] and known.category.tolist() == ["baseline"]
+
+    assert cli.main(["zoo", "list", "--seeds"]) == 0
+    assert [row.split()[0] for row in capsys.readouterr().out.splitlines()[1:]] == [
+        "baseline", "frozen_random", "baseline@seed1"]
+    with pytest.raises(LayercritError, match="no model 'baseline@seed7'.*did you mean baseline@seed1"):
+        resolve_model("zoo:fmnist/baseline@seed7")
+
+
+def test_a_seed_folder_holding_another_seed_is_refused(trained_zoo):
+    folder, _, _ = trained_zoo
+    (folder / "seed2").mkdir()
+    (folder / "seed2" / "manifest.yaml").write_text((folder / "manifest.yaml").read_text())
+    with pytest.raises(LayercritError, match="seed2/manifest.yaml holds 'baseline' trained with seed 0"):
+        fmnist.entries(replicates=True)
+
+
+def test_an_unknown_training_precision_is_refused_in_one_line(tmp_path):
+    with pytest.raises(LayercritError, match="unknown training precision 'fp16': one of fp32, bf16"):
+        fmnist.train_zoo(tmp_path, recipes=[tiny("baseline", epochs=1)], precision="fp16", log=lambda line: None)
+
+
 def test_members_are_chosen_by_id_method_or_category():
     ids = lambda names: [r["id"] for r in fmnist.select_recipes(names)]  # noqa: E731
     assert ids(["baseline", "contrastive"]) == ["baseline", "simclr"]
@@ -116,7 +158,7 @@ def test_shipped_zoo_is_trained_to_the_issues_targets():
     assert table.loc[["simclr", "baseline"], "probe_accuracy"].notna().all()
 
 
-@pytest.mark.parametrize("record", fmnist.entries() if (SHIPPED / fmnist.MANIFEST).is_file() else [],
+@pytest.mark.parametrize("record", fmnist.entries(replicates=True) if (SHIPPED / fmnist.MANIFEST).is_file() else [],
                          ids=lambda record: record["id"])
 def test_shipped_model_reaches_its_recorded_accuracy_on_a_test_subset(record):
     images, labels = load_fashion_mnist("test")

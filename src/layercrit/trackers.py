@@ -29,6 +29,8 @@ import pandas as pd
 
 from .errors import LayercritError
 from .measurement.estimate import layer_table
+from .names import file_name
+from .results import check_output_folder
 
 TRACKERS = ("wandb", "mlflow", "tensorboard")
 _PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny", "tensorboard": "tensorboard"}
@@ -57,9 +59,7 @@ class Tracker:
 
     def __init__(self, log_to: str, *, name: str | None = None, config: Mapping | None = None,
                  out: str | Path | None = None, sequential: bool = False) -> None:
-        kind, where = parse(log_to)
-        if where is None and out is not None and kind != "mlflow":
-            where = str(Path(out) / kind)
+        kind, where = check_destination(log_to, out)
         self.backend = _BACKENDS[kind](name, {k: _plain(v) for k, v in (config or {}).items()}, where)
         self.logged: set[tuple] = set()
         self.step = 0
@@ -118,6 +118,22 @@ class Tracker:
             self.step += 1
 
 
+def check_destination(log_to: str, out: str | Path | None = None) -> tuple[str, str | None]:
+    """The tracker kind and the folder it writes to (``OUT/KIND`` when ``log_to`` names none; None: the tracker's
+    default), created and checked: a folder that is a file, read-only or not creatable (``/proc/x``) is one line
+    before any work, not a traceback from the tracker's own writer. MLflow's DIR may be a URI: its own errors are
+    caught when its run starts."""
+    kind, where = parse(log_to)
+    if where is None and out is not None and kind != "mlflow":
+        where = str(Path(out) / kind)
+    if where is not None and kind != "mlflow":
+        try:
+            check_output_folder(where)
+        except LayercritError as error:
+            raise LayercritError(f"log_to={kind}:{where}: {error}") from None
+    return kind, where
+
+
 def _plain(value: object) -> object:
     """A config value the trackers take (numbers, strings, booleans; anything else as text)."""
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
@@ -138,8 +154,6 @@ class _Wandb:
     def __init__(self, name: str | None, config: dict, where: str | None) -> None:
         wandb = _import("wandb")
         self.wandb = wandb
-        if where:
-            Path(where).mkdir(parents=True, exist_ok=True)
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "layercrit"), name=name, config=config,
                                   dir=where, reinit="create_new")
@@ -222,13 +236,15 @@ def log_models(rows: pd.DataFrame, log_to: str, *, config: Mapping | None = None
                out: str | Path | None = None) -> None:
     """Log a finished table (a sweep's export) to one tracker run per model, named by its ``model_id``.
 
-    TensorBoard writes each model into its own folder, ``DIR/MODEL_ID`` (default ``OUT/tensorboard/MODEL_ID``).
+    TensorBoard writes each model into its own folder, ``DIR/MODEL_ID`` (default ``OUT/tensorboard/MODEL_ID``), the
+    id escaped to one folder name (:func:`layercrit.names.file_name`: ``zoo:fmnist/baseline`` ->
+    ``zoo:fmnist%2Fbaseline``), so no id writes outside DIR.
     """
     kind, where = parse(log_to)
     for model_id, model_rows in rows.groupby("model_id", sort=False):
         target = log_to
         if kind == "tensorboard":
             folder = Path(where) if where else Path(out or ".") / "tensorboard"
-            target = f"tensorboard:{folder / str(model_id)}"
+            target = f"tensorboard:{folder / file_name(str(model_id))}"
         with Tracker(target, name=str(model_id), config=config, out=out) as tracker:
             tracker.close(model_rows)

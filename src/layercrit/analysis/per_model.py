@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import LayercritError
+from . import variance
 from .inputs import (
     BASELINE_CATEGORY,
     META_FIELDS,
@@ -82,7 +83,7 @@ def registry_meta(model_ids: Sequence[str], specs: dict[str, str] | None = None)
     records: dict[str, dict[str, dict]] = {}
     for name in REGISTRY_ZOOS:
         try:
-            records[name] = {str(entry["id"]): entry for entry in zoo.entries(name)}
+            records[name] = {str(entry["id"]): entry for entry in zoo.entries(name, replicates=True)}
         except LayercritError:
             continue
     rows = []
@@ -175,7 +176,10 @@ def _resolve_baseline(baseline: str | None, models: pd.DataFrame) -> str | None:
             raise LayercritError(f"baseline {baseline!r} is not among the results' models ({shown}): pick one of them")
         return baseline
     candidates = models.loc[models["category"] == BASELINE_CATEGORY, "model_id"]
-    return candidates.iloc[0] if len(candidates) == 1 else None
+    identities = [variance.method_and_seed(model_id) for model_id in candidates]
+    if len({method for method, _ in identities}) != 1:
+        return None
+    return min(zip(candidates, identities, strict=True), key=lambda pair: pair[1][1])[0]  # seeds of one: seed 0
 
 
 def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -> pd.DataFrame:

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.textpath import TextPath
+from matplotlib.ticker import FormatStrFormatter
 from matplotlib.transforms import Bbox
 
 CELL_IN = 0.14  # heatmap cell edge in inches when no width is given: fits a 6.5 pt label per row/column
@@ -409,3 +410,47 @@ def save(fig: Figure, stem: str | Path, *, dpi: int = 200) -> tuple[Path, Path]:
         fig.savefig(png, dpi=dpi)
         fig.savefig(pdf)
     return png, pdf
+
+
+COMPONENT_COLORS = {"method": "tab:red", "seed": "tab:orange", "reset": "tab:blue", "image": "tab:gray"}
+
+
+def variance_plot(components: pd.DataFrame) -> Figure:
+    """The SD of each variance component (method, seed within method, reset, image) per stage (bars) and per layer
+    (lines), with their bootstrap-over-seeds 95% intervals, on a log scale.
+
+    Args:
+        components: the table of :func:`layercrit.analysis.variance.variance_components`.
+    """
+    fig = Figure(figsize=(7.0, 2.8), layout="constrained")
+    stages_ax, layers_ax = fig.subplots(1, 2, width_ratios=[1, 2])
+    stages = components[components["level"] == "stage"]
+    layers = components[components["level"] == "layer"]
+    names = list(dict.fromkeys(stages["unit"]))
+    width = 0.8 / len(COMPONENT_COLORS)
+    for k, (component, color) in enumerate(COMPONENT_COLORS.items()):
+        rows = stages[stages["component"] == component].set_index("unit").reindex(names)
+        x = np.arange(len(names)) + (k - 1.5) * width
+        error = np.vstack([rows["sd_pct"] - rows["sd_low_pct"], rows["sd_high_pct"] - rows["sd_pct"]])
+        stages_ax.bar(x, rows["sd_pct"], width, color=color, label=component,
+                      yerr=np.where(np.isfinite(error), np.clip(error, 0, None), 0), error_kw={"linewidth": 0.6})
+        line = layers[layers["component"] == component]
+        position = np.arange(len(line))
+        layers_ax.plot(position, line["sd_pct"], color=color, linewidth=1.2, marker="o", markersize=2)
+        layers_ax.fill_between(position, line["sd_low_pct"], line["sd_high_pct"], color=color, alpha=0.15,
+                               linewidth=0)
+    stages_ax.set_xticks(np.arange(len(names)), names, fontsize=SMALL, rotation=45)
+    layer_names = list(dict.fromkeys(layers["unit"]))
+    layers_ax.set_xticks(np.arange(len(layer_names)), [n.removeprefix("model.") for n in layer_names], fontsize=4,
+                         rotation=90)
+    for ax, title in ((stages_ax, "per stage"), (layers_ax, "per layer")):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
+        ax.set_title(title, fontsize=NORMAL)
+        ax.tick_params(axis="y", which="both", labelsize=SMALL)
+        ax.grid(alpha=0.3, linewidth=0.5)
+    stages_ax.set_ylabel("SD of criticality [points]", fontsize=NORMAL)
+    fig.legend(*stages_ax.get_legend_handles_labels(), loc="outside right upper", fontsize=SMALL,
+               title="Component", title_fontsize=SMALL, frameon=False)
+    return fig

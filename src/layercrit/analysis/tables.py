@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..results import write_table
-from . import plots, report
+from . import plots, report, variance
 from .correlation import correlations, criticality_matrix, depth_profile
 from .inputs import (
     AXIS_LABELS,
@@ -40,6 +40,7 @@ from .inputs import (
     parse_budget,
 )
 from .per_layer import (
+    _measurements,
     display_layer,
     interpolation_area,
     interpolation_curves,
@@ -69,7 +70,14 @@ FIGURE_CAPTIONS = {
     "budget_vs_criticality": "Average criticality vs training budget (ε), one panel per norm (L∞ in 1/255); the "
                              "model trained with ε = 0 appears in every panel.",
     "depth_vs_criticality": "Criticality over relative depth per category (mean ± std over models).",
+    "variance_components": "SD of criticality from the training method, the seed within a method, the reset and "
+                           "the image (one image under one reset), per stage and per layer, with 95% intervals by "
+                           "bootstrap over seeds (coarse with 3 seeds).",
 }
+
+
+SEED_TABLES = {"variance_components": "Variance components over training methods and seeds",
+               "method_effects": "Method effects against the baseline, counting seed variance"}
 
 
 def analyze(
@@ -100,7 +108,10 @@ def analyze(
 
     Returns:
         ``{"layers", "models", "correlations", "profile"}`` DataFrames, ``"stats"`` (what ``stats.json`` holds),
-        ``"paths"`` (name → written file, figures as (png, pdf)) and ``"figures"`` (name → Figure).
+        ``"paths"`` (name → written file, figures as (png, pdf)) and ``"figures"`` (name → Figure); when some
+        method was measured in two or more training seeds (model ids ``ID@seedN``), also ``"variance_components"``
+        and (with a baseline) ``"method_effects"`` (:mod:`layercrit.analysis.variance`), written as CSV with the
+        figure ``variance_components``.
     """
     frame = load_results(results)
     layers = layer_criticality(frame, metric, reset=reset, layer_info=layer_info)
@@ -119,6 +130,11 @@ def analyze(
     }
     excluded = list(models.loc[models["category"].isin(list(heatmap_exclude)), "model_id"])
     figures, skipped = _figures(layers, models, correlation, profile, metric, ci_threshold, excluded)
+    seeds = (variance.seed_analysis(_measurements(frame, metric, reset), baseline_id, value="_crit",
+                                    image=metric == "cos") if variance.has_seeds(models["model_id"]) else {})
+    paths.update({name: write_table(table, out / f"{name}.csv") for name, table in seeds.items()})
+    if seeds:
+        figures["variance_components"] = plots.variance_plot(seeds["variance_components"])
     stats = {
         "metric": metric,
         "criticality": METRICS[metric][1],
@@ -131,6 +147,7 @@ def analyze(
         "correlations": _json_safe(correlation.to_dict(orient="records")),
         "skipped_figures": skipped,
         "run_conditions": _json_safe(run_conditions(frame).to_dict(orient="records")),
+        "seed_replicates": sorted(m for m in models["model_id"] if variance.method_and_seed(m)[1] != 0),
     }
     paths["stats"] = out / "stats.json"
     paths["stats"].write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
@@ -147,10 +164,11 @@ def analyze(
         figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note), paths[name][0])
                  for name in figures],
         tables=[("Rank correlation of average criticality with accuracy", correlation),
-                ("Models", models), ("Criticality over relative depth", profile), ("Layers", layers)],
+                ("Models", models), ("Criticality over relative depth", profile), ("Layers", layers),
+                *[(SEED_TABLES[name], table) for name, table in seeds.items()]],
     )
     return {"layers": layers, "models": models, "correlations": correlation, "profile": profile, "stats": stats,
-            "paths": paths, "figures": figures}
+            "paths": paths, "figures": figures, **seeds}
 
 
 CONDITIONS = ("reset", "data_id", "seed", "engine", "precision", "target_ci", "layercrit_version")

@@ -148,13 +148,31 @@ def _decode_all(samples, transform, skip_bad_images: bool) -> tuple[torch.Tensor
 
 
 def _fingerprint(folder: Path, chosen, pre: Preprocessing, seed: int, skip_bad_images: bool) -> str:
-    """Everything the decoded images depend on: a cache entry made under other options is never reused."""
+    """Everything the decoded images depend on: the options, and each chosen file's name, label and bytes.
+
+    The bytes, not their size and mtime: a scripted copy or an extracted archive can give another folder (or this
+    one, rewritten) the same names, sizes and mtimes with other pixels, and a key of those would hand it the
+    first folder's images. Hashing the files reads them once, which costs a fraction of decoding them (reading
+    the cache entry and checking its checksum reads about as many bytes again); a byte-for-byte copy elsewhere
+    has the same key and rightly shares the entry. The folder's own path is left out for that reason.
+    """
     digest = hashlib.sha256()
-    digest.update(json.dumps([pre.resize, pre.crop, pre.interpolation, seed, skip_bad_images, "v2"]).encode())
-    for path, label in chosen:
-        stat = os.stat(path)
-        digest.update(f"{os.path.relpath(path, folder)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    digest.update(json.dumps([pre.resize, pre.crop, pre.interpolation, seed, skip_bad_images, "v3"]).encode())
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # hashlib releases the GIL on large inputs
+        contents = pool.map(_file_digest, [path for path, _ in chosen])
+        for (path, label), content in zip(chosen, contents, strict=True):
+            digest.update(f"{os.path.relpath(path, folder)}|{label}|{content}\n".encode())
     return digest.hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    """The SHA-256 of a file's bytes; an unreadable file gets a digest of its error, which decoding then reports
+    (or skips, with --skip-bad-images) as it reports any unreadable image."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as error:
+        return f"unreadable: {error.__class__.__name__} {error.errno}"
 
 
 def default_cache_dir() -> Path:

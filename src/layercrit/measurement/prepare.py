@@ -30,6 +30,7 @@ from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
 from ..data import EvalSet, load_data
 from ..errors import LayercritError
 from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
+from ..names import file_name
 from ..spec import Experiment, parse_bn, split_reset
 from . import engine as engines
 from . import sequential
@@ -186,9 +187,11 @@ def execute(prepared: Prepared, *, on_rows: Callable[[pd.DataFrame], None] | Non
     for columns, variant in variants:
         labels = {**prepared.labels, "reset": variant.describe(), **columns}
         hooks: list[Callable] = []
+        logits = None
         if spec.save_logits is not None:
-            folder = Path(spec.save_logits) / (variant.describe() if len(variants) > 1 else "")
-            hooks.append(LogitsWriter(folder, top_k=spec.save_logits_top_k))
+            folder = Path(spec.save_logits) / (file_name(variant.describe()) if len(variants) > 1 else "")
+            logits = LogitsWriter(folder, top_k=spec.save_logits_top_k)
+            hooks.append(logits)
         breakdown = Breakdown(evalset.labels) if spec.log_batches or spec.per_class is not None else None
         if breakdown is not None:
             hooks.append(breakdown)
@@ -218,6 +221,8 @@ def execute(prepared: Prepared, *, on_rows: Callable[[pd.DataFrame], None] | Non
         else:
             rows = sequential.run(model, evalset, prepared.targets, variant, prepared.design, options,
                                   on_chunk=on_chunk, memo=prepared.memo, task=prepared.task)
+        if logits is not None:
+            logits.finish()
         finished.append(frame(rows))
         if breakdown is not None and spec.per_class is not None:
             per_class_tables.append(breakdown.per_class(finished[-1]))

@@ -2,6 +2,8 @@
 
 Each zoo is a module of this package with two functions:
     entries() -> list[dict]                       one record per model (id, category, display, accuracy, ...)
+and optionally ``seed_replicates() -> list[dict]`` (training-seed replicates, ids ``ID@seedN``, which
+``entries(replicates=True)`` appends),
     resolve(model_id, pretrained, *, trust_checkpoint=False) -> ResolvedModel
 and optionally ``summary() -> DataFrame``, the table ``layercrit zoo list`` prints (default: id, category,
 accuracy, display of each record).
@@ -26,20 +28,23 @@ def _zoo(name: str):
     return importlib.import_module(ZOOS[name])
 
 
-def entries(name: str) -> list[dict]:
-    """The records of zoo ``name``."""
-    return _zoo(name).entries()
+def entries(name: str, *, replicates: bool = False) -> list[dict]:
+    """The records of zoo ``name``; with ``replicates``, followed by its training-seed replicates (``ID@seedN``) if
+    the zoo has any."""
+    module = _zoo(name)
+    return module.entries(replicates=True) if replicates and hasattr(module, "seed_replicates") else module.entries()
 
 
-def summary(name: str):
-    """Zoo ``name`` as a table, one row per model: the zoo's own ``summary()`` where it has one, else each
-    record's id, category, accuracy and display name."""
+def summary(name: str, *, replicates: bool = False):
+    """Zoo ``name`` as a table, one row per model (with ``replicates``: and per training-seed replicate): the zoo's
+    own ``summary()`` where it has one, else each record's id, category, accuracy and display name."""
     import pandas as pd
 
     module = _zoo(name)
+    records = entries(name, replicates=replicates)
     if hasattr(module, "summary"):
-        return module.summary()
-    table = pd.DataFrame(module.entries())
+        return module.summary(records)
+    table = pd.DataFrame(records)
     return table[[c for c in ("id", "category", "accuracy", "display") if c in table]]
 
 

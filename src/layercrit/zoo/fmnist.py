@@ -9,6 +9,10 @@ project's 2-core CPU (about 2 hours; resumable, so it may span several runs) and
 in float16 (half the size) and loaded back as float32; the recorded accuracies are those of the stored weights.
 
 Set ``LAYERCRIT_FMNIST_ZOO=DIR`` to use a zoo you trained yourself as ``zoo:fmnist/ID``.
+
+Training-seed replicates of a member are ``zoo:fmnist/ID@seedN`` (``baseline@seed1``; ``ID`` itself is seed 0).
+They live in subfolders ``seedN`` of the zoo folder, each a zoo folder of its own as ``layercrit zoo train --seed N
+--out DIR/seedN`` writes it (see docs/demo.md for the replicates shipped and how to train the rest).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from ..errors import LayercritError
 from ..models.base import Normalized, ResolvedModel, wrap_module
 from ..models.builders import build_architecture
 from ..models.checkpoints import load_strict
-from ..training import METHODS, accuracy, resumable, robust_accuracy, train_linear_probe
+from ..names import file_name
+from ..seeds import method_and_seed, with_seed
+from ..training import METHODS, PRECISIONS, accuracy, resumable, robust_accuracy, train_linear_probe
 
 ARCH = "layercrit:fmnist_resnet20"
 MANIFEST = "manifest.yaml"
@@ -92,9 +98,30 @@ def zoo_dir() -> Path:
     return Path(os.environ.get("LAYERCRIT_FMNIST_ZOO") or Path(__file__).with_name("fmnist"))
 
 
-def entries() -> list[dict]:
-    """The manifest records of the trained zoo (recipe fields plus ``accuracy``, ``file``, ``train_time_s``, ...)."""
-    path = zoo_dir() / MANIFEST
+def entries(replicates: bool = False) -> list[dict]:
+    """The manifest records of the trained zoo (recipe fields plus ``accuracy``, ``file``, ``train_time_s``, ...);
+    with ``replicates``, followed by those of every training-seed replicate (:func:`seed_replicates`)."""
+    return _manifest(zoo_dir()) + (seed_replicates() if replicates else [])
+
+
+def seed_replicates() -> list[dict]:
+    """The records of the training-seed replicates (folders ``seedN`` of the zoo folder), with ids ``ID@seedN``,
+    ``member`` the member's id and ``file`` relative to the zoo folder; by seed, then in zoo order."""
+    records = []
+    for folder in sorted(zoo_dir().glob("seed*"), key=lambda p: (len(p.name), p.name)):
+        if not (folder / MANIFEST).is_file():
+            continue
+        for record in _manifest(folder):
+            if f"seed{record.get('seed')}" != folder.name:
+                raise LayercritError(f"{folder / MANIFEST} holds {record['id']!r} trained with seed "
+                                     f"{record.get('seed')}: a folder seedN holds members trained with --seed N")
+            records.append({**record, "id": with_seed(record["id"], record["seed"]), "member": record["id"],
+                            "file": f"{folder.name}/{record['file']}"})
+    return records
+
+
+def _manifest(folder: Path) -> list[dict]:
+    path = folder / MANIFEST
     if not path.is_file():
         raise LayercritError(
             f"no Fashion-MNIST zoo in {path.parent}: train one with 'layercrit zoo train --out DIR' and set "
@@ -110,11 +137,14 @@ def resolve(model_id: str, pretrained: bool = True, *, trust_checkpoint: bool = 
     ``fresh`` builds randomly initialised networks of the same architecture (for the rerandomize reset);
     ``metadata`` carries the record's category, display name, accuracy, method and hyperparameters.
     """
-    records = {record["id"]: record for record in entries()}
+    method, seed = method_and_seed(model_id)
+    model_id = with_seed(method, seed)  # baseline@seed0 is baseline
+    records = {record["id"]: record for record in entries(replicates=seed != 0)}
     if model_id not in records:
         close = difflib.get_close_matches(model_id, list(records), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise LayercritError(f"no model {model_id!r} in the Fashion-MNIST zoo{hint}; see 'layercrit zoo list'")
+        raise LayercritError(f"no model {model_id!r} in the Fashion-MNIST zoo{hint}; see 'layercrit zoo list' "
+                             "(seed replicates: 'layercrit zoo list --seeds')")
     record = records[model_id]
     module, pre = build_architecture(record["arch"], pretrained=False)
     if pretrained:
@@ -123,7 +153,7 @@ def resolve(model_id: str, pretrained: bool = True, *, trust_checkpoint: bool = 
     resolved = wrap_module(module.eval(), lambda: build_architecture(record["arch"], pretrained=False)[0], pre,
                            spec=f"zoo:fmnist/{model_id}")
     resolved.metadata.update({key: record.get(key) for key in
-                              ("category", "display", "accuracy", "method", "hyperparameters", "budget")})
+                              ("category", "display", "accuracy", "method", "hyperparameters", "budget", "seed")})
     return resolved
 
 
@@ -143,10 +173,11 @@ def summary(records: Sequence[dict] | None = None) -> pd.DataFrame:
             "budget": budget, "robust_accuracy": robust.get(budget) if budget else None,
             "baseline_robust_accuracy": (baseline.get("robust_accuracy") or {}).get(budget) if budget else None,
             "epochs": r["hyperparameters"].get("epochs"), "train_images": r.get("train_images"),
-            "train_min": round(r.get("train_time_s", float("nan")) / 60, 1),
+            "train_min": round(r.get("train_time_s", float("nan")) / 60, 1), "seed": r.get("seed"),
+            "precision": r["hyperparameters"].get("precision"),
         })
     table = pd.DataFrame(rows)
-    numbers = ["epochs", "train_images", "train_min", "accuracy", "probe_accuracy", "robust_accuracy",
+    numbers = ["epochs", "train_images", "train_min", "seed", "accuracy", "probe_accuracy", "robust_accuracy",
                "baseline_robust_accuracy"]
     table[numbers] = table[numbers].apply(pd.to_numeric)
     return table
@@ -175,6 +206,7 @@ def train_zoo(
     test_images: int | None = None,
     data_root: str | None = None,
     robust_images: int = 1000,
+    precision: str | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
@@ -192,11 +224,14 @@ def train_zoo(
         data_root: folder holding the Fashion-MNIST IDX files. log: receives one line per finished member.
         robust_images: the first N test images on which each member's robust accuracy is measured, under PGD-10 at
             every adversarial budget of the zoo (0: none).
+        precision: train in this precision (``fp32``, ``bf16``) instead of the recipe's; the record's
+            hyperparameters then say what was used and ``recipe_precision`` what the recipe asks for. bf16 pays only
+            on a CPU with native bf16 (AMX): on an AVX2-only CPU it is emulated and 5x slower than fp32.
 
     Returns:
         The manifest records written in this call, one row per member.
     """
-    chosen = select_recipes(methods, recipes)
+    chosen = [_in_precision(recipe, precision) for recipe in select_recipes(methods, recipes)]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +246,7 @@ def train_zoo(
             log(f"{recipe['id']:<16} already trained (same recipe and seed); --force to train it again")
             continue
         subset = torch.tensor(subset_indices(len(train_labels), recipe["train_images"], DATA_SEED))
-        checkpoints = out / ".checkpoints" / recipe["id"]
+        checkpoints = out / ".checkpoints" / file_name(recipe["id"])
         with resumable(checkpoints) as clock:
             module, losses = train_member(recipe, train_images[subset], train_labels[subset], device=device,
                                           seed=seed)
@@ -220,7 +255,7 @@ def train_zoo(
         module.load_state_dict(state)  # measure exactly the weights that are stored
         net = _wrapped(module, arch).to(device)
         record = {
-            **copy.deepcopy(recipe), "arch": arch, "file": f"{recipe['id']}.safetensors",
+            **copy.deepcopy(recipe), "arch": arch, "file": f"{file_name(recipe['id'])}.safetensors",
             "accuracy": round(accuracy(net, test_x, test_y, device=device), 2), "test_images": len(test_y),
             "seed": seed, "data_seed": DATA_SEED, "losses": [round(loss, 4) for loss in losses],
             "train_time_s": round(seconds, 1), "cpu_time_s": round(cpu_seconds, 1), "device": device,
@@ -251,6 +286,18 @@ def probe_accuracy(net: Normalized, images: torch.Tensor, labels: torch.Tensor, 
     probed = copy.deepcopy(net)
     train_linear_probe(probed, images, labels, device=device, seed=seed, **PROBE)
     return accuracy(probed, test_x, test_y, device=device)
+
+
+def _in_precision(recipe: dict, precision: str | None) -> dict:
+    """``recipe`` trained in ``precision`` (None: as it is); a recipe that trains nothing by SGD is unchanged."""
+    if precision is None or "precision" not in recipe["hyperparameters"]:
+        return recipe
+    if precision not in PRECISIONS:
+        raise LayercritError(f"unknown training precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision == recipe["hyperparameters"]["precision"]:
+        return recipe
+    return {**recipe, "hyperparameters": {**recipe["hyperparameters"], "precision": precision},
+            "recipe_precision": recipe["hyperparameters"]["precision"]}
 
 
 def _finished(record: dict | None, recipe: dict, seed: int, out: Path) -> bool:

@@ -1,0 +1,250 @@
+"""Training seeds as a variance component: how much of a layer's criticality is the method, the seed, the reset,
+the images; and each method's effect against the baseline with an interval that counts seed variance.
+
+A model id names its training seed as ``ID@seedN`` (``zoo:fmnist/baseline@seed1``); an id without one is seed 0
+of its method (``baseline``). Per *unit* (a layer, or a stage: the mean of its layers) the criticality of one
+image under one reset of one training seed of one method is read as
+
+    y = μ + method + seed(method) + reset(seed) + image(reset)
+
+with variances σ²_method, σ²_seed, σ²_reset, σ²_image (percentage points²). The estimates are the method of
+moments (one-way random-effects ANOVA, nested), from the trial rows:
+
+* **image**: the mean over trials of ``criticality_sd²`` (the per-image variance within a trial; cos metric only).
+* **reset**: the variance of a model's trial means less the image part ``σ²_image / n_images`` (exact when every
+  trial has its own images, as in the sequential design; when trials share images, as in the fixed design, it
+  removes at most ``σ²_image / n_images`` too much, under 0.01% of σ²_image at 10,000 images).
+* **seed**: the variance of a method's model means over its seeds less their measurement variance
+  (``s² / trials`` of each model), pooled over the methods with two or more seeds.
+* **method**: the variance of the method means less their expected seed-and-measurement part (``s²_p / seeds``,
+  ``s²_p`` the pooled variance of model means over seeds).
+
+A stage's method and seed components are those of its stage mean; its reset and image components the mean of
+its layers' (the spread of one layer's draw). Negative moment estimates are reported as 0. Intervals: percentile
+bootstrap over seeds (each method's seeds drawn with replacement, ``bootstrap`` times); with three seeds a
+method has only ten distinct resamples, so the intervals are coarse and their lower ends biased low.
+
+A method's effect is the difference of its mean over seeds from the baseline's, with the two-sample t-interval
+on the pooled variance of model means over seeds (degrees of freedom Σ(seeds − 1) over the methods with two or
+more seeds); a method measured in one seed borrows the others' seed variance. Models are measured with their own
+resets, on the same images: the small positive correlation this gives (r ≈ 0.1) makes the unpaired interval a
+little wider than it needs to be, never narrower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ..errors import LayercritError
+from ..measurement.estimate import ALPHA
+from ..seeds import method_and_seed
+
+COMPONENTS = ("method", "seed", "reset", "image")
+BOOTSTRAP = 1000
+
+
+def stage_of(layer: str) -> str:
+    """The stage a layer belongs to: its first name part after an optional ``model.`` wrapper (``layer2.0.conv1``
+    -> ``layer2``, ``conv1`` -> ``conv1``, ``fc`` -> ``fc``)."""
+    return str(layer).removeprefix("model.").split(".")[0]
+
+
+def has_seeds(model_ids: Iterable[str]) -> bool:
+    """Whether some method among ``model_ids`` was measured in two or more training seeds."""
+    methods = pd.Series([method_and_seed(m)[0] for m in dict.fromkeys(map(str, model_ids))], dtype=object)
+    return bool((methods.value_counts() >= 2).any())
+
+
+def model_units(rows: pd.DataFrame, *, value: str = "criticality_pct",
+                stage: Callable[[str], str] = stage_of) -> pd.DataFrame:
+    """Per (model, layer) and per (model, stage): what the decomposition reads.
+
+    Args:
+        rows: trial rows (``model_id, layer, trial`` and ``value``; ``criticality_sd`` (fraction) and ``n_images``
+            for the image component, ``computed_in_trial`` to count a deterministic reset once), ``original`` rows
+            left out.
+        value: the criticality column, in percent. stage: layer name -> stage name.
+
+    Returns:
+        Columns ``level`` (``layer``/``stage``), ``unit``, ``model_id``, ``method``, ``seed``, ``mean`` (over the
+        model's reset draws), ``noise_var`` (its sampling variance, s²/trials), ``reset_var``, ``image_var``
+        (points²), ``trials``; layers and stages in network order.
+    """
+    missing = [c for c in ("model_id", "layer", "trial", value) if c not in rows]
+    if missing:
+        raise LayercritError(f"rows lack column(s) {', '.join(missing)} for the variance components")
+    rows = rows[rows["layer"] != "original"]
+    copies = rows.groupby(["model_id", "layer"], sort=False).size()
+    if "computed_in_trial" in rows:  # a deterministic reset's later trials copy the first: one draw
+        rows = rows[rows["computed_in_trial"].fillna(rows["trial"]) == rows["trial"]]
+    if rows.empty:
+        raise LayercritError("no layer rows to decompose: measure some layers first")
+    with_images = "criticality_sd" in rows and rows["criticality_sd"].notna().all()
+    drawn = rows.assign(_y=rows[value].astype(float),
+                        _image=np.square(100.0 * rows["criticality_sd"].astype(float)) if with_images else np.nan,
+                        _n=rows["n_images"].astype(float) if with_images and "n_images" in rows else np.inf)
+    layers = (drawn.groupby(["model_id", "layer"], sort=False)
+              .agg(mean=("_y", "mean"), between=("_y", "var"), trials=("_y", "size"), image_var=("_image", "mean"),
+                   images=("_n", "mean"))
+              .reset_index().rename(columns={"layer": "unit"}))
+    repeated = copies.reindex(pd.MultiIndex.from_frame(layers[["model_id", "unit"]])).to_numpy() > 1
+    deterministic = (layers["trials"] == 1) & repeated  # one computation, repeated: no spread
+    layers["between"] = layers["between"].mask(deterministic, 0.0)
+    layers["noise_var"] = layers["between"] / layers["trials"]
+    layers["reset_var"] = layers["between"] - (layers["image_var"] / layers["images"]).fillna(0.0)
+    identity = [method_and_seed(m) for m in layers["model_id"]]
+    layers = layers.assign(level="layer", method=[m for m, _ in identity], seed=[s for _, s in identity])[
+        ["level", "unit", "model_id", "method", "seed", "mean", "noise_var", "reset_var", "image_var", "trials"]]
+    staged = layers.assign(unit=layers["unit"].map(stage))
+    stages = (staged.groupby(["unit", "model_id", "method", "seed"], sort=False)
+              .agg(mean=("mean", "mean"), noise_var=("noise_var", lambda v: v.sum() / len(v) ** 2),
+                   reset_var=("reset_var", "mean"), image_var=("image_var", "mean"), trials=("trials", "min"))
+              .reset_index().assign(level="stage"))
+    return pd.concat([layers, stages[layers.columns]], ignore_index=True)
+
+
+class _Arrays:
+    """:func:`model_units` as unit × model matrices (NaN where a model lacks a unit) and a model × method one-hot
+    matrix, so that a bootstrap resample is a choice of columns."""
+
+    def __init__(self, units: pd.DataFrame):
+        self.keys = list(dict.fromkeys(zip(units["level"], units["unit"], strict=True)))
+        models = units.drop_duplicates("model_id")
+        self.models, self.methods = list(models["model_id"]), list(dict.fromkeys(models["method"]))
+        table = units.set_index(["level", "unit", "model_id"])
+        index = pd.MultiIndex.from_tuples(self.keys, names=["level", "unit"])
+
+        def matrix(field: str) -> np.ndarray:
+            return table[field].unstack("model_id").reindex(index=index, columns=self.models).to_numpy(float)
+
+        self.mean, self.noise = matrix("mean"), matrix("noise_var")
+        self.reset, self.image = matrix("reset_var"), matrix("image_var")
+        self.onehot = (models["method"].to_numpy()[:, None] == np.array(self.methods)[None, :]).astype(float)
+
+    def components(self, columns: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per unit: the four variance estimates (unclipped), the pooled seed variance of model means and its
+        degrees of freedom, from the models in ``columns`` (default all)."""
+        cols = np.arange(len(self.models)) if columns is None else columns
+        y, onehot = self.mean[:, cols], self.onehot[cols]
+        present = np.isfinite(y)
+        count = present.astype(float) @ onehot
+        total = np.where(present, y, 0.0) @ onehot
+        squares = np.where(present, y * y, 0.0) @ onehot
+        noise = np.where(present, self.noise[:, cols], 0.0) @ onehot
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = total / count
+            spread = (squares - count * means**2) / (count - 1)
+            replicated = count >= 2
+            weights = np.where(replicated, count - 1, 0.0)
+            df = weights.sum(axis=1)
+            pooled = np.where(replicated, weights * spread, 0.0).sum(axis=1) / df
+            seed = np.where(replicated, weights * (spread - noise / count), 0.0).sum(axis=1) / df
+            observed = count > 0
+            methods = observed.sum(axis=1)
+            grand = np.where(observed, means, 0.0).sum(axis=1) / methods
+            between = np.where(observed, (means - grand[:, None]) ** 2, 0.0).sum(axis=1) / (methods - 1)
+            expected = np.where(observed, pooled[:, None] / count, 0.0).sum(axis=1) / methods
+            method = np.where(methods > 1, between - expected, np.nan)
+        return {"method": method, "seed": np.where(df > 0, seed, np.nan), "reset": _mean(self.reset[:, cols]),
+                "image": _mean(self.image[:, cols]), "pooled_seed_var": pooled, "df": df}
+
+    def resample(self, rng: np.random.Generator) -> np.ndarray:
+        """Columns of one bootstrap draw: each method's models drawn with replacement."""
+        owner = self.onehot.argmax(axis=1)
+        return np.concatenate([rng.choice(np.flatnonzero(owner == k), size=int((owner == k).sum()), replace=True)
+                               for k in range(len(self.methods))])
+
+
+def variance_components(units: pd.DataFrame, *, bootstrap: int = BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
+    """Per unit and component: variance (points², moment estimate clipped at 0), SD (points), share of the four,
+    and a bootstrap-over-seeds 95% interval of the SD.
+
+    Args:
+        units: :func:`model_units`. bootstrap: resamples (0: no intervals). seed: of the resampling.
+
+    Returns:
+        Columns ``level, unit, component, variance_pct2, sd_pct, sd_low_pct, sd_high_pct, share, methods, seeds``
+        (``seeds``: models measured for the unit).
+    """
+    arrays = _Arrays(units)
+    point = arrays.components()
+    draws = [arrays.components(arrays.resample(rng)) for rng in _generators(bootstrap, seed)]
+    models = units.groupby(["level", "unit"], sort=False).agg(methods=("method", "nunique"), seeds=("model_id", "size"))
+    out = []
+    for i, (level, unit) in enumerate(arrays.keys):
+        values = {c: point[c][i] for c in COMPONENTS}
+        total = sum(max(v, 0.0) for v in values.values() if np.isfinite(v))
+        for component in COMPONENTS:
+            variance = max(values[component], 0.0) if np.isfinite(values[component]) else np.nan
+            sampled = np.sqrt(np.clip([d[component][i] for d in draws], 0.0, None)) if draws else np.array([])
+            sampled = sampled[np.isfinite(sampled)]
+            low, high = np.quantile(sampled, [ALPHA / 2, 1 - ALPHA / 2]) if len(sampled) else (np.nan, np.nan)
+            out.append({"level": level, "unit": unit, "component": component, "variance_pct2": variance,
+                        "sd_pct": float(np.sqrt(variance)), "sd_low_pct": float(low), "sd_high_pct": float(high),
+                        "share": variance / total if total > 0 else np.nan,
+                        "methods": int(models.loc[(level, unit), "methods"]),
+                        "seeds": int(models.loc[(level, unit), "seeds"])})
+    return pd.DataFrame(out)
+
+
+def method_effects(units: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Each method's effect on criticality against ``baseline`` (a method or a model id of it), per unit.
+
+    Returns:
+        Columns ``level, unit, method, seeds, baseline_seeds, effect_pct`` (mean over seeds minus the baseline's),
+        ``ci_pct`` (95% half-width counting seed variance), ``low_pct, high_pct``, ``seed_sd_pct`` (pooled SD of
+        model means over seeds), ``effect_over_seed_sd``, ``df`` and ``verdict`` (``higher``, ``lower``, or ``not
+        told apart`` when the interval holds 0).
+    """
+    base = method_and_seed(baseline)[0]
+    if base not in set(units["method"]):
+        raise LayercritError(f"baseline {baseline!r} is not among the measured methods: pick one of "
+                             f"{', '.join(dict.fromkeys(units['method']))}")
+    arrays = _Arrays(units)
+    point = arrays.components()
+    pooled = {key: (point["pooled_seed_var"][i], point["df"][i]) for i, key in enumerate(arrays.keys)}
+    out = []
+    for (level, unit), group in units.groupby(["level", "unit"], sort=False):
+        means = group.groupby("method", sort=False)["mean"].agg(["mean", "count"])
+        if base not in means.index:
+            continue
+        var, df = pooled[(level, unit)]
+        sd = float(np.sqrt(var))
+        t = stats.t.ppf(1 - ALPHA / 2, df) if df > 0 else np.nan
+        for method, (mean, count) in means.drop(index=base).iterrows():
+            effect = float(mean - means.loc[base, "mean"])
+            half = float(t * sd * np.sqrt(1 / count + 1 / means.loc[base, "count"]))
+            verdict = ("not told apart" if not np.isfinite(half) or abs(effect) <= half
+                       else "higher" if effect > 0 else "lower")
+            out.append({"level": level, "unit": unit, "method": method, "seeds": int(count),
+                        "baseline_seeds": int(means.loc[base, "count"]), "effect_pct": effect, "ci_pct": half,
+                        "low_pct": effect - half, "high_pct": effect + half, "seed_sd_pct": sd,
+                        "effect_over_seed_sd": effect / sd if sd > 0 else np.nan, "df": int(df), "verdict": verdict})
+    return pd.DataFrame(out)
+
+
+def _mean(values: np.ndarray) -> np.ndarray:
+    """Row means over the finite entries (NaN for a row with none)."""
+    finite = np.isfinite(values)
+    with np.errstate(invalid="ignore"):
+        return np.where(finite, values, 0.0).sum(axis=1) / finite.sum(axis=1)
+
+
+def _generators(count: int, seed: int) -> list[np.random.Generator]:
+    return [np.random.default_rng([seed, i]) for i in range(count)]
+
+
+def seed_analysis(rows: pd.DataFrame, baseline: str | None, *, value: str = "criticality_pct",
+                  image: bool = True, bootstrap: int = BOOTSTRAP) -> dict[str, pd.DataFrame]:
+    """The variance components and, given a ``baseline``, the method effects of trial ``rows`` whose model ids name
+    training seeds (``ID@seedN``). ``image``: the rows' ``criticality_sd`` is of ``value`` (the cos metric), so
+    the image component can be read from it."""
+    units = model_units(rows if image else rows.drop(columns="criticality_sd", errors="ignore"), value=value)
+    tables = {"variance_components": variance_components(units, bootstrap=bootstrap)}
+    if baseline is not None:
+        tables["method_effects"] = method_effects(units, baseline)
+    return tables

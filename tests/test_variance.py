@@ -1,0 +1,181 @@
+"""Training seeds as a variance component (layercrit.analysis.variance), on simulated data with known components."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from layercrit.analysis import variance
+from layercrit.errors import LayercritError
+from layercrit.seeds import method_and_seed
+
+LAYERS = ("model.layer1.0.conv1", "model.layer1.0.conv2", "model.fc")
+TRUE_SD = {"method": 4.0, "seed": 2.0, "reset": 3.0, "image": 20.0}  # points
+
+
+def simulate(rng: np.random.Generator, *, methods: int, seeds: int, trials: int, images: int,
+             effects: np.ndarray | None = None, sd: dict[str, float] = TRUE_SD) -> pd.DataFrame:
+    """Trial rows as the engine writes them: each trial's criticality is the mean over its own ``images`` images
+    (per-image SD ``sd["image"]``, reported as ``criticality_sd``) of a reset drawn around its seed's value."""
+    effects = np.zeros(methods) if effects is None else effects
+    m, s, layer, t = (a.ravel() for a in np.meshgrid(np.arange(methods), np.arange(seeds), np.arange(len(LAYERS)),
+                                                     np.arange(trials), indexing="ij"))
+    seed_effect = rng.normal(0.0, sd["seed"], (methods, seeds, len(LAYERS)))[m, s, layer]
+    value = (30.0 + effects[m] + seed_effect + rng.normal(0.0, sd["reset"], len(m))
+             + rng.normal(0.0, sd["image"] / np.sqrt(images), len(m)))
+    return pd.DataFrame({"model_id": [f"m{a}" if b == 0 else f"m{a}@seed{b}" for a, b in zip(m, s, strict=True)],
+                         "layer": np.array(LAYERS)[layer], "trial": t, "criticality_pct": value,
+                         "criticality_sd": sd["image"] / 100.0, "n_images": images})
+
+
+def spread_effects(methods: int, sd: float) -> np.ndarray:
+    """Fixed method effects whose variance over methods (ddof=1) is exactly ``sd²``."""
+    effects = np.linspace(-1.0, 1.0, methods)
+    return effects / effects.std(ddof=1) * sd
+
+
+def test_a_seed_suffix_names_the_method_and_the_training_seed():
+    assert method_and_seed("baseline@seed2") == ("baseline", 2)
+    assert method_and_seed("zoo:fmnist/pgd_linf_8@seed1") == ("zoo:fmnist/pgd_linf_8", 1)
+    assert method_and_seed("baseline") == ("baseline", 0)
+    assert method_and_seed("my@seedling") == ("my@seedling", 0)
+    assert variance.has_seeds(["baseline", "baseline@seed1", "improved"])
+    assert not variance.has_seeds(["baseline", "improved", "baseline"])
+
+
+def test_a_layer_belongs_to_its_first_name_part():
+    assert [variance.stage_of(name) for name in LAYERS] == ["layer1", "layer1", "fc"]
+
+
+@pytest.fixture(scope="module")
+def large_design():
+    rows = simulate(np.random.default_rng(7), methods=20, seeds=20, trials=10, images=50,
+                    effects=spread_effects(20, TRUE_SD["method"]))
+    units = variance.model_units(rows)
+    return units, variance.variance_components(units, bootstrap=200)
+
+
+@pytest.mark.parametrize("component", variance.COMPONENTS)
+def test_every_component_is_recovered_within_ten_percent_in_a_large_design(large_design, component):
+    _, table = large_design
+    layers = table[(table.level == "layer") & (table.component == component)]
+    assert len(layers) == len(LAYERS)
+    assert np.allclose(layers.sd_pct, TRUE_SD[component], rtol=0.10), layers.sd_pct.tolist()
+
+
+def test_a_stage_decomposes_the_mean_of_its_layers(large_design):
+    _, table = large_design
+    stage = table[(table.level == "stage") & (table.unit == "layer1")].set_index("component")
+    # the two layers' seed effects are independent, so the stage mean's seed SD is 2/√2; the method effect is
+    # shared by both layers; reset and image are the layers' own
+    assert stage.loc["seed", "sd_pct"] == pytest.approx(TRUE_SD["seed"] / np.sqrt(2), rel=0.12)
+    assert stage.loc["method", "sd_pct"] == pytest.approx(TRUE_SD["method"], rel=0.10)
+    assert stage.loc["reset", "sd_pct"] == pytest.approx(TRUE_SD["reset"], rel=0.10)
+    assert stage.loc["image", "sd_pct"] == pytest.approx(TRUE_SD["image"], rel=1e-9)
+    assert stage[["share"]].sum().item() == pytest.approx(1.0)
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_are_narrow_with_many_seeds(large_design):
+    _, table = large_design
+    seed = table[table.component == "seed"]
+    assert (seed.sd_low_pct <= seed.sd_pct).all() and (seed.sd_pct <= seed.sd_high_pct).all()
+    assert ((seed.sd_high_pct - seed.sd_low_pct) < 0.5).all()
+
+
+@pytest.mark.slow
+def test_seed_and_method_variances_are_unbiased_with_three_seeds():
+    rng = np.random.default_rng(3)
+    effects = spread_effects(4, TRUE_SD["method"])
+    estimates = {"method": [], "seed": []}
+    for _ in range(150):
+        units = variance.model_units(simulate(rng, methods=4, seeds=3, trials=4, images=50, effects=effects))
+        point = variance._Arrays(units).components()  # the unclipped moment estimates
+        for name in estimates:
+            estimates[name].append(point[name][0])
+    for name, values in estimates.items():
+        assert np.mean(values) == pytest.approx(TRUE_SD[name] ** 2, rel=0.10), name
+
+
+@pytest.mark.slow
+def test_method_effect_interval_covers_at_the_nominal_level_counting_seed_variance():
+    rng = np.random.default_rng(11)
+    effects = np.array([0.0, 3.0, -2.0])
+    covered, total = 0, 0
+    for _ in range(400):
+        units = variance.model_units(simulate(rng, methods=3, seeds=3, trials=3, images=50, effects=effects))
+        table = variance.method_effects(units, "m0")
+        layers = table[table.level == "layer"]
+        truth = layers.method.map({"m1": 3.0, "m2": -2.0})
+        covered += int(((layers.low_pct <= truth) & (truth <= layers.high_pct)).sum())
+        total += len(layers)
+    assert 0.93 <= covered / total <= 0.97  # 2400 intervals: ± 3 standard errors of a 95% coverage
+
+
+def test_a_method_with_one_seed_borrows_the_pooled_seed_variance():
+    rows = simulate(np.random.default_rng(5), methods=3, seeds=3, trials=3, images=50)
+    rows = rows[~rows.model_id.str.startswith("m2@")]
+    table = variance.method_effects(variance.model_units(rows), "m0").set_index(["unit", "method"])
+    one, three = table.loc[("model.fc", "m2")], table.loc[("model.fc", "m1")]
+    assert one.seeds == 1 and three.seeds == 3 and one.df == three.df == 4
+    assert one.ci_pct / three.ci_pct == pytest.approx(np.sqrt((1 + 1 / 3) / (2 / 3)))
+    assert one.effect_over_seed_sd == pytest.approx(one.effect_pct / one.seed_sd_pct)
+
+
+def test_effects_need_a_measured_baseline():
+    units = variance.model_units(simulate(np.random.default_rng(0), methods=2, seeds=2, trials=2, images=10))
+    with pytest.raises(LayercritError, match="baseline 'nope' is not among the measured methods"):
+        variance.method_effects(units, "nope")
+    assert set(variance.method_effects(units, "m0@seed1").method) == {"m1"}
+
+
+def test_a_deterministic_reset_counts_once_and_has_no_reset_variance():
+    rows = pd.DataFrame({"model_id": ["a"] * 3 + ["a@seed1"] * 3, "layer": ["fc"] * 6, "trial": [0, 1, 2] * 2,
+                         "computed_in_trial": [0, 0, 0] * 2, "criticality_pct": [10.0] * 3 + [14.0] * 3})
+    units = variance.model_units(rows)
+    assert units.trials.tolist() == [1, 1, 1, 1]
+    table = variance.variance_components(units, bootstrap=0).set_index(["level", "component"])
+    assert table.loc[("layer", "seed"), "variance_pct2"] == pytest.approx(8.0)  # var(10, 14) with ddof 1
+
+
+def as_results(rows: pd.DataFrame) -> pd.DataFrame:
+    """Simulated trial rows in layercrit's results format."""
+    return rows.assign(pred_cos_sim=1.0 - rows.criticality_pct / 100.0, reset="rerandomize").drop(
+        columns="criticality_pct")
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory):
+    from layercrit.analysis.tables import analyze
+
+    rows = simulate(np.random.default_rng(2), methods=3, seeds=3, trials=3, images=100,
+                    effects=np.array([0.0, 8.0, -1.0]))
+    out = tmp_path_factory.mktemp("seeds")
+    meta = pd.DataFrame({"model_id": rows.model_id.unique()}).assign(
+        category=lambda f: np.where(f.model_id.str.startswith("m0"), "baseline", "other"))
+    return rows, out, analyze(as_results(rows), out, meta=meta)
+
+
+def test_analyze_writes_the_seed_tables_and_figure_when_a_method_has_seeds(analyzed):
+    rows, out, result = analyzed
+    components = pd.read_csv(out / "variance_components.csv")
+    effects = pd.read_csv(out / "method_effects.csv")
+    assert (out / "variance_components.png").is_file() and (out / "variance_components.pdf").is_file()
+    assert set(components.component) == set(variance.COMPONENTS)
+    assert set(components.unit) == {*LAYERS, "layer1", "fc"}
+    assert set(effects.method) == {"m1", "m2"} and (effects.seeds == 3).all()
+    expected = variance.seed_analysis(rows, "m0")
+    pd.testing.assert_frame_equal(result["method_effects"], expected["method_effects"])
+    m1 = effects[(effects.level == "stage") & (effects.method == "m1")]
+    assert (m1.verdict == "higher").all(), "an effect of 8 points against a seed SD of 2 is told apart"
+    assert result["stats"]["baseline"] == "m0", "the seed-0 model of the one method whose seeds are all baselines"
+    assert result["stats"]["seed_replicates"] == sorted(m for m in rows.model_id.unique() if "@seed" in m)
+    assert "Method effects against the baseline" in (out / "report.html").read_text()
+
+
+def test_analyze_writes_no_seed_tables_without_replicates(tmp_path):
+    from layercrit.analysis.tables import analyze
+
+    rows = simulate(np.random.default_rng(2), methods=2, seeds=1, trials=3, images=100)
+    result = analyze(as_results(rows), tmp_path)
+    assert "variance_components" not in result and not (tmp_path / "variance_components.csv").exists()
