@@ -234,17 +234,17 @@ def _run_into(out: Path, args):
     experiment = experiment_from_args(args)
     resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained, num_classes=args.num_classes,
                              trust_checkpoint=args.trust_checkpoint, seed=args.seed, model_id=args.model_id)
-    prepared = prepare(resolved, spec=experiment, model_id=args.model_id, trust_checkpoint=args.trust_checkpoint)
-    print(prepared.describe())
     # run.json goes with the results it describes: a run that fails before its first results leaves the folder as is
-    run = {**{k: v for k, v in vars(args).items() if k != "func"}, "preprocessing": prepared.inputs(),
-           "task": prepared.task.name, "spec_id": experiment.spec_id()}
+    run = {**{k: v for k, v in vars(args).items() if k != "func"}, "spec_id": experiment.spec_id()}
     tracker = None
-    if experiment.log_to:
+    if experiment.log_to:  # its folder is checked before any work
         from .trackers import Tracker
 
         tracker = Tracker(experiment.log_to, name=args.model_id or resolved.spec, config=run, out=out,
                           sequential=experiment.sequential)
+    prepared = prepare(resolved, spec=experiment, model_id=args.model_id, trust_checkpoint=args.trust_checkpoint)
+    print(prepared.describe())
+    run.update(preprocessing=prepared.inputs(), task=prepared.task.name)
 
     def on_rows(rows) -> None:
         write_results(rows, out, {**run, "complete": False})

@@ -147,7 +147,9 @@ class ImageClassification(Task):
             raise LayercritError(f"the model takes {in_chans}-channel input but the data has {channels}-channel "
                                  f"images: use data with {in_chans}-channel images (e.g. fashion-mnist for a "
                                  "1-channel model) or a model for this data")
-        if isinstance(resolved.model, Normalized) and images.is_floating_point() and len(images):
+        wrapper = resolved.model
+        normalises = isinstance(wrapper, Normalized) and bool((wrapper.mean != 0).any() or (wrapper.std != 1).any())
+        if normalises and images.is_floating_point() and len(images):
             low, high = float(images.min()), float(images.max())
             if low < 0 or high > 1:
                 raise LayercritError(f"float images in [{low:.2f}, {high:.2f}], but the model wrapper normalises "
