@@ -498,7 +498,7 @@ class _CallStructure:
     mutated: set[str]  # modules whose output is changed in place after they return (e.g. `x += shortcut`)
 
     @classmethod
-    def probe(cls, model: nn.Module, x, call: Callable) -> _CallStructure:
+    def probe(cls, model: nn.Module, x, call: Callable | None = None) -> _CallStructure:
         start: dict[str, int] = {}
         end: dict[str, int] = {}
         aliasing: set[str] = set()
