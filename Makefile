@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 FMNIST  := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 APT     := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-.PHONY: setup demo test lint clean chromium
+.PHONY: setup demo test test-slow lint clean chromium
 
 setup: .venv/.installed $(FMNIST)
 
@@ -32,8 +32,13 @@ chromium:
 demo: setup
 	.venv/bin/layercrit demo --out runs/demo
 
+# The fast tier (a few minutes on 2 cores); `make test-slow` runs the rest (kills, Ray, Chromium, training,
+# whole-zoo runs). CI (.ci/run) runs both.
 test: setup chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup chromium
+	$(PY) -m pytest -q -m slow
 
 lint: setup
 	.venv/bin/ruff check src tests benchmarks

@@ -1,20 +1,21 @@
 """The measurement behind the README's "What the demo shows": every member of the Fashion-MNIST zoo under the
 sequential design, then each of the paper's findings as a comparison with its 95% interval.
 
-    .venv/bin/python scripts/zoo_findings.py --out runs/zoo-findings        # about 3 min on 2 CPU cores
+    .venv/bin/python scripts/zoo_findings.py --out runs/zoo-findings        # a few minutes on 2 CPU cores
 
 Each member is measured with ``layercrit.measure`` (``rerandomize``, every conv/linear layer, the 10,000 test
-images, ``target_ci`` ±0.03; seed 0) and kept in ``OUT/ID.csv``, so a killed run goes on with the members it lacks.
-It prints, and writes to ``OUT/findings.md``:
+images, ``target_ci`` ±0.03, seed 0, and one block size for every member, ``--images-per-trial``, so that trial
+``t`` of every member sees the same images and draws the same reset: differences between members are paired) and
+kept in ``OUT/ID.csv``, so a killed run goes on with the members it lacks. It prints, and writes to
+``OUT/findings.md``:
 
-- per model and stage (stem ``conv1``, ``layer1``..``layer3``, ``fc``): the mean criticality of the stage's layers
-  in percent, ± the mean of their 95% half-widths (as :func:`layercrit.measurement.estimate.model_table`: it bounds
-  the half-width of the average whatever the correlation between layers);
-- per model: test accuracy (manifest), mean criticality ± its half-width, and the *depth shift*: the deep stage's
-  (``layer3``) criticality minus the mean of the early stages' (stem and ``layer1``), in points;
-- each finding as a difference from the baseline with its half-width (members are measured with their own
-  resets, so half-widths of a difference add in quadrature);
-- Spearman's ρ between test accuracy and mean criticality;
+- per model and stage (stem ``conv1``, ``layer1``..``layer3``, ``fc``) and over all layers: the mean criticality
+  in percent with its 95% interval, and the *depth shift*: ``layer3`` minus the mean of the stem's and ``layer1``'s
+  (:func:`layercrit.analysis.contrasts.aggregate_table`: intervals from the trial-level rows, paired where the
+  layers share trials, at the design's level);
+- each model's depth shift and stage means minus the baseline's, with their intervals (paired: the members share
+  blocks and draws), and how much wider they would be unpaired;
+- Spearman's ρ between test accuracy and mean criticality; the layers that hit the trial cap.
 - with ``--seeds``, the training-seed replicates (``ID@seedN``) the zoo holds are measured too, and each method's
   effect on every stage, the mean and the depth shift is set against its seed variance
   (:func:`layercrit.analysis.variance.method_effects`: mean over seeds minus the baseline's, 95% interval on the
@@ -24,33 +25,33 @@ It prints, and writes to ``OUT/findings.md``:
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
 import layercrit
 from layercrit.analysis import variance
-from layercrit.measurement.estimate import layer_table, model_table
+from layercrit.analysis.contrasts import ALL_LAYERS, DEPTH_SHIFT, aggregate_table
+from layercrit.analysis.tables import stage_of
+from layercrit.measurement.aggregate import interval_text
+from layercrit.measurement.estimate import layer_table
 from layercrit.zoo import fmnist
 
-STAGES = ("conv1", "layer1", "layer2", "layer3", "fc")
-EARLY, DEEP = ("conv1", "layer1"), ("layer3",)
+STAGES = {"stem": "conv1", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "head": "fc"}
+EARLY, DEEP = ("conv1", "layer1"), ("layer3",)  # the depth shift's stages, for the seed effects
+IMAGES_PER_TRIAL = 32  # one block size for the zoo (Cochran's rule picks 18-39 per member; one size pairs them)
 
 
-def stage_of(layer: str) -> str:
-    """``model.layer2.0.conv1`` -> ``layer2``; ``model.conv1`` -> ``conv1``."""
-    return layer.removeprefix("model.").split(".")[0]
-
-
-def measure_zoo(out: Path, *, images: int, target_ci: float, models: list[str]) -> pd.DataFrame:
+def measure_zoo(out: Path, *, images: int, target_ci: float, images_per_trial: int | None,
+                models: list[str]) -> pd.DataFrame:
     frames = []
     for model_id in models:
         path = out / f"{model_id}.csv"
         if not path.is_file():
             rows = layercrit.measure(f"zoo:fmnist/{model_id}", "fashion-mnist", images=images, target_ci=target_ci,
-                                     seed=0, batch_size=500, progress=False)
+                                     images_per_trial=images_per_trial, seed=0, batch_size=500, progress=False)
             rows.assign(model_id=model_id).to_csv(path.with_suffix(".tmp"), index=False)
             path.with_suffix(".tmp").replace(path)
             print(f"measured {model_id}", flush=True)
@@ -58,55 +59,62 @@ def measure_zoo(out: Path, *, images: int, target_ci: float, models: list[str]) 
     return pd.concat(frames, ignore_index=True)
 
 
-def stage_table(layers: pd.DataFrame) -> pd.DataFrame:
-    """Per model and stage: mean criticality of its layers and the mean of their half-widths (fractions), from
-    :func:`layer_table`'s rows."""
-    return (layers.assign(stage=layers.layer.map(stage_of)).groupby(["model_id", "stage"], sort=False)
-            .agg(criticality=("criticality", "mean"), criticality_ci=("criticality_ci", "mean")).reset_index())
+def module_stage(layer: str) -> str:
+    """``model.layer2.0.conv1`` -> ``layer2``; ``model.conv1`` -> ``conv1``."""
+    return layer.removeprefix("model.").split(".")[0]
 
 
-def shift(stages: pd.DataFrame, model_id: str) -> tuple[float, float]:
-    """Depth shift of one model: deep minus early stage criticality (fraction) and its half-width."""
-    s = stages[stages.model_id == model_id].set_index("stage")
-    deep, early = s.loc[list(DEEP)], s.loc[list(EARLY)]
-    value = deep.criticality.mean() - early.criticality.mean()
-    width = math.hypot(deep.criticality_ci.mean(), early.criticality_ci.mean())
-    return value, width
-
-
-def pct(value: float, width: float) -> str:
-    return f"{100 * value:.1f} ± {100 * width:.1f}"
+def aggregates(rows: pd.DataFrame) -> pd.DataFrame:
+    return aggregate_table(rows, {layer: stage_of(layer) for layer in rows.layer.unique()}, baseline="baseline")
 
 
 def report(rows: pd.DataFrame, target_ci: float) -> str:
     records = {r["id"]: r for r in fmnist.entries(replicates=True)}
-    layers = layer_table(rows)
-    stages = stage_table(layers)
-    models = model_table(rows).set_index("model_id")
     ids = list(dict.fromkeys(rows.model_id))
-    lines = ["| model | test acc. | " + " | ".join(f"`{s}`" for s in STAGES) + " | mean | depth shift |",
-             "|---" * (len(STAGES) + 4) + "|"]
+    table = aggregates(rows).set_index(["model_id", "aggregate"])
+    # the same rows with every member on its own draws and blocks: what the intervals would be unpaired
+    unpaired = aggregates(rows.assign(seed=rows.model_id.map({m: i for i, m in enumerate(ids)}))).set_index(
+        ["model_id", "aggregate"])
+    columns = [*STAGES, ALL_LAYERS, DEPTH_SHIFT]
+    lines = ["| model | test acc. | " + " | ".join(f"`{STAGES.get(c, c)}`" for c in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
     for model_id in ids:
-        s = stages[stages.model_id == model_id].set_index("stage")
-        cells = [pct(s.loc[stage, "criticality"], s.loc[stage, "criticality_ci"]) for stage in STAGES]
-        m = models.loc[model_id]
-        lines.append(f"| {model_id} | {records[model_id]['accuracy']:.1f} | " + " | ".join(cells)
-                     + f" | {pct(m.criticality, m.criticality_ci)} | {pct(*shift(stages, model_id))} |")
-    base_value, base_width = shift(stages, "baseline")
-    lines += ["", "Depth shift against the baseline's (points; > 0: deep layers matter more than in the baseline):", ""]
-    for model_id in ids:
-        if model_id != "baseline":
-            value, width = shift(stages, model_id)
-            lines.append(f"- {model_id}: {pct(value - base_value, math.hypot(width, base_width))}")
+        cells = [interval_text(*table.loc[(model_id, c), ["criticality_pct", "criticality_ci_pct",
+                                                          "criticality_low_pct", "criticality_high_pct"]], digits=1)
+                 for c in columns]
+        lines.append(f"| {model_id} | {records[model_id]['accuracy']:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "Minus the baseline's (points; paired: the members share blocks and reset draws; * the interval "
+              "excludes 0; in brackets the unpaired half-width):", "",
+              "| model | " + " | ".join(f"`{STAGES.get(c, c)}`" for c in columns) + " |", "|---" * (len(columns) + 1)
+              + "|"]
+    ratios = []
+    for model_id in ids[1:] if ids[0] == "baseline" else [i for i in ids if i != "baseline"]:
+        cells = []
+        for c in columns:
+            r, u = table.loc[(model_id, c)], unpaired.loc[(model_id, c)]
+            mark = "*" if r.differs else ""
+            cells.append(f"{r.minus_baseline_pct:+.1f} ± {r.minus_baseline_ci_pct:.1f}{mark} "
+                         f"({u.minus_baseline_ci_pct:.1f})")
+            ratios.append(u.minus_baseline_ci_pct / r.minus_baseline_ci_pct)
+        lines.append(f"| {model_id} | " + " | ".join(cells) + " |")
+    layers = layer_table(rows)
     accuracy = [records[i]["accuracy"] for i in ids]
-    mean = [models.loc[i, "criticality"] for i in ids]
+    mean = [table.loc[(i, ALL_LAYERS), "criticality_pct"] for i in ids]
     rho, p = stats.spearmanr(accuracy, mean)
-    kept = [i for i in ids if i != "frozen_random"]
-    rho_kept, p_kept = stats.spearmanr([records[i]["accuracy"] for i in kept], [models.loc[i, "criticality"] for i in kept])
-    capped = int(layers.capped.sum())
-    lines += ["", f"Spearman ρ(test accuracy, mean criticality): {rho:.2f} (p = {p:.2g}, n = {len(ids)}); without "
+    kept = [k for k, i in enumerate(ids) if i != "frozen_random"]
+    rho_kept, p_kept = stats.spearmanr([accuracy[k] for k in kept], [mean[k] for k in kept])
+    stopped = layers[~layers.capped]
+    lines += ["", f"Pairing: the unpaired half-widths of these differences are {np.median(ratios):.2f}× the paired "
+              f"ones at the median (range {min(ratios):.2f}–{max(ratios):.2f}).",
+              f"Spearman ρ(test accuracy, mean criticality): {rho:.2f} (p = {p:.2g}, n = {len(ids)}); without "
               f"frozen_random {rho_kept:.2f} (p = {p_kept:.2g}).",
-              f"Layers that hit the 100-trial cap before ±{target_ci:g}: {capped} of {len(layers)}."]
+              f"Layers that hit the 100-trial cap before ±{target_ci:g}: {int(layers.capped.sum())} of {len(layers)}; "
+              f"the others' own half-widths are {np.median(stopped.criticality_ci) / target_ci:.2f}× the target at "
+              "the median.",
+              f"Images per trial: {', '.join(map(str, sorted(rows[rows.layer != 'original'].n_images.unique())))}; "
+              f"trials per layer "
+              f"{layers.trials.min()}–{layers.trials.max()} (median {layers.trials.median():g}); image-forwards "
+              f"{int(layers.images.sum()):,}."]
     if variance.has_seeds(ids):
         lines += ["", *seed_effects(rows)]
     return "\n".join(lines)
@@ -116,7 +124,7 @@ def seed_effects(rows: pd.DataFrame) -> list[str]:
     """Each method's effect against the baseline per stage, on the mean and on the depth shift, counting seed
     variance (points)."""
     rows = rows.assign(criticality_pct=100 * rows.criticality)
-    stages = variance.model_units(rows, stage=stage_of)
+    stages = variance.model_units(rows, stage=module_stage)
     stages = stages[stages.level == "stage"]
     overall = variance.model_units(rows, stage=lambda layer: "mean")
     by_stage = stages.set_index(["model_id", "unit"])
@@ -143,6 +151,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/zoo-findings")
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--target-ci", type=float, default=0.03)
+    parser.add_argument("--images-per-trial", type=int, default=IMAGES_PER_TRIAL,
+                        help="one block size for every member (0: Cochran's rule per member, unpaired after the pilot)")
     parser.add_argument("--models", nargs="+", default=[r["id"] for r in fmnist.entries()])
     parser.add_argument("--seeds", action="store_true", help="also measure the zoo's training-seed replicates")
     args = parser.parse_args()
@@ -150,7 +160,9 @@ def main() -> None:
         args.models += [r["id"] for r in fmnist.seed_replicates()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = report(measure_zoo(out, images=args.images, target_ci=args.target_ci, models=args.models), args.target_ci)
+    rows = measure_zoo(out, images=args.images, target_ci=args.target_ci,
+                       images_per_trial=args.images_per_trial or None, models=args.models)
+    text = report(rows, args.target_ci)
     (out / "findings.md").write_text(text + "\n")
     print(text)
 

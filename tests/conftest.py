@@ -71,3 +71,52 @@ def assert_one_line_error(code, err, *fragments):
     assert len(lines) == 1 and lines[0].startswith("layercrit: error:"), err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def without_warnings(err: str) -> str:
+    """``err`` less its one-line warnings (``layercrit: warning: ...``), for a mistake found only after the
+    measuring began (a full disk): the warnings about the measured model come first, each one line."""
+    lines = err.strip().splitlines()
+    assert all(line.startswith("layercrit: ") for line in lines), err  # no traceback, no two-line warning
+    return "\n".join(line for line in lines if not line.startswith("layercrit: warning:"))
+
+
+TINY_LM_TEXT = "\n".join(
+    f"def f{i}(x, y):\n    \"\"\"Add {i} to x.\"\"\"\n    return x + y * {i}\n\nclass C{i}:\n    pass\n" for i in range(60))
+
+
+def save_tiny_lm(folder, *, arch: str = "gpt2", n_layer: int = 4, seed: int = 0):
+    """A tiny randomly initialised causal LM (GPT-2 or Llama) with a byte-level BPE tokenizer trained on
+    :data:`TINY_LM_TEXT`, written with ``save_pretrained`` to ``folder``; returns the folder."""
+    import transformers
+
+    from layercrit.zoo.lm import train_tokenizer
+
+    tokenizer = train_tokenizer([TINY_LM_TEXT], vocab_size=300)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_layer=n_layer, n_embd=32, n_head=2,
+                                         n_positions=32, bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=n_layer, hidden_size=32,
+                                          intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                                          max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+        model = transformers.LlamaForCausalLM(config)
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny GPT-2 (4 blocks, d=32, context 32) and its tokenizer as a save_pretrained folder."""
+    pytest.importorskip("transformers")
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny Llama (4 blocks, d=32, grouped-query attention) and its tokenizer as a save_pretrained folder."""
+    pytest.importorskip("transformers")
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama")

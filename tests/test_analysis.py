@@ -195,6 +195,17 @@ def test_rows_are_sorted_as_the_papers_notebook_baseline_then_category_then_mode
     assert list(models.model_id) == ["tv", "b_adv", "z_adv", "aug", "a_recipe", "stranger"]
 
 
+def test_training_budgets_are_ordered_as_numbers_within_a_category():
+    meta = {"pgd_linf_24": {"category": "adv", "budget": "linf 24/255"}, "pgd_linf_2": {"category": "adv",
+            "budget": "linf 2/255"}, "pgd_linf_8": {"category": "adv", "budget": "linf 8/255"},
+            "pgd_l2_1.5": {"category": "adv", "budget": "l2 1.5"}, "pgd_l2_0.5": {"category": "adv", "budget": "l2 0.5"},
+            "eps10": {"category": "other_adv"}, "eps9": {"category": "other_adv"}}
+    rows = results({m: {"model.fc": [0.5]} for m in meta})
+    models = analysis.model_criticality(rows, meta=meta)
+    assert list(models.model_id) == ["pgd_l2_0.5", "pgd_l2_1.5", "pgd_linf_2", "pgd_linf_8", "pgd_linf_24", "eps9",
+                                     "eps10"]
+
+
 def test_an_unknown_row_order_is_an_error_naming_the_orders():
     with pytest.raises(LayercritError, match="unknown row order 'random': one of notebook, metadata"):
         analysis.model_criticality(results({"a": {"model.fc": [0.5]}}), order="random")
@@ -366,6 +377,7 @@ def test_read_table_sends_sqlite_stores_to_the_store_export(tmp_path, monkeypatc
     calls = []
     fake = types.ModuleType("layercrit.sweeps.store")
     fake.export_frame = lambda path: calls.append(path) or exported
+    fake.status_frame = lambda path: pd.DataFrame({"units": [1], "done": [1], "pending": [0], "failed": [0]})
     monkeypatch.setitem(sys.modules, "layercrit.sweeps.store", fake)
     assert read_table(store) is exported
     assert calls == [store]
@@ -405,7 +417,7 @@ def test_no_results_is_an_error():
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
-    layers = ["model.conv1", "model.layer1.0.conv1", "model.layer1.0.conv2", "model.fc"]
+    layers = ["model.conv1", "model.layer1.0.conv1", "model.layer1.0.conv2", "model.layer2.0.conv1", "model.fc"]
     rng = np.random.default_rng(3)
     cos = {m: {layer: list(rng.uniform(0, 1, 2)) for layer in layers} for m in ("tv", "adv1", "adv2", "adv3", "aug")}
     meta = {"tv": {"category": "baseline", "accuracy": 76.0},
@@ -421,7 +433,7 @@ def test_analyze_writes_every_table_and_figure(analyzed):
         assert result["paths"][name] == out / f"{name}.csv"
     pd.testing.assert_frame_equal(pd.read_csv(out / "model_criticality.csv")[["model_id", "avg_criticality_pct"]],
                                   result["models"][["model_id", "avg_criticality_pct"]])
-    assert len(pd.read_csv(out / "layer_criticality.csv")) == 5 * 4
+    assert len(pd.read_csv(out / "layer_criticality.csv")) == 5 * 5
     for name in ("heatmap", "heatmap_std", "heatmap_delta", "accuracy_vs_criticality", "budget_vs_criticality",
                  "depth_vs_criticality"):
         png, pdf = result["paths"][name]
@@ -430,11 +442,38 @@ def test_analyze_writes_every_table_and_figure(analyzed):
     assert result["paths"]["report"] == out / "report.html"
 
 
+def test_analyze_writes_stage_means_depth_shifts_and_differences_from_the_baseline(analyzed):
+    out, result = analyzed
+    table = result["aggregates"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "aggregates.csv")[["model_id", "aggregate", "criticality_pct"]],
+                                  table[["model_id", "aggregate", "criticality_pct"]])
+    tv = table[table.model_id == "tv"].set_index("aggregate")
+    assert list(tv.index) == ["all layers", "stem", "layer1", "layer2", "head", "depth shift"]
+    layers = result["layers"].set_index(["model_id", "layer"]).criticality_pct
+    stage = (layers["tv", "model.layer1.0.conv1"] + layers["tv", "model.layer1.0.conv2"]) / 2
+    assert tv.loc["layer1", "criticality_pct"] == pytest.approx(stage)
+    assert tv.loc["depth shift", "criticality_pct"] == pytest.approx(
+        layers["tv", "model.layer2.0.conv1"] - (layers["tv", "model.conv1"] + stage) / 2)
+    adv = table[table.model_id == "adv1"].set_index("aggregate")
+    assert adv.loc["layer1", "minus_baseline_pct"] == pytest.approx(
+        adv.loc["layer1", "criticality_pct"] - tv.loc["layer1", "criticality_pct"])
+    assert tv.minus_baseline_pct.isna().all() and adv.minus_baseline_ci_pct.notna().all()
+    assert "Means over all layers and over each stage" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("name, stage", [
+    ("model.conv1", "stem"), ("model.layer2.0.downsample.0", "layer2"), ("model.fc", "head"),
+    ("stages.1.blocks.2.conv_dw", "stages.1"), ("blocks.3.attn.qkv", "blocks.3"), ("patch_embed.proj", "stem"),
+    ("prefix:model.layer1.0", None), ("features.weird.thing", None)])
+def test_a_layers_stage_comes_from_its_name(name, stage):
+    assert analysis.stage_of(name) == stage
+
+
 def test_stats_json_holds_the_correlations_and_the_baseline(analyzed):
     out, result = analyzed
     saved = json.loads((out / "stats.json").read_text())
     assert saved == result["stats"]
-    assert saved["baseline"] == "tv" and saved["metric"] == "cos" and saved["models"] == 5 and saved["layers"] == 4
+    assert saved["baseline"] == "tv" and saved["metric"] == "cos" and saved["models"] == 5 and saved["layers"] == 5
     overall = saved["correlations"][0]
     models = result["models"].dropna(subset=["accuracy"])
     assert overall["subset"] == "all" and overall["n"] == 4
@@ -481,11 +520,13 @@ def test_layer_and_model_tables_carry_95_percent_intervals_over_resets_in_percen
     assert models.avg_criticality_ci_pct.item() == pytest.approx(t * per_trial.std(ddof=1) / np.sqrt(3))
 
 
-def test_sequential_rows_report_the_fixed_width_target_unless_capped():
+def test_sequential_rows_report_each_layers_own_interval_beside_the_target():
     rows = results({"m": {"model.conv1": [0.90, 0.91, 0.90, 0.91], "model.fc": [0.1, 0.9, 0.2, 0.8]}})
     rows = rows.assign(target_ci=0.03, ci_looks=3, capped=rows.layer == "model.fc", n_images=50)
     layers = analysis.layer_criticality(rows).set_index("layer")
-    assert layers.loc["model.conv1", "criticality_ci_pct"] == pytest.approx(3.0)
+    own = 100 * stats.t.ppf(1 - 0.05 / 6, 3) * np.std([0.90, 0.91, 0.90, 0.91], ddof=1) / 2  # 3 looks: α/3
+    assert layers.loc["model.conv1", "criticality_ci_pct"] == pytest.approx(own)
+    assert own < 3.0 and (layers.target_ci_pct == 3.0).all()
     assert layers.loc["model.fc", "criticality_ci_pct"] > 3.0 and layers.loc["model.fc", "capped"]
 
 

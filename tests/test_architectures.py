@@ -139,6 +139,7 @@ def test_every_layer_of_every_family_gets_a_positional_display_name(models, spec
         assert analysis.display_layer(name).startswith("["), name
 
 
+@pytest.mark.slow
 def test_figures_and_tables_cover_every_family(models, data, tmp_path):
     frames = [layercrit.measure(models[spec], data, layers=FAMILIES[spec][1], trials=1, batch_size=4)
               for spec in FAMILIES]

@@ -189,3 +189,16 @@ def test_greyscale_images_feed_an_rgb_model(tmp_path, capsys, checkpoint):
     code, _, err = run_cli(capsys, "run", "--model", checkpoint, "--arch", "timm:resnet10t", "--data", folder,
                            "--layers", "fc", "--trials", 1, "--out", tmp_path / "o", "--no-cache", "--quiet")
     assert code == 0, err
+
+
+def test_run_prints_an_interval_that_would_leave_0_to_1_as_its_clipped_ends(capsys):
+    from layercrit.cli import print_summary
+
+    rows = pd.DataFrame({"model_id": "m", "layer": ["original", "model.fc", "model.fc", "model.conv1", "model.conv1"],
+                         "trial": [0, 0, 1, 0, 1], "criticality": [0.0, 0.30, 0.9494, 0.50, 0.51],
+                         "top1_acc": 90.0, "top5_acc": 99.0, "loss": 0.3, "n_images": 10, "n_skipped": 0})
+    print_summary(rows)
+    printed = capsys.readouterr().out
+    # two trials: t(0.975, 1) = 12.7, so the fc's ± 4.12 would run from -3.5 to 4.7
+    assert "model.fc                                 0.6247 [0.0000, 1.0000]" in printed
+    assert "model.conv1                              0.5050 ± 0.0635" in printed

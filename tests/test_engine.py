@@ -163,6 +163,7 @@ def test_small_cache_budget_splits_layers_into_chunks_with_identical_results():
     assert roomy.equals(tight)
 
 
+@pytest.mark.slow
 def test_resets_take_effect_under_torch_compile(tiny_model, tiny_data):
     compiled = layercrit.measure(tiny_model, tiny_data, layers="fc", reset="zero", trials=1, compile=True)
     eager = layercrit.measure(tiny_model, tiny_data, layers="fc", reset="zero", trials=1)

@@ -102,6 +102,7 @@ def test_cumulative_over_blocks_accumulates_whole_blocks(resnet):
     assert len(targets[2].modules) == 1 + 4 + 5
 
 
+@pytest.mark.slow
 def test_fast_engine_equals_naive_engine_for_groups_and_cumulative_targets(resnet, data):
     for options in ({"groups": "blocks"}, {"groups": "stages", "cumulative": "suffix"},
                     {"layers": "layer3.*,layer4.*,fc", "cumulative": "prefix"}):

@@ -134,6 +134,7 @@ def test_fresh_batchnorm_is_deterministic_so_its_trials_are_shared(tiny_model, t
     assert list(df[df.layer == "model.bn1"].computed_in_trial) == [0, 0]
 
 
+@pytest.mark.slow
 def test_rerandomize_trial_draws_the_same_weights_in_two_processes():
     code = (
         "import torch, timm; from layercrit.measurement.resets import Rerandomize;"

@@ -361,6 +361,7 @@ def test_criticality_of_a_linear_module_under_squared_error_is_the_closed_form_m
 SPREAD = "conv1,layer1.0.conv1,layer2.0.conv1,layer2.0.downsample.0,layer3.0.conv1,layer3.0.downsample.0,fc"
 
 
+@pytest.mark.slow
 def test_the_ranking_of_a_zoo_models_modules_is_stable_across_seeds(tmp_path):
     """The paper's procedure on `zoo:fmnist/baseline`, from a fresh seeded initialisation: the stem, the first conv
     of each stage, both shortcuts and the classifier, ranked by μ on 512 training images (4 draws, α ∈ {0.5, 1},

@@ -14,7 +14,8 @@ from layercrit.sweeps.sweep import SweepConfig, export_frame, run_sweep
 
 RUN_ONLY = {"out", "quiet", "func", "command", "verbose"}  # where a run writes and how it talks
 MODEL_FLAGS = {"model": "spec", "model_id": "id", "arch": "arch", "pretrained": "pretrained",
-               "num_classes": "num_classes", "trust_checkpoint": "trust_checkpoint"}  # run flag -> sweep model key
+               "num_classes": "num_classes", "trust_checkpoint": "trust_checkpoint",
+               "dtype": "dtype"}  # run flag -> sweep model key
 SWEEP_ONLY = {"models", "layers_per_unit"}
 
 
@@ -114,6 +115,7 @@ def test_run_flags_become_the_experiment():
     # thread against 2 in one process: pred_kl by 3e-4)
     ({"groups": "blocks", "bn": "recalibrate 2"}, 1e-3),
 ])
+@pytest.mark.slow
 def test_a_sweep_gives_the_rows_run_gives_for_the_same_spec(tmp_path, capsys, extra, rtol):
     spec = {"data": "fashion-mnist", "images": 300, "seed": 0, "layers": "layer1.*,fc", "trials": 3,
             "batch_size": 100, **extra}

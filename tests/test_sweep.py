@@ -198,6 +198,7 @@ def test_sweep_table_is_layercrit_measure_of_each_model(reference):
     assert results.groupby("model_id").category.first().to_dict() == {"a": "first", "b": "second"}
 
 
+@pytest.mark.slow
 def test_two_local_workers_give_identical_results(reference, tmp_path):
     config, _, expected = reference
     results = run_sweep(config, tmp_path / "two.sqlite", workers=2, progress=False)
@@ -215,6 +216,7 @@ def test_rerunning_a_finished_sweep_recomputes_nothing(reference, tmp_path):
     assert attempts == [(1, N_UNITS)]
 
 
+@pytest.mark.slow
 def test_a_store_made_before_resets_carried_their_options_resumes_without_recomputing(tmp_path):
     """Earlier versions named a sweep's units by the bare reset (``noise``) and kept ``scale`` beside it."""
     small = {"models": CONFIG["models"][:1], "reset": "noise", "scale": 0.5, "trials": 1, "layers_per_unit": 10}
@@ -247,6 +249,7 @@ def test_conflicting_config_is_refused_and_new_store_moves_the_old_one_aside(ref
     pd.testing.assert_frame_equal(export_frame(aside), expected)
 
 
+@pytest.mark.slow
 def test_failed_units_are_recorded_and_the_sweep_goes_on(tmp_path):
     state = resolve_entry(SweepConfig.from_dict(CONFIG).model("a"), seed=0).model.model.state_dict()
     state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))

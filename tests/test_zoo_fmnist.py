@@ -3,12 +3,13 @@
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
 import yaml
 
-from layercrit import cli, resolve_model
+from layercrit import cli, resolve_model, training
 from layercrit.analysis.tables import registry_meta
 from layercrit.data import load_fashion_mnist, subset_indices
 from layercrit.errors import LayercritError
@@ -48,7 +49,7 @@ def test_trained_member_is_written_with_its_record_and_resolves_to_the_measured_
     baseline = records[0]
     assert (folder / baseline["file"]).is_file()
     assert baseline["test_images"] == 200 and baseline["seed"] == 0 and baseline["storage"] == "float16"
-    assert baseline["hyperparameters"]["epochs"] == 1 and baseline["train_time_s"] > 0
+    assert baseline["hyperparameters"]["epochs"] == 1 and baseline["train_time_s"] >= 0  # may round to 0.0 s
     assert lines[0].startswith("baseline") and f"{baseline['accuracy']:.2f}%" in lines[0]
     assert 0 <= baseline["probe_accuracy"] <= 100, "a linear probe on its frozen features, the SimCLR reference"
     assert "probe_accuracy" not in records[1], "frozen_random's classifier is itself a probe"
@@ -244,6 +245,7 @@ class _Killed(Exception):
 
 @pytest.mark.parametrize("recipe", [tiny("baseline", epochs=3), tiny("simclr", epochs=2, probe={"epochs": 2})],
                          ids=["supervised", "simclr then probe"])
+@pytest.mark.slow
 def test_killed_training_goes_on_from_its_last_epoch_with_the_same_weights(tmp_path, monkeypatch, recipe):
     uninterrupted = fmnist.train_zoo(tmp_path / "a", recipes=[recipe], test_images=100, log=lambda line: None)
     step = torch.optim.SGD.step
@@ -262,10 +264,107 @@ def test_killed_training_goes_on_from_its_last_epoch_with_the_same_weights(tmp_p
     before = json.loads((tmp_path / "b" / ".checkpoints" / recipe["id"] / "elapsed.json").read_text())
     monkeypatch.undo()
     resumed = fmnist.train_zoo(tmp_path / "b", recipes=[recipe], test_images=100, log=lambda line: None)
-    # the recorded time is the member's, summed over both runs (the first one counted up to its last epoch)
-    assert resumed.train_time_s.item() >= round(before["seconds"], 1) > 0
+    # the recorded time is the member's, summed over both runs (the first one counted up to its last epoch; the
+    # sum itself: test_the_training_clock_adds_the_time_of_earlier_runs)
+    assert resumed.train_time_s.item() >= round(before["seconds"], 1)
     assert resumed.losses.tolist() == uninterrupted.losses.tolist()
     assert resumed.accuracy.tolist() == uninterrupted.accuracy.tolist()
     weights = f"{recipe['id']}.safetensors"
     assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()
     assert not (tmp_path / "b" / ".checkpoints" / recipe["id"]).exists()
+
+
+# ---------------------------------------------------------------- resuming only the same training
+
+
+KILLED_RECIPE = tiny("baseline", epochs=3)
+
+
+@pytest.fixture(scope="module")
+def killed_zoo(tmp_path_factory):
+    """A zoo folder whose baseline (seed 0) was killed in its second epoch: its checkpoints are on disk."""
+    folder = tmp_path_factory.mktemp("killed")
+    step = torch.optim.SGD.step
+    calls = []
+
+    def dies_in_the_second_epoch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # 64 images / batch 128: one step per epoch
+            raise _Killed
+        return step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.SGD, "step", dies_in_the_second_epoch)
+        with pytest.raises(_Killed):
+            fmnist.train_zoo(folder, recipes=[KILLED_RECIPE], test_images=100, log=lambda line: None)
+    assert (folder / ".checkpoints" / "baseline" / "stage-0.pt").is_file()
+    return folder
+
+
+@pytest.fixture
+def killed(killed_zoo, tmp_path):
+    shutil.copytree(killed_zoo, tmp_path / "zoo")
+    return tmp_path / "zoo"
+
+
+@pytest.mark.parametrize(("seed", "recipe", "difference"), [
+    (1, KILLED_RECIPE, "seed 0, not 1"),
+    (0, tiny("baseline", epochs=3, lr=0.05), "recipe.hyperparameters.lr 0.1, not 0.05"),
+    (0, {**KILLED_RECIPE, "train_images": 32}, "recipe.train_images 64, not 32"),
+], ids=["seed", "learning rate", "data"])
+def test_a_killed_training_is_not_continued_by_a_run_with_other_settings(killed, seed, recipe, difference):
+    before = {p.name: p.read_bytes() for p in (killed / ".checkpoints" / "baseline").iterdir()}
+    with pytest.raises(LayercritError) as error:
+        fmnist.train_zoo(killed, recipes=[recipe], seed=seed, test_images=100, log=lambda line: None)
+    message = str(error.value)
+    assert "\n" not in message and difference in message and "--force discards it" in message
+    assert {p.name: p.read_bytes() for p in (killed / ".checkpoints" / "baseline").iterdir()} == before, \
+        "the other run's checkpoints are kept"
+
+
+@pytest.mark.slow
+def test_force_discards_a_killed_training_of_other_settings_and_trains_the_asked_one_from_the_start(killed, tmp_path):
+    lines = []
+    forced = fmnist.train_zoo(killed, recipes=[KILLED_RECIPE], seed=1, force=True, test_images=100, log=lines.append)
+    assert "discarding its unfinished training (--force)" in lines[0] and "seed 0, not 1" in lines[0]
+    fresh = fmnist.train_zoo(tmp_path / "fresh", recipes=[KILLED_RECIPE], seed=1, test_images=100,
+                             log=lambda line: None)
+    assert forced.seed.item() == 1 and forced.losses.tolist() == fresh.losses.tolist()
+    assert (killed / "baseline.safetensors").read_bytes() == (tmp_path / "fresh" / "baseline.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("stage-0.pt", b""), ("stage-0.pt", "truncated"), ("stage-0.pt", bytes(range(256)) * 4),
+    ("elapsed.json", b""), ("elapsed.json", b"{\"seconds\": "), ("elapsed.json", b"[1, 2]"),
+    ("training.json", b"\x00\xff"),
+], ids=["empty checkpoint", "truncated checkpoint", "random checkpoint", "empty clock", "truncated clock",
+        "clock of another shape", "binary key"])
+def test_an_unreadable_checkpoint_file_is_a_one_line_error_naming_it(killed, name, content):
+    path = killed / ".checkpoints" / "baseline" / name
+    if content == "truncated":
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(LayercritError) as error:
+        fmnist.train_zoo(killed, recipes=[KILLED_RECIPE], test_images=100, log=lambda line: None)
+    assert "\n" not in str(error.value) and str(path) in str(error.value) and "--force" in str(error.value)
+
+
+def test_zoo_train_command_reports_an_unreadable_checkpoint_in_one_line(tmp_path, capsys):
+    checkpoints = tmp_path / ".checkpoints" / "baseline"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "stage-0.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    assert cli.main(["zoo", "train", "--methods", "baseline", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{checkpoints / 'stage-0.pt'} is not a readable training checkpoint" in err
+
+
+def test_the_training_clock_adds_the_time_of_earlier_runs(tmp_path, monkeypatch):
+    now = {"wall": 100.0, "cpu": 10.0}
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now["wall"])
+    monkeypatch.setattr(training.time, "process_time", lambda: now["cpu"])
+    first = training.TrainingClock(tmp_path)
+    now.update(wall=102.5, cpu=11.0)
+    first.save()
+    second = training.TrainingClock(tmp_path)
+    now.update(wall=103.0, cpu=11.25)
+    assert second.total() == (3.0, 1.25)

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from ._version import __version__
-from .errors import LayercritError
+from .errors import LayercritError, show_warning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
             keep_freed_memory()  # this process is ours: the allocator may keep freed memory (see its docstring)
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            warnings.showwarning = show_warning
             code = args.func(args) or 0
         sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
         return code
@@ -49,11 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning is one line, as an error is (``layercrit: warning: ...``)."""
-    print(f"layercrit: warning: {message}", file=sys.stderr if file is None else file)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +85,19 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """argparse type: a seed in the range torch and the store hold (``measure.SEED_RANGE``)."""
+    from .spec import SEED_RANGE
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"give a whole number from -2**63 to 2**63-1, not {text!r}")
+    return value
+
+
 def as_flags(message: str) -> str:
     """The library names its parameters (``bn='x': ...``); on the command line they are flags (``--bn='x': ...``)."""
     from .spec import FIELDS
@@ -104,13 +112,16 @@ def as_flags(message: str) -> str:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="timm:NAME[.TAG] | hf-hub:ORG/NAME | torchvision:NAME[:WEIGHTS] | "
-                   "zoo:ZOO/ID | MODULE:FACTORY | FILE.py:FACTORY (imports and runs that code) | CKPT")
+                   "hf:ORG/NAME (transformers) | hf:DIR (save_pretrained) | zoo:ZOO/ID | MODULE:FACTORY | "
+                   "FILE.py:FACTORY (imports and runs that code) | CKPT")
     g.add_argument("--arch", help="architecture of a checkpoint: timm:NAME | hf-hub:ORG/NAME | torchvision:NAME | "
                    "layercrit:NAME | MODULE:FACTORY | FILE.py:FACTORY")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init instead of weights")
     g.add_argument("--num-classes", type=_positive_int, help="classes of a checkpoint's head (default: read from the file)")
     g.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints holding pickled objects")
     g.add_argument("--model-id", help="name for the model in results (default: the spec)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of an hf: model's weights (default float32)")
 
 
 def add_measure_options(p: argparse.ArgumentParser) -> None:
@@ -124,8 +135,8 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
                         "interpolate(alpha=A[|A2...][,base=RESET]); --init/--to, --scale, --alpha, --base are "
                         "shorthands for the common options")
     g.add_argument("--trials", type=_positive_int, default=3, help="resets per layer (default 3)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the random resets")
-    g.add_argument("--data-seed", type=int, default=-1, help="seed of the image subset alone, so the same images "
+    g.add_argument("--seed", type=_seed, default=0, help="seed of the image subset and of the random resets")
+    g.add_argument("--data-seed", type=_seed, default=-1, help="seed of the image subset alone, so the same images "
                    "can be kept while resets vary (default -1: --seed)")
     g.add_argument("--init", "--to", dest="checkpoint", help="checkpoint for reinit (--init) / rewind (--to): "
                    "reinit(checkpoint=CKPT)")
@@ -153,7 +164,7 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-ci", type=float, help="sequential design: estimate each layer's expected criticality "
                    "over resets and images to ± this (fraction, 95%%), each trial a new reset on its own block of "
                    "images, trials added where the interval is still wide (default: the paper's fixed design)")
-    g.add_argument("--max-trials", type=_positive_int, default=100, help="with --target-ci: most trials per layer (100)")
+    g.add_argument("--max-trials", type=_positive_int, help="with --target-ci: most trials per layer (100)")
     g.add_argument("--images-per-trial", type=_positive_int, help="with --target-ci: images per trial after the pilot "
                    "(default: Cochran's rule on the pilot's variance components)")
     o = p.add_argument_group("outputs")
@@ -175,9 +186,15 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
 def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, help="image folder (ImageNet-val layout), 'fashion-mnist' (its test "
-                                                      "set) or 'fashion-mnist-train'")
+                                                      "set) or 'fashion-mnist-train'; text for a language model: "
+                                                      "FILE.txt | FILE.jsonl | hf-dataset:REPO[/CONFIG][:SPLIT] | "
+                                                      "python-stdlib")
     g.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
-    g.add_argument("--images", type=_positive_int, default=10_000, help="images to evaluate (default 10000, as the paper)")
+    g.add_argument("--images", "--windows", dest="images", type=_positive_int, default=10_000,
+                   help="images (or text windows) to evaluate, a seeded subset (default 10000, as the paper)")
+    g.add_argument("--seq-len", type=_positive_int, help="text: tokens per window (default: the model's context, at "
+                   "most 128)")
+    g.add_argument("--text-field", default="text", help="text: the JSON key / dataset column with the text")
     g.add_argument("--cache-dir", help="where decoded evaluation sets are kept (default ~/.cache/layercrit)")
     g.add_argument("--no-cache", dest="use_cache", action="store_false", help="decode without the disk cache")
     g.add_argument("--skip-bad-images", action="store_true", help="skip (and count) images that fail to decode")
@@ -211,8 +228,9 @@ def _cmd_run(args) -> int:
     from .results import claim_output_folder
 
     check_device(args.device, "--device")
+    experiment = experiment_from_args(args)  # option mistakes are found before the folder is claimed
     with claim_output_folder(args.out) as out:
-        df, csv_path = _run_into(out, args)
+        df, csv_path = _run_into(out, args, experiment)
     for reset, rows in df.groupby("reset", sort=False):  # interpolate: one summary per alpha
         if df.reset.nunique() > 1:
             print(f"reset {reset}:")
@@ -221,8 +239,8 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _run_into(out: Path, args):
-    """Measure into ``out`` (held by this process); the results table and the path of results.csv.
+def _run_into(out: Path, args, experiment):
+    """Measure ``experiment`` into ``out`` (held by this process); the results table and the path of results.csv.
 
     run.json says ``"complete": false`` beside every chunk's results and ``true`` beside the final ones (renamed
     into place last), so a reader can tell a finished folder from one that a kill interrupted.
@@ -231,11 +249,12 @@ def _run_into(out: Path, args):
     from .models import resolve_model
     from .results import write_results
 
-    experiment = experiment_from_args(args)
-    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained, num_classes=args.num_classes,
-                             trust_checkpoint=args.trust_checkpoint, seed=args.seed, model_id=args.model_id)
+    resolved = resolve_model(args.model, arch=args.arch, dtype=args.dtype, pretrained=args.pretrained,
+                             num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint, seed=args.seed,
+                             model_id=args.model_id)
     # run.json goes with the results it describes: a run that fails before its first results leaves the folder as is
-    run = {**{k: v for k, v in vars(args).items() if k != "func"}, "spec_id": experiment.spec_id()}
+    run = {**{k: v for k, v in vars(args).items() if k != "func"}, "max_trials": experiment.max_trials,
+           "spec_id": experiment.spec_id()}
     tracker = None
     if experiment.log_to:  # its folder is checked before any work
         from .trackers import Tracker
@@ -265,9 +284,11 @@ def _run_into(out: Path, args):
 def experiment_from_args(args):
     """The :class:`~layercrit.spec.Experiment` that ``run``'s flags describe (``--bn recalibrate 8`` as one
     string, as a sweep config writes it)."""
-    from .spec import FIELDS, RESET_SHORTHANDS, Experiment, with_shorthands
+    from .spec import FIELDS, RESET_SHORTHANDS, Experiment, check_needs, with_shorthands
 
     values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    check_needs(values)
+    values["max_trials"] = args.max_trials or Experiment.max_trials  # None: not given
     values["bn"] = " ".join(args.bn)
     out = Path(getattr(args, "out", None) or ".")  # the run's outputs go into its folder
     values["save_logits"] = str(out / "logits") if args.save_logits else None
@@ -277,6 +298,7 @@ def experiment_from_args(args):
 
 
 def print_summary(df) -> None:
+    from .measurement.aggregate import interval_text
     from .measurement.estimate import layer_table
 
     original = df[df.layer == "original"].iloc[0]
@@ -286,11 +308,12 @@ def print_summary(df) -> None:
     layers = layer_table(df)
     if layers.empty:
         return
-    print("most critical layers (criticality = 1 - cos sim of softmax, fraction; ± 95% interval over resets):")
+    print("most critical layers (criticality = 1 - cos sim of softmax, fraction; ± 95% interval over resets, "
+          "[low, high] where it is clipped to [0, 1]):")
     for _, row in layers.sort_values("criticality", ascending=False).head(10).iterrows():
         capped = "  (hit --max-trials)" if row.capped else ""
-        print(f"  {row.layer:<40} {row.criticality:.4f} ± {row.criticality_ci:.4f}  "
-              f"({row.trials} resets, {row.images} images){capped}")
+        interval = interval_text(row.criticality, row.criticality_ci, row.criticality_low, row.criticality_high)
+        print(f"  {row.layer:<40} {interval}  ({row.trials} resets, {row.images} images){capped}")
     if layers.capped.any():
         print(f"{int(layers.capped.sum())} layer(s) hit --max-trials before reaching --target-ci; all layers: layers.csv")
 
@@ -321,12 +344,15 @@ def _add_zoo(sub) -> None:
     listing.add_argument("--zoo", default="fmnist", help="which zoo (default fmnist)")
     listing.add_argument("--seeds", action="store_true", help="also the training-seed replicates (ID@seedN)")
     listing.set_defaults(func=_cmd_zoo_list)
-    train = zoo_sub.add_parser("train", help="train the Fashion-MNIST zoo (seeded) into a folder")
+    train = zoo_sub.add_parser("train", help="train the Fashion-MNIST zoo or the language-model zoo (seeded) into a "
+                               "folder")
+    train.add_argument("zoo", nargs="?", default="fmnist", choices=["fmnist", "lm"],
+                       help="fmnist (default) or lm (tiny GPT-2s on Python's standard library; needs [lm])")
     train.add_argument("--methods", nargs="+", help="ids, methods or categories to train (default: all)")
-    train.add_argument("--out", default="runs/zoo-fmnist", help="zoo folder to write (default runs/zoo-fmnist)")
+    train.add_argument("--out", help="zoo folder to write (default runs/zoo-fmnist or runs/zoo-lm)")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     train.add_argument("--threads", type=_positive_int, help="CPU threads for torch (the shipped zoo used 2)")
-    train.add_argument("--seed", type=int, default=0, help="seed of init, batch order and augmentation")
+    train.add_argument("--seed", type=_seed, default=0, help="seed of init, batch order and augmentation")
     train.add_argument("--test-images", type=_positive_int, help="evaluate on the first N test images (default all 10000)")
     train.add_argument("--data-root", help="folder with the Fashion-MNIST IDX .gz files")
     train.add_argument("--robust-images", type=_non_negative_int, default=1000, help="test images for the robust accuracy under "
@@ -358,10 +384,17 @@ def _cmd_zoo_train(args) -> int:
     check_device(args.device, "--device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_zoo(args.out, methods=args.methods, device=args.device, seed=args.seed, test_images=args.test_images,
+    out = args.out or f"runs/zoo-{args.zoo}"
+    if args.zoo == "lm":
+        from .zoo.lm import train_zoo as train_lm_zoo
+
+        train_lm_zoo(out, methods=args.methods, device=args.device, seed=args.seed, force=args.force)
+        print(f"zoo written to {out}; use it as zoo:lm/ID with LAYERCRIT_LM_ZOO={out}")
+        return 0
+    train_zoo(out, methods=args.methods, device=args.device, seed=args.seed, test_images=args.test_images,
               data_root=args.data_root, robust_images=args.robust_images, precision=args.precision,
               force=args.force)
-    print(f"zoo written to {args.out}; use it as zoo:fmnist/ID with LAYERCRIT_FMNIST_ZOO={args.out}")
+    print(f"zoo written to {out}; use it as zoo:fmnist/ID with LAYERCRIT_FMNIST_ZOO={out}")
     return 0
 
 
@@ -431,16 +464,43 @@ def _add_diff(sub) -> None:
 
 
 def _cmd_diff(args) -> int:
-    from .analysis.compare import compare
+    from .analysis.compare import check_comparable, compare, conditions, mean_difference
+    from .measurement.aggregate import interval_text
     from .results import read_table, write_table
 
-    table = compare(read_table(args.a), read_table(args.b))
-    print("criticality (fraction) ± 95% half-width; difference = B - A, ± sqrt(hA² + hB²); * : interval excludes 0")
+    a, b = read_table(args.a), read_table(args.b)
+    check_comparable(a, b)
+    table = compare(a, b)
+    made = conditions(a, b)
+    differ = [c for c in made if c.differs]
+    print("A and B differ in: " + ("; ".join(f"{c.name} ({c.a} -> {c.b})" for c in differ) if differ else
+                                   "nothing the rows record"))
+    if any(c.name == "data" and c.differs for c in made):
+        print("warning: A and B were measured on different images: the difference includes image sampling and "
+              "cannot be paired")
+    measured = table[table.difference.notna()]
+    paired = int(measured.paired.sum())
+    if paired == len(measured):
+        print("paired: A and B share their reset draws and images (seed, trials, image blocks); B - A ± the "
+              "t-interval of the per-trial differences")
+    elif measured.shared_trials.sum() == 0:
+        print("unpaired: A and B share no trial (other seed, images or image blocks); B - A ± Welch's interval of "
+              "two independent estimates")
+    else:
+        print(f"partly paired: A and B share {int(measured.shared_trials.sum())} of their trials (same draw, same "
+              "images; in the sequential design the pilot's, unless --images-per-trial fixed one block size for "
+              "both); the shared trials enter paired, the others independent")
+    print("criticality (fraction) ± 95% half-width ([low, high] where clipped); * : the interval of B - A excludes 0")
     for row in table.itertuples():
         mark = "*" if row.significant else " "
         print(f"  {row.layer:<40} A {row.criticality_a:.4f} ± {row.criticality_ci_a:.4f}  "
               f"B {row.criticality_b:.4f} ± {row.criticality_ci_b:.4f}  "
-              f"B-A {row.difference:+.4f} ± {row.difference_ci:.4f} {mark}")
+              f"B-A {interval_text(row.difference, row.difference_ci, row.difference_low, row.difference_high)}"
+              f" {mark}")
+    mean = mean_difference(a, b)
+    print(f"mean over the {len(measured)} layers both measured: B-A "
+          f"{interval_text(mean.value, mean.half_width, mean.low, mean.high)}"
+          f"{' *' if mean.excludes_zero else ''}")
     print(f"{int(table.significant.sum())} of {len(table)} layers differ; table: {write_table(table, args.out)}")
     return 0
 
@@ -460,6 +520,9 @@ def _add_sweep(sub) -> None:
                    help="move an existing store aside (to NAME.old-TIME.sqlite) and start a new one")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve every model (fetching missing weights), count units, report problems; measure nothing")
+    p.add_argument("--allow-code", action="store_true", help="run the Python code the config names: MODULE:FACTORY "
+                   "and FILE.py:FACTORY specs or archs, trust_checkpoint: true (refused without it; a dry run "
+                   "never runs it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("overrides of the config")
     g.add_argument("--data", help="image folder (ImageNet-val layout) or 'fashion-mnist'")
@@ -479,10 +542,13 @@ def _cmd_sweep(args) -> int:
                          cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device)
     store = Path(args.store or Path("runs") / f"{Path(args.config).stem}.sqlite")
     if args.dry_run:
-        plan = plan_sweep(config, store)
+        plan = plan_sweep(config, store, allow_code=args.allow_code)
         print(plan.drop(columns="problem").to_string(index=False))
         grid = f"{len(config.reset)} reset(s) x {config.trials} trial(s) x chunks of {config.layers_per_unit} layers"
         print(f"{int(plan.to_run.sum())} of {int(plan.units.sum())} units to run ({grid}); store {store}")
+        unbuilt = plan.model_id[plan.units.isna()]
+        if len(unbuilt):
+            print(f"not built (a dry run runs no code from the config): {', '.join(unbuilt)}")
         problems = plan[plan.problem != ""]
         for model_id, problem in zip(problems.model_id, problems.problem, strict=True):
             print(f"cannot measure {model_id}: {problem}")
@@ -492,7 +558,7 @@ def _cmd_sweep(args) -> int:
 
         check_destination(config.log_to, store.with_suffix(""))
     run_sweep(config, store, workers=args.workers, backend=args.backend, address=args.address,
-              new_store=args.new_store, progress=not args.quiet)
+              new_store=args.new_store, progress=not args.quiet, allow_code=args.allow_code)
     if config.log_to:  # a model's units run on several workers: its layers are complete only now
 
         log_models(export_frame(store), config.log_to, config=config.to_dict(), out=store.with_suffix(""))
@@ -543,8 +609,13 @@ def _cmd_export(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="measure the bundled Fashion-MNIST zoo: results, heatmap and report in minutes")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p = sub.add_parser("demo", help="measure the bundled Fashion-MNIST zoo (or, with --task lm, the language-model "
+                       "zoo): results, heatmap and report in minutes")
+    p.add_argument("--task", choices=["image", "lm"], default="image", help="image: the Fashion-MNIST zoo, every "
+                   "layer rerandomized (default); lm: the language-model zoo, every block skipped, with Block "
+                   "Influence and angular distance beside it (needs the [lm] extra)")
+    p.add_argument("--out", help="output folder (default runs/demo, or runs/demo-lm)")
+    p.add_argument("--windows", type=_positive_int, help="--task lm: held-out windows per model (default 96)")
     p.add_argument("--images", type=_positive_int, default=None, help="test images per model (default: sized for < 5 min)")
     p.add_argument("--trials", type=_positive_int, default=3, help="rerandomizations per layer (default 3)")
     p.add_argument("--models", nargs="+", help="zoo ids to measure (default: the whole zoo)")
@@ -561,13 +632,59 @@ def _cmd_demo(args) -> int:
     from .results import claim_output_folder
 
     check_device(args.device, "--device")
-    with claim_output_folder(args.out) as out:
+    if args.task == "lm":
+        from .demo import LM_WINDOWS, run_lm_demo
+
+        with claim_output_folder(args.out or "runs/demo-lm") as out:
+            result = run_lm_demo(out, windows=args.windows or LM_WINDOWS, models=args.models, device=args.device,
+                                 progress=False if args.quiet else None)
+        print(result["summary"].to_string(index=False))
+        print("Spearman rho across blocks (95% interval) of each proxy with what skipping the block does:")
+        print(result["proxies"].to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
+        for name, path in result["paths"].items():
+            print(f"{name + ':':<9}{path}")
+        return 0
+    with claim_output_folder(args.out or "runs/demo") as out:
         result = run_demo(out, images=args.images or DEMO_IMAGES, trials=args.trials, models=args.models,
                           batch_size=args.batch_size, device=args.device, data_root=args.data_root,
                           progress=False if args.quiet else None)
     print(format_summary(result["summary"]))
     for name, path in result["paths"].items():
         print(f"{name + ':':<9}{path}")
+    return 0
+
+
+# ---------------------------------------------------------------- prune
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="write a transformers language model without some blocks (save_pretrained) "
+                       "and report its perplexity before and after")
+    p.add_argument("--model", required=True, help="hf:ORG/NAME | hf:DIR | zoo:lm/ID (a causal language model)")
+    p.add_argument("--drop", required=True, help="blocks to remove: 3,5 or 2-4 (0 is the first; -1 the last)")
+    p.add_argument("--out", required=True, help="folder to write the pruned model and its tokenizer to")
+    p.add_argument("--data", default="python-stdlib", help="evaluation text: FILE.txt | FILE.jsonl | "
+                   "hf-dataset:REPO[/CONFIG][:SPLIT] | python-stdlib (default: held-out standard-library modules)")
+    p.add_argument("--seq-len", type=_positive_int, help="tokens per window (default: the model's context, at most 128)")
+    p.add_argument("--windows", "--images", dest="windows", type=_positive_int, default=64,
+                   help="evaluation windows, a seeded subset (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window subset")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_prune)
+
+
+def _cmd_prune(args) -> int:
+    from .measurement.engine import check_device
+    from .prune import prune
+
+    check_device(args.device, "--device")
+    result = prune(args.model, args.drop, args.out, data=args.data, seq_len=args.seq_len, windows=args.windows,
+                   seed=args.seed, dtype=args.dtype, device=args.device, force=args.force)
+    dropped = ",".join(map(str, result.dropped))
+    print(f"dropped blocks {dropped} of {result.blocks_before} ({result.container}); wrote {result.out}")
+    print(f"perplexity on {result.data}: {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}")
     return 0
 
 
@@ -594,7 +711,7 @@ def _add_module_criticality(sub) -> None:
     g.add_argument("--epsilon-rule", default="relative", choices=["relative", "additive"],
                    help="relative (default): epsilon = (1 + tolerance) x trained value; additive: trained + tolerance")
     g.add_argument("--tolerance", type=float, help="see --epsilon-rule (default 0.01 relative, 0.05 additive)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the noise")
+    g.add_argument("--seed", type=_seed, default=0, help="seed of the image subset and of the noise")
     e = p.add_argument_group("engine")
     e.add_argument("--engine", default="fast", choices=["fast", "naive"])
     e.add_argument("--batch-size", type=_positive_int, default=100)
@@ -617,8 +734,9 @@ def _module_criticality_into(out: Path, args) -> int:
     from .models import resolve_model
     from .results import write_table
 
-    resolved = resolve_model(args.model, arch=args.arch, pretrained=args.pretrained, num_classes=args.num_classes,
-                             trust_checkpoint=args.trust_checkpoint, seed=args.seed, model_id=args.model_id)
+    resolved = resolve_model(args.model, arch=args.arch, dtype=args.dtype, pretrained=args.pretrained,
+                             num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint, seed=args.seed,
+                             model_id=args.model_id)
     table = module_criticality(
         resolved, args.data, init=args.init, layers=args.layers, groups=args.groups,
         alphas=_numbers(args.alphas, "--alphas") or DEFAULT_ALPHAS,
@@ -645,8 +763,8 @@ def _numbers(text: str | None, flag: str) -> list[float] | None:
         raise LayercritError(f"{flag} {text!r}: give numbers, comma separated") from None
 
 
-_MEASURING = ("run", "sweep", "demo", "module-criticality")
-_SUBCOMMANDS = [_add_run, _add_resets, _add_zoo, _add_analyze, _add_diff, _add_sweep, _add_status, _add_export, _add_demo, _add_module_criticality]
+_MEASURING = ("run", "sweep", "demo", "module-criticality", "prune")
+_SUBCOMMANDS = [_add_run, _add_resets, _add_zoo, _add_analyze, _add_diff, _add_sweep, _add_status, _add_export, _add_demo, _add_prune, _add_module_criticality]
 
 
 if __name__ == "__main__":

@@ -16,4 +16,6 @@ META_COLUMNS = ("computed_in_trial", "kernel", "tied_with", "seed", "data_id", "
 # Which images a trial saw and how its layer's interval was made (see layercrit.measurement.estimate): the fixed design's rows
 # all start at image 0 and look once.
 DESIGN_COLUMNS = ("image_offset", "target_ci", "ci_looks", "capped")
-COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS)
+# Block Influence and angular distance of transformer block targets (layercrit.measurement.proxies); NaN elsewhere.
+PROXY_COLUMNS = ("block_influence", "angular_distance")
+COLUMNS = (*ID_COLUMNS, *METRIC_COLUMNS, *PROXY_COLUMNS, *META_COLUMNS, *DESIGN_COLUMNS)

@@ -6,6 +6,7 @@ training methods, every conv and linear layer rerandomized 3 times, on a seeded 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from .results import write_table
 
 DEMO_IMAGES = 300
 """Test images per model: sized so that the whole demo stays under 5 minutes on 2 CPU cores."""
+HEATMAP_NOTE = (
+    "The demo's {trials} reset draws per layer are for speed: most intervals are wider than ±5 points (dotted). A "
+    "layer's criticality varies over resets with an SD of 0.03-0.22 (median 0.12) on the baseline, so ±5 points "
+    "takes up to 75 draws (median 22) per layer, several times the demo's compute; scripts/zoo_findings.py measures "
+    "the zoo to ±3 points.")
 BASELINE = "baseline"
 META_FIELDS = ("category", "display", "accuracy", "budget")
 
@@ -63,7 +69,8 @@ def run_demo(
         write_table(pd.concat(frames, ignore_index=True), results_path)
         log(f"measured {record['id']}")
     results = pd.concat(frames, ignore_index=True)
-    analysis = analyze(results, out, meta=meta, baseline=BASELINE if BASELINE in meta else None)
+    analysis = analyze(results, out, meta=meta, baseline=BASELINE if BASELINE in meta else None,
+                       heatmap_note=HEATMAP_NOTE.format(trials=trials))
     paths = {"results": results_path, "heatmap": analysis["paths"]["heatmap"][0], "report": analysis["paths"]["report"]}
     return {"results": results, "summary": summarize(results, meta), "paths": paths, "analysis": analysis}
 
@@ -115,3 +122,99 @@ def _records(models: Sequence[str] | None) -> list[dict]:
     if unknown:
         raise LayercritError(f"no model {unknown[0]!r} in the Fashion-MNIST zoo: one of {', '.join(by_id)}")
     return [by_id[m] for m in models]
+
+
+# ---------------------------------------------------------------- the language-model demo
+
+LM_WINDOWS = 96
+"""Evaluation windows per model (64 tokens each, of the held-out standard-library modules): the pool the sequential
+design draws its blocks of windows from, sized so that the whole demo stays under 5 minutes on 2 CPU cores."""
+LM_TARGET_CI = 0.02
+
+
+def run_lm_demo(
+    out_dir: str | Path = "runs/demo-lm",
+    *,
+    windows: int = LM_WINDOWS,
+    target_ci: float = LM_TARGET_CI,
+    models: Sequence[str] | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Measure the language-model zoo: every block of every member skipped (``reset="skip"``, the block made the
+    identity, as depth pruning removes it), each block's criticality over next-token distributions estimated to
+    ± ``target_ci`` by the sequential design on ``windows`` held-out windows, Block Influence and angular distance
+    beside it. Writes ``results.csv``, ``layers.csv``, ``proxies.csv`` (Spearman ρ of each proxy with criticality
+    and with the change in NLL, with intervals), and the heatmap and report of :func:`analyze`.
+
+    Returns:
+        ``{"results", "layers", "proxies", "summary", "paths", "analysis"}``.
+    """
+    from .measurement.proxies import proxy_agreement
+
+    records = zoo.entries("lm")
+    if models:
+        unknown = [m for m in models if m not in {r["id"] for r in records}]
+        if unknown:
+            raise LayercritError(f"no model {unknown[0]!r} in the language-model zoo: one of "
+                                 f"{', '.join(r['id'] for r in records)}")
+        records = [r for r in records if r["id"] in models]
+    out = Path(out_dir)
+    frames = []
+    for record in records:
+        frames.append(measure(f"zoo:lm/{record['id']}", "python-stdlib", groups="blocks", reset="skip",
+                              target_ci=target_ci, images=windows, model_id=record["id"], batch_size=batch_size,
+                              device=device, progress=progress))
+        write_table(pd.concat(frames, ignore_index=True), out / "results.csv")
+        log(f"measured {record['id']}")
+    results = pd.concat(frames, ignore_index=True)
+    layers = lm_layer_table(results)
+    proxies = proxy_agreement(layers, quantities=("criticality", "delta_nll"))
+    write_table(layers, out / "layers.csv")
+    write_table(proxies, out / "proxies.csv")
+    meta = lm_meta(results, records)
+    analysis = analyze(results, out, meta=meta)
+    paths = {"results": out / "results.csv", "layers": out / "layers.csv", "proxies": out / "proxies.csv",
+             "heatmap": analysis["paths"]["heatmap"][0], "report": analysis["paths"]["report"]}
+    return {"results": results, "layers": layers, "proxies": proxies, "summary": summarize_lm(layers, proxies),
+            "paths": paths, "analysis": analysis}
+
+
+def lm_meta(results: pd.DataFrame, records: Sequence[dict]) -> dict[str, dict]:
+    """Each member's category (its id), display name and, as its accuracy, the unmodified model's next-token top-1
+    on the windows (ids such as ``baseline`` also name image models: the figures must not take their accuracy)."""
+    top1 = results[results.layer == "original"].groupby("model_id", sort=False).top1_acc.first()
+    return {r["id"]: {"category": r["id"], "display": r["display"], "accuracy": round(float(top1[r["id"]]), 2)}
+            for r in records if r["id"] in top1}
+
+
+def lm_layer_table(results: pd.DataFrame) -> pd.DataFrame:
+    """:func:`~layercrit.measurement.estimate.layer_table` of language-model rows, plus ``delta_nll`` (the block's
+    next-token NLL minus the unmodified model's, nats) and ``delta_nll_ci``, and the model's ``perplexity``."""
+    from .measurement.estimate import layer_table
+
+    layers = layer_table(results)
+    nll = layer_table(results, value="loss")
+    original = results[results.layer == "original"].groupby("model_id", sort=False).loss.first()
+    layers["delta_nll"] = nll.criticality.to_numpy() - layers.model_id.map(original).to_numpy()
+    layers["delta_nll_ci"] = nll.criticality_ci.to_numpy()
+    layers["perplexity"] = layers.model_id.map(original).map(math.exp)
+    return layers
+
+
+def summarize_lm(layers: pd.DataFrame, proxies: pd.DataFrame) -> pd.DataFrame:
+    """Per model: perplexity on the windows, the most and least critical block (criticality ± 95%), and Spearman ρ
+    of Block Influence with criticality across blocks."""
+    rows = []
+    for model_id, of_model in layers.groupby("model_id", sort=False):
+        top = of_model.loc[of_model.criticality.idxmax()]
+        low = of_model.loc[of_model.criticality.idxmin()]
+        rho = proxies[(proxies.model_id == model_id) & (proxies.proxy == "block_influence")
+                      & (proxies.quantity == "criticality")].iloc[0]
+        rows.append({"model_id": model_id, "perplexity": of_model.perplexity.iloc[0],
+                     "most_critical": f"{top.layer} {top.criticality:.3f} ± {top.criticality_ci:.3f}",
+                     "least_critical": f"{low.layer} {low.criticality:.3f} ± {low.criticality_ci:.3f}",
+                     "bi_rho": f"{rho.rho:+.2f} [{rho.rho_low:+.2f}, {rho.rho_high:+.2f}]"})
+    return pd.DataFrame(rows)

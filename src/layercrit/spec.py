@@ -35,7 +35,9 @@ class Experiment:
     # data
     data: str | None = None
     data_root: str | None = None
-    images: int | None = 10_000
+    images: int | None = 10_000  # images, or windows of text
+    seq_len: int | None = None  # text: tokens per window (None: the model's context, at most 128)
+    text_field: str = "text"  # text: the JSON key / dataset column holding the text
     cache_dir: str | None = None
     use_cache: bool = True
     skip_bad_images: bool = False
@@ -99,6 +101,9 @@ class Experiment:
         for name in ("max_trials", "images_per_trial", "save_logits_top_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LayercritError(f"{name}={getattr(self, name)}: give at least 1")
+        check_seeds(seed=self.seed, data_seed=self.data_seed)
+        check_needs({"images_per_trial": self.images_per_trial, "target_ci": self.target_ci,  # max_trials: a default
+                     "save_logits_top_k": self.save_logits_top_k, "save_logits": self.save_logits})
         trials = self.trial_ids
         if not trials or min(trials) < 0:
             raise LayercritError(f"trials={self.trials!r}: give at least 1 (or trial numbers >= 0)")
@@ -195,11 +200,37 @@ UNMEASURED = ("data_root", "cache_dir", "use_cache", "batch_size", "device", "ma
 MEASURED = tuple(name for name in FIELDS if name not in UNMEASURED)
 
 
+SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit integer: what torch's generators and the sweep store's SQLite hold
+
+
+def check_seeds(**seeds: int | None) -> None:
+    """Refuse a seed outside :data:`SEED_RANGE` (``seed=99999999999999999999`` overflows torch's generator)."""
+    for name, value in seeds.items():
+        if value is not None and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise LayercritError(f"{name}={value}: give a seed from -2**63 to 2**63-1 (a 64-bit integer)")
+
+
+# Options that act only together with another one: given alone they would be silently ignored.
+NEEDS = {"max_trials": "target_ci", "images_per_trial": "target_ci", "save_logits_top_k": "save_logits"}
+
+
+def check_needs(given: dict) -> None:
+    """Refuse an option of :data:`NEEDS` set in ``given`` (the options set explicitly, by name; None: not set)
+    without the option it acts with."""
+    for name, needs in NEEDS.items():
+        if given.get(name) is not None and not given.get(needs):
+            raise LayercritError(f"{name}={given[name]} does nothing without {needs}=...: give both, or leave it out")
+
+
 def split_reset(text: str) -> tuple[str, dict[str, str]]:
     """``"noise(scale=0.1, base=zero)"`` -> ``("noise", {"scale": "0.1", "base": "zero"})``; values stay text
     (the reset converts them to the types it declares) and may nest: ``interpolate(base=noise(scale=0.1),alpha=1)``.
     A list of α is written ``alpha=0.25|0.5``."""
     text = str(text).strip()
+    depth = _nesting(text)
+    if depth > MAX_RESET_NESTING:
+        raise LayercritError(f"reset={_short(text)}: parentheses nested {depth} deep; a reset nests at most "
+                             f"{MAX_RESET_NESTING} deep (interpolate(base=noise(scale=0.1)) is 2)")
     name, paren, rest = text.partition("(")
     name = name.strip()
     if not paren:
@@ -232,15 +263,36 @@ def join_reset(name: str, options: dict) -> str:
 
 def with_shorthands(reset: str, shorthands: dict, takes: tuple[str, ...] | None = None) -> str:
     """``reset`` with the shorthand options (:data:`RESET_SHORTHANDS`, None: not given) folded in; with ``takes``
-    only those the reset takes (a sweep's ``scale`` goes to its noise reset, not to zero). Options written in
-    ``reset`` itself win over shorthands."""
+    only those the reset takes (a sweep's ``scale`` goes to its noise reset, not to zero). An option written in
+    ``reset`` and given as a shorthand too is refused: one of the two would be silently ignored."""
     name, options = split_reset(reset)
     given = {key: value for key, value in shorthands.items() if value is not None and (takes is None or key in takes)}
+    twice = [key for key in given if key in options]
+    if twice:
+        raise LayercritError(f"reset={reset!r} sets {twice[0]} itself and the {twice[0]} shorthand "
+                             f"({given[twice[0]]}) sets it again: give it once")
     if isinstance(given.get("alpha"), str):  # run's --alpha 0.25,0.5
         given["alpha"] = given["alpha"].replace(",", "|")
     if not given:
         return reset
     return join_reset(name, {**given, **options})
+
+
+MAX_RESET_NESTING = 16  # a base reset of a base reset ...: a few levels are useful, hundreds overflow the stack
+
+
+def _nesting(text: str) -> int:
+    """How deep the parentheses of ``text`` nest."""
+    depth = deepest = 0
+    for char in text:
+        if char in "()":
+            depth += 1 if char == "(" else -1
+            deepest = max(deepest, depth)
+    return deepest
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 60 else f"{text[:57]!r}..."
 
 
 def _top_level_parts(text: str, whole: str) -> list[str]:

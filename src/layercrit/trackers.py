@@ -98,8 +98,8 @@ class Tracker:
                 self.logged.add(("original",))
         table = layer_table(rows)
         top1 = layer_table(rows, value="top1_acc") if "top1_acc" in rows else None
-        keys = [c for c in table.columns if c not in ("layer", "criticality", "criticality_ci", "trials", "images",
-                                                      "capped")]
+        keys = [c for c in table.columns if c not in ("layer", "criticality", "criticality_ci", "criticality_low",
+                                                      "criticality_high", "target_ci", "trials", "images", "capped")]
         several = bool(keys) and len(table[keys].drop_duplicates()) > 1
         depths = table.groupby(keys, sort=False, dropna=False).cumcount() if keys else pd.Series(range(len(table)))
         for i, row in table.iterrows():
@@ -110,8 +110,7 @@ class Tracker:
             # several variants in one run (interpolate: one per alpha) get their own metric names
             prefix = "/".join(str(row[k]) for k in keys if k != "model_id") + "/" if several else ""
             metrics = {"depth": depths[i], "criticality": row.criticality, "criticality_ci": row.criticality_ci,
-                       "criticality_low": row.criticality - row.criticality_ci,
-                       "criticality_high": row.criticality + row.criticality_ci}
+                       "criticality_low": row.criticality_low, "criticality_high": row.criticality_high}
             if top1 is not None:
                 metrics["top1_acc"] = top1.loc[i, "criticality"]  # layer_table's mean of the value it was given
             self.backend.log(self.step, {prefix + k: float(v) for k, v in metrics.items()}, row.layer)

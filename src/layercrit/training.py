@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import to_model_input
-from .errors import LayercritError
+from .errors import LayercritError, first_line
 from .measurement.resets import recalibrate_batchnorm
 from .models.base import Normalized
 
@@ -50,8 +50,12 @@ class TrainingClock:
 
     def __init__(self, folder: Path):
         self.path = folder / "elapsed.json"
-        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.before = (float(saved.get("seconds", 0.0)), float(saved.get("cpu_seconds", 0.0)))
+        saved = _read_json(self.path) if self.path.is_file() else {}
+        seconds = saved.get("seconds", 0.0) if isinstance(saved, dict) else None
+        cpu_seconds = saved.get("cpu_seconds", 0.0) if isinstance(saved, dict) else None
+        if not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in (seconds, cpu_seconds)):
+            raise LayercritError(f"{self.path} is not a training clock (seconds, cpu_seconds)")
+        self.before = (float(seconds), float(cpu_seconds))
         self.start = (time.perf_counter(), time.process_time())
 
     def total(self) -> tuple[float, float]:
@@ -61,24 +65,99 @@ class TrainingClock:
 
     def save(self) -> None:
         seconds, cpu_seconds = self.total()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}))
-        os.replace(tmp, self.path)
+        _write_json(self.path, {"seconds": seconds, "cpu_seconds": cpu_seconds})
+
+
+KEY_FILE = "training.json"  # beside the checkpoints: what defines the training they belong to
+_CHECKPOINT_KEYS = {"module", "optimizer", "generator", "step", "losses"}
 
 
 @contextlib.contextmanager
-def resumable(folder: str | Path) -> Iterator[TrainingClock]:
+def resumable(folder: str | Path, key: dict | None = None) -> Iterator[TrainingClock]:
     """Within this block every :func:`fit` keeps its state in ``folder`` after each epoch (stage k of a method:
     ``stage-k.pt``) and starts from it when it is there, so a killed training run, started again, goes on from
     its last finished epoch with the same numbers an uninterrupted run gives. Yields the member's
-    :class:`TrainingClock`, which counts the time of the earlier runs too."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    clock = TrainingClock(Path(folder))
-    token = _CHECKPOINTS.set([Path(folder), 0, clock])
+    :class:`TrainingClock`, which counts the time of the earlier runs too.
+
+    ``key`` (JSON data) is everything that defines the training: seed, recipe with its hyperparameters, a
+    fingerprint of the data. It is kept in ``folder/training.json``, and state left by a training with another key,
+    or state that cannot be read, is refused (:func:`resume_problem` says why) rather than continued.
+    """
+    folder = Path(folder)
+    problem = resume_problem(folder, key)
+    if problem:
+        raise LayercritError(f"{problem}; delete {folder} to train from the start")
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / KEY_FILE, _as_json(key))
+    clock = TrainingClock(folder)
+    token = _CHECKPOINTS.set([folder, 0, clock])
     try:
         yield clock
     finally:
         _CHECKPOINTS.reset(token)
+
+
+def resume_problem(folder: str | Path, key: dict | None = None) -> str | None:
+    """Why the training state in ``folder`` cannot be continued as the training ``key`` describes (one line), or
+    None when it can (or there is none): a file that is not what it should be, or a training with other settings,
+    named field by field (``seed 0, not 1``)."""
+    folder = Path(folder)
+    stages = sorted(folder.glob("stage-*.pt"))
+    if not stages and not (folder / "elapsed.json").is_file():
+        return None  # nothing to continue (a training.json alone is replaced)
+    try:
+        TrainingClock(folder)
+        for path in stages:
+            _load_checkpoint(path)
+        if not (folder / KEY_FILE).is_file():
+            return f"{folder} holds an unfinished training without {KEY_FILE}, the record of its settings"
+        recorded = _read_json(folder / KEY_FILE)
+    except LayercritError as error:
+        return str(error)
+    differences = _differences(recorded, _as_json(key))
+    if differences:
+        return (f"{folder} holds the unfinished training of other settings ({'; '.join(differences)}); rerun with "
+                "those to finish it")
+    return None
+
+
+def _differences(recorded, wanted, path: str = "") -> list[str]:
+    """The fields where two JSON values differ, as ``name recorded, not wanted``."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        return [line for name in sorted(set(recorded) | set(wanted), key=str)
+                for line in _differences(recorded.get(name), wanted.get(name), f"{path}.{name}" if path else name)]
+    if recorded == wanted:
+        return []
+    return [f"{path or 'key'} {json.dumps(recorded)}, not {json.dumps(wanted)}"]
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value, sort_keys=True))  # tuples as lists, as they are read back
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise LayercritError(f"{path} is unreadable ({type(error).__name__}: {first_line(error)})") from None
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """A training checkpoint written by :func:`fit`; anything else (truncated, empty, foreign) is a one-line error."""
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as error:  # torch raises many types for bytes that are not a checkpoint (EOF, zip, pickle)
+        raise LayercritError(f"{path} is not a readable training checkpoint ({type(error).__name__}: "
+                             f"{first_line(error)})") from None
+    if not isinstance(saved, dict) or not _CHECKPOINT_KEYS <= saved.keys():
+        raise LayercritError(f"{path} is not a training checkpoint (no {', '.join(sorted(_CHECKPOINT_KEYS))})")
+    return saved
 
 
 def _next_checkpoint() -> tuple[Path, TrainingClock] | None:
@@ -232,10 +311,14 @@ def fit(
     step = 0
     checkpoint, clock = _next_checkpoint() or (None, None)
     if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=True)
-        module.load_state_dict(saved["module"])
-        optimizer.load_state_dict(saved["optimizer"])
-        g.set_state(saved["generator"])
+        saved = _load_checkpoint(checkpoint)
+        try:
+            module.load_state_dict(saved["module"])
+            optimizer.load_state_dict(saved["optimizer"])
+            g.set_state(saved["generator"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise LayercritError(f"{checkpoint} does not fit this training ({first_line(error)}); delete "
+                                 f"{checkpoint.parent} to train from the start") from None
         step, losses = saved["step"], saved["losses"]
     device_type = params[0].device.type if params else "cpu"
     module.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU; numbers as contiguous

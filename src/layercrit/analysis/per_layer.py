@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import LayercritError
-from ..measurement import estimate
+from ..measurement import aggregate, estimate
+from . import contrasts
 from .inputs import (
     METRICS,
     ORIGINAL,
@@ -123,6 +124,23 @@ def display_layer(name: str, kernel: Any = None) -> str:
     return f"{short}{suffix}"
 
 
+def stage_of(name: str) -> str | None:
+    """The stage a layer belongs to, from its name: the name up to its stage number (``model.layer2.0.conv1`` →
+    ``layer2``, ``stages.1.blocks.2.conv_dw`` → ``stages.1``), ``stem`` (``conv1``, ``stem.*``, ``patch_embed``),
+    ``head`` (``fc``, ``head``, ``classifier``, ...), or None (a group, a cumulative target, an unknown family)."""
+    if ":" in name:
+        return None
+    short = name.removeprefix("model.")
+    for family, _ in _FAMILIES:
+        match = family.match(short)
+        if match:
+            return short[:match.end(1)]
+    first = short.split(".")[0]
+    if first in _HEAD_MODULES:
+        return contrasts.HEAD
+    return contrasts.STEM if "." not in short or first in _STEM_MODULES else None
+
+
 def _kernel_text(value: Any) -> str | None:
     """``3`` / ``"3"`` / ``(3, 3)`` / ``"3x3"`` → ``"3x3"``; missing → None."""
     if isinstance(value, Mapping):
@@ -166,9 +184,11 @@ def layer_criticality(
     Returns:
         Columns ``model_id, layer, layer_display, depth`` (index in the network order over all models),
         ``relative_depth`` (0 = the model's first measured layer, 1 = its last), ``criticality_pct,
-        criticality_std_pct, trials``, ``criticality_ci_pct`` (half-width of the 95% interval of the mean over resets,
-        see :mod:`layercrit.measurement.estimate`) and ``capped`` (the sequential design hit its trial cap); models in order of
-        appearance, layers in network order.
+        criticality_std_pct, trials``, ``criticality_ci_pct`` (half-width of the layer's own 95% interval of the mean
+        over resets, see :mod:`layercrit.measurement.estimate`), ``criticality_low_pct, criticality_high_pct`` (its
+        ends, clipped to [0, 100] for ``cos``), ``target_ci_pct`` (the sequential design's target, NaN for the fixed
+        design) and ``capped`` (the sequential design hit its trial cap); models in order of appearance, layers in
+        network order.
     """
     rows = _measurements(results, metric, reset)
     depth = {name: i for i, name in enumerate(layer_order(rows))}
@@ -183,10 +203,10 @@ def layer_criticality(
     kernels = _kernels(rows, layer_info)
     table["layer_display"] = [display_layer(name, kernels.get(name)) for name in table["layer"]]
     intervals = _estimates(rows, metric, estimate.layer_table, by=["model_id"])
-    table = table.merge(intervals[["model_id", "layer", "criticality_ci_pct", "capped"]], on=["model_id", "layer"],
-                        how="left")
+    interval = ["criticality_ci_pct", "criticality_low_pct", "criticality_high_pct", "target_ci_pct"]
+    table = table.merge(intervals[["model_id", "layer", *interval, "capped"]], on=["model_id", "layer"], how="left")
     columns = ["model_id", "layer", "layer_display", "depth", "relative_depth", "criticality_pct",
-               "criticality_std_pct", "criticality_ci_pct", "trials", "capped"]
+               "criticality_std_pct", *interval, "trials", "capped"]
     return table[columns].reset_index(drop=True)
 
 
@@ -194,13 +214,15 @@ def _estimates(rows: pd.DataFrame, metric: str, table, by: list[str]) -> pd.Data
     """``estimate.layer_table`` / ``model_table`` of the metric's criticality, with the interval in percent."""
     value = "criticality" if metric == "cos" else "_value"  # the sequential design's ±target is on cos criticality
     estimates = table(rows.assign(**{value: rows["_crit"] / 100.0}), by, value=value)
-    return estimates.assign(criticality_ci_pct=100.0 * estimates["criticality_ci"])
+    percent = {f"{name}_pct": 100.0 * estimates[name] for name in ("criticality_ci", "criticality_low",
+                                                                    "criticality_high", "target_ci") if name in estimates}
+    return estimates.assign(**percent)
 
 
 def model_intervals(results: pd.DataFrame, metric: str = "cos", *, reset: str | None = None) -> pd.Series:
     """Per model_id: half-width (percent) of the 95% interval of its average criticality over layers
-    (:func:`layercrit.measurement.estimate.model_table`)."""
-    table = _estimates(_measurements(results, metric, reset), metric, estimate.model_table, by=["model_id"])
+    (:func:`layercrit.measurement.aggregate.model_table`: paired over the trials its layers share)."""
+    table = _estimates(_measurements(results, metric, reset), metric, aggregate.model_table, by=["model_id"])
     return table.set_index("model_id")["criticality_ci_pct"]
 
 

@@ -4,6 +4,7 @@ the rows."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import LayercritError
-from . import variance
+from . import contrasts, variance
 from .inputs import (
     BASELINE_CATEGORY,
     META_FIELDS,
@@ -22,8 +23,10 @@ from .inputs import (
     parse_budget,
 )
 from .per_layer import (
+    _measurements,
     layer_criticality,
     model_intervals,
+    stage_of,
 )
 
 
@@ -183,13 +186,17 @@ def _resolve_baseline(baseline: str | None, models: pd.DataFrame) -> str | None:
 
 
 def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -> pd.DataFrame:
-    """Baseline first; then, ``notebook``: categories alphabetically ("other" last), models by model_id (the
-    paper's notebook sorts by category and model_id, then moves the baseline up); ``metadata``: categories in the
-    order of their first model in ``meta_ids`` ("other" last), models in that order."""
+    """Baseline first; then, ``notebook``: categories alphabetically ("other" last), within one the models by norm
+    and training budget, numerically, then by model_id with its numbers compared as numbers (the paper's notebook
+    sorts by category and model_id, then moves the baseline up: L∞ 2, 8, 24 here, not 2, 24, 8); ``metadata``:
+    categories in the order of their first model in ``meta_ids`` ("other" last), models in that order."""
     if order == "notebook":
         keys = pd.DataFrame({"baseline": ~models["is_baseline"], "other": models["category"] == OTHER,
-                             "category": models["category"], "model_id": models["model_id"]})
-        return models.loc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
+                             "category": models["category"], "norm": models["norm"].fillna("").astype(str),
+                             "budget": models["budget"].astype(float),
+                             "model_id": [_natural_key(m) for m in models["model_id"]]})
+        return models.loc[keys.sort_values(list(keys.columns), kind="stable", na_position="first").index].reset_index(
+            drop=True)
     meta_rank = {m: i for i, m in enumerate(dict.fromkeys(meta_ids))}
     rank = pd.Series([meta_rank.get(m, len(meta_rank) + i) for i, m in enumerate(models["model_id"])],
                      index=models.index, dtype=float)
@@ -200,3 +207,24 @@ def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -
     return models.sort_values(["_category", "_rank"], kind="stable").drop(columns=["_rank", "_category"]).reset_index(
         drop=True)
 
+
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
+
+
+def _natural_key(text: str) -> str:
+    """``text`` with each number zero-padded, so that text order is numeric order (``eps8`` before ``eps24``)."""
+    def pad(match: re.Match) -> str:
+        whole, _, fraction = match.group(1).partition(".")
+        return f"{int(whole):012d}" + (f".{fraction}" if fraction else "")
+    return _NUMBER.sub(pad, str(text))
+
+
+def model_aggregates(results: pd.DataFrame, metric: str = "cos", *, reset: str | None = None,
+                     baseline: str | None = None) -> pd.DataFrame:
+    """Each model's mean criticality over all layers and each stage (:func:`stage_of`), its depth shift, and each
+    minus the baseline's, in percent with 95% intervals (:func:`layercrit.analysis.contrasts.aggregate_table`)."""
+    rows = _measurements(results, metric, reset)
+    value = "criticality" if metric == "cos" else "_value"  # only cos criticality is known to lie in [0, 1]
+    return contrasts.aggregate_table(rows.assign(**{value: rows["_crit"] / 100.0}),
+                                     {name: stage_of(name) for name in rows["layer"].unique()}, baseline=baseline,
+                                     value=value)

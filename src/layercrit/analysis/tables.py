@@ -47,14 +47,15 @@ from .per_layer import (
     layer_criticality,
     layer_order,
     model_intervals,
+    stage_of,
 )
-from .per_model import _summarize, model_criticality, registry_meta
+from .per_model import _summarize, model_aggregates, model_criticality, registry_meta
 
 # The analysis's public functions, wherever they are defined in the package.
 __all__ = ["META_FIELDS", "METRICS", "analyze", "correlations", "criticality_matrix", "depth_profile",
            "display_layer", "interpolation_area", "interpolation_curves", "layer_criticality", "layer_order",
-           "load_meta", "load_results", "model_criticality", "model_intervals", "parse_budget", "registry_meta",
-           "run_conditions", "summary"]
+           "load_meta", "load_results", "model_aggregates", "model_criticality", "model_intervals", "parse_budget",
+           "registry_meta", "run_conditions", "stage_of", "summary"]
 
 HEATMAP_EXCLUDE = ("freezing",)  # the notebook leaves the frozen random backbone out of its figures
 
@@ -93,6 +94,7 @@ def analyze(
     registry: bool = True,
     order: str = "notebook",
     heatmap_exclude: Sequence[str] = HEATMAP_EXCLUDE,
+    heatmap_note: str = "",
 ) -> dict[str, Any]:
     """Write every table, figure and ``report.html`` for ``results`` into ``out_dir``.
 
@@ -105,9 +107,11 @@ def analyze(
         ci_threshold: heatmap cells whose 95% interval is wider than ± this (percentage points) are marked.
         heatmap_exclude: categories left out of the heatmaps and their margins (default: ``freezing``, the frozen
             random backbone, as in the paper's notebook); they stay in the tables and the other figures.
+        heatmap_note: a sentence added to the heatmap's caption (what the caller knows about its design).
 
     Returns:
-        ``{"layers", "models", "correlations", "profile"}`` DataFrames, ``"stats"`` (what ``stats.json`` holds),
+        ``{"layers", "models", "aggregates", "correlations", "profile"}`` DataFrames, ``"stats"`` (what
+        ``stats.json`` holds),
         ``"paths"`` (name → written file, figures as (png, pdf)) and ``"figures"`` (name → Figure); when some
         method was measured in two or more training seeds (model ids ``ID@seedN``), also ``"variance_components"``
         and (with a baseline) ``"method_effects"`` (:mod:`layercrit.analysis.variance`), written as CSV with the
@@ -120,6 +124,7 @@ def analyze(
     correlation = correlations(models)
     profile = depth_profile(layers, models)
     baseline_id = next(iter(models.loc[models["is_baseline"], "model_id"]), None)
+    aggregates = model_aggregates(frame, metric, reset=reset, baseline=baseline_id)
 
     out = Path(out_dir)
     paths: dict[str, Any] = {
@@ -127,6 +132,7 @@ def analyze(
         "model_criticality": write_table(models, out / "model_criticality.csv"),
         "correlations": write_table(correlation, out / "correlations.csv"),
         "depth_profile": write_table(profile, out / "depth_profile.csv"),
+        "aggregates": write_table(aggregates, out / "aggregates.csv"),
     }
     excluded = list(models.loc[models["category"].isin(list(heatmap_exclude)), "model_id"])
     figures, skipped = _figures(layers, models, correlation, profile, metric, ci_threshold, excluded)
@@ -161,14 +167,20 @@ def analyze(
         title="Layer criticality",
         conditions=conditions,
         summary=_summary_lines(stats),
-        figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note), paths[name][0])
+        figures=[(FIGURE_CAPTIONS[name].format(ci_threshold=ci_threshold, excluded=note)
+                  + (f" {heatmap_note}" if heatmap_note and name == "heatmap" else ""), paths[name][0])
                  for name in figures],
         tables=[("Rank correlation of average criticality with accuracy", correlation),
-                ("Models", models), ("Criticality over relative depth", profile), ("Layers", layers),
-                *[(SEED_TABLES[name], table) for name, table in seeds.items()]],
+                ("Models", models), (AGGREGATES_HEADING, aggregates), ("Criticality over relative depth", profile),
+                ("Layers", layers), *[(SEED_TABLES[name], table) for name, table in seeds.items()]],
     )
-    return {"layers": layers, "models": models, "correlations": correlation, "profile": profile, "stats": stats,
-            "paths": paths, "figures": figures, **seeds}
+    return {"layers": layers, "models": models, "aggregates": aggregates, "correlations": correlation,
+            "profile": profile, "stats": stats, "paths": paths, "figures": figures, **seeds}
+
+
+AGGREGATES_HEADING = ("Means over all layers and over each stage, and the depth shift (last stage minus the mean of "
+                      "the stem and the first stage), each minus the baseline's; 95% intervals from the trials, "
+                      "paired where they share draws and images")
 
 
 CONDITIONS = ("reset", "data_id", "seed", "engine", "precision", "target_ci", "layercrit_version")

@@ -5,6 +5,9 @@ Specs:
                     exactly as torchvision's ``ImageFolder`` with Resize → CenterCrop → ToTensor would
     fashion-mnist   the Fashion-MNIST test set from its IDX ``.gz`` files (Debian's dataset-fashion-mnist)
     fashion-mnist-train  its training set (module criticality is defined on the training set)
+    FILE.txt, FILE.jsonl, hf-dataset:REPO[/CONFIG][:SPLIT], python-stdlib, a list of texts, token ids N×T
+                    text for a language model: windows of ``seq_len`` tokens of the model's tokenizer
+                    (:mod:`layercrit.data.text`)
 
 The subset of N images is the one the paper's code evaluates: the first N images of a ``DataLoader(shuffle=True)``
 seeded with ``seed`` (see :func:`subset_indices`).
@@ -31,6 +34,7 @@ from .fashion_mnist import (
     read_idx,
 )
 from .folders import default_cache_dir, image_folder
+from .text import is_text_spec, load_text
 from .torch_data import from_torch, is_torch_data
 
 __all__ = [
@@ -57,11 +61,18 @@ def load_data(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     skip_bad_images: bool = False,
+    tokenizer=None,
+    seq_len: int = 128,
+    text_field: str = "text",
 ) -> EvalSet:
     """Resolve a data spec (or a torch ``Dataset``/``DataLoader``, see :mod:`layercrit.data.torch_data`) into an
-    :class:`EvalSet` of ``images`` images (all when fewer)."""
+    :class:`EvalSet` of ``images`` images (all when fewer). Text (see the module docstring) becomes ``images``
+    windows of ``seq_len`` tokens of ``tokenizer``, read from the ``text_field`` of JSON lines and datasets."""
     if isinstance(spec, EvalSet):
         return spec
+    if is_text_spec(spec) or (isinstance(spec, torch.Tensor) and spec.ndim == 2 and not spec.is_floating_point()):
+        return load_text(spec, tokenizer, seq_len=seq_len, windows=images, seed=seed, text_field=text_field,
+                         cache_dir=cache_dir or default_cache_dir(), use_cache=use_cache)
     if not isinstance(spec, str | Path):
         if not is_torch_data(spec):
             raise LayercritError(f"data must be a spec, an EvalSet, (images, labels) tensors, a torch Dataset or a "

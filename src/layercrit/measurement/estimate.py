@@ -15,15 +15,15 @@ estimate is the mean of the trial means, and the interval is a Student-t interva
   counts of a fixed schedule (:func:`look_schedule`, ``K`` looks) and splits the error rate over them
   (Bonferroni: ``t(1 - α/(2K), n-1)``); the intervals at all ``K`` looks then hold together with probability
   ≥ 1 − α when trial means are normal, so the interval at a data-dependent stop keeps its level. A layer stops
-  once that interval is ±H or narrower and is reported as ``mean ± H``: the fixed-width interval of Chow and
-  Robbins (1965), which also covers reset distributions with rare outlying draws that a short run may not see
-  (the layer's spread then looks smaller than it is). A layer that reaches ``max_trials`` first reports its
-  Bonferroni interval, wider than H, and is marked ``capped``. A simulation over bounded reset distributions of
-  the shapes measured on real layers (skewed, rare outliers; tests/test_estimate.py) measures the coverage.
+  once that interval is ±H or narrower, and is reported with that interval, its own (not ± H: most layers stop
+  well inside H, and reporting H would widen every aggregate of them); the target is a separate column. A layer
+  that reaches ``max_trials`` first is marked ``capped``. A simulation over bounded reset distributions of the
+  shapes measured on real layers (skewed, rare outliers; tests/test_estimate.py) measures the coverage.
   ``ci_looks`` in the rows is ``K`` (1 for the fixed design).
 
 Rows carry what the estimator needs, so tables can be rebuilt from any results file: ``criticality``,
-``computed_in_trial`` (copies of a deterministic reset are not new draws), ``n_images`` and ``ci_looks``.
+``computed_in_trial`` (copies of a deterministic reset are not new draws), ``n_images`` and ``ci_looks``. Aggregates
+over layers (a stage's or a model's mean, differences) are :mod:`layercrit.measurement.aggregate`'s.
 """
 
 from __future__ import annotations
@@ -81,71 +81,61 @@ def images_per_trial(within_var: Sequence[float], between_var: Sequence[float], 
 
 
 def layer_table(rows: pd.DataFrame, by: Sequence[str] | None = None, *, value: str = "criticality") -> pd.DataFrame:
-    """Per layer: ``criticality`` (mean over reset draws, fraction), ``criticality_ci`` (95% half-width),
-    ``trials`` (reset draws), ``images`` (image-forwards spent on the layer), and ``capped`` (the sequential
-    design stopped at its trial cap before reaching its target).
+    """Per layer: ``criticality`` (mean over reset draws, fraction), ``criticality_ci`` (the 95% half-width of the
+    layer's own t-interval over its draws, at the design's level, see the module docstring),
+    ``criticality_low``/``criticality_high`` (the interval's ends, clipped to [0, 1] for criticality: the estimand
+    cannot leave it), ``target_ci`` (the sequential design's target ±H, NaN for the fixed design), ``trials`` (reset
+    draws), ``images`` (image-forwards spent on the layer), and ``capped`` (the sequential design stopped at its
+    trial cap before reaching its target).
 
     ``by`` are the grouping columns above ``layer`` (default: those of ``model_id``, ``reset``, ``alpha`` present).
-    ``value`` is the column to estimate (another metric, in its own units: the sequential design's ±target
-    applies to ``criticality`` only). Layers keep the order of their first row. Results without the design
+    ``value`` is the column to estimate (another metric, in its own units, not clipped: the sequential design's
+    target applies to ``criticality`` only). Layers keep the order of their first row. Results without the design
     columns (the paper's CSV) are read as the fixed design.
     """
     by = _grouping(rows, by)
     if value == "criticality" and value not in rows and "pred_cos_sim" in rows:  # the paper's CSV format
         rows = rows.assign(criticality=1.0 - rows["pred_cos_sim"])
+    # the proxies of transformer blocks (one value per layer), where the rows have them
+    proxies = [c for c in ("block_influence", "angular_distance") if c in rows and rows[c].notna().any()]
     out = []
     for key, group in rows[rows.layer != "original"].groupby([*by, "layer"], sort=False, dropna=False):
-        drawn = _draws(group)
-        width = half_width(drawn[value], _looks(group))
+        drawn = draws(group)
+        mean = float(drawn[value].mean())
+        width = half_width(drawn[value], looks_of(group))
         if len(drawn) == 1 and len(group) > 1:
             width = 0.0  # a deterministic reset: every trial is this one computation
-        if value == "criticality" and "target_ci" in group and group.target_ci.notna().any():
-            width = max(width, float(group.target_ci.max()))  # a fixed-width sequential interval: ± the target
+        low, high = mean - width, mean + width
+        if value == "criticality":
+            low, high = max(low, 0.0), min(high, 1.0)
+        target = group.target_ci.max() if value == "criticality" and "target_ci" in group else math.nan
         out.append({
             **dict(zip([*by, "layer"], key, strict=True)),
-            "criticality": float(drawn[value].mean()),
+            "criticality": mean,
             "criticality_ci": width,
+            "criticality_low": low,
+            "criticality_high": high,
+            "target_ci": float(target),
             "trials": len(drawn),
             "images": int(drawn.n_images.sum()) if "n_images" in drawn else None,
             "capped": bool(group.capped.fillna(False).astype(bool).any()) if "capped" in group else False,
+            **{proxy: float(group[proxy].iloc[0]) for proxy in proxies},
         })
-    return pd.DataFrame(out, columns=[*by, "layer", "criticality", "criticality_ci", "trials", "images", "capped"])
-
-
-def model_table(rows: pd.DataFrame, by: Sequence[str] | None = None, *, value: str = "criticality") -> pd.DataFrame:
-    """Per model: mean criticality over its layers (fraction) with a 95% half-width.
-
-    Fixed design: the t-interval over trials of the per-trial average over layers (every layer's trial ``t`` sees
-    the same images, so this keeps the pairing). Sequential design (layers have different trial counts): the mean of
-    the layers' half-widths, which bounds the half-width of the average whatever the correlation between layers.
-    """
-    by = _grouping(rows, by)
-    out = []
-    for key, group in rows[rows.layer != "original"].groupby(by, sort=False, dropna=False):
-        layers = layer_table(group, by, value=value)
-        if _looks(group) > 1:
-            width = float(layers.criticality_ci.mean())
-        elif layers.criticality_ci.max() > 0:
-            width = half_width(group.groupby("trial")[value].mean())
-        else:
-            width = float(layers.criticality_ci.max())  # 0 (deterministic) or NaN (one trial)
-        out.append({**dict(zip(by, key, strict=True)),
-                    "criticality": float(layers.criticality.mean()), "criticality_ci": width,
-                    "layers": len(layers), "trials": int(layers.trials.min()),
-                    "images": int(layers.images.sum()) if layers.images.notna().all() else None})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=[*by, "layer", "criticality", "criticality_ci", "criticality_low",
+                                      "criticality_high", "target_ci", "trials", "images", "capped", *proxies])
 
 
 def _grouping(rows: pd.DataFrame, by: Sequence[str] | None) -> list[str]:
     return list(by) if by is not None else [c for c in ("model_id", "reset", "alpha") if c in rows]
 
 
-def _draws(group: pd.DataFrame) -> pd.DataFrame:
+def draws(group: pd.DataFrame) -> pd.DataFrame:
     """The rows that are reset draws of their own (a deterministic reset's later trials copy the first)."""
     if "computed_in_trial" not in group:
         return group
     return group[group.computed_in_trial.fillna(group.trial) == group.trial]
 
 
-def _looks(group: pd.DataFrame) -> int:
+def looks_of(group: pd.DataFrame) -> int:
+    """The number of looks the rows' interval accounts for (``ci_looks``; 1 for the fixed design)."""
     return int(group.ci_looks.max()) if "ci_looks" in group and group.ci_looks.notna().any() else 1

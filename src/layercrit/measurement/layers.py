@@ -23,10 +23,14 @@ from ..spec import DEFAULT_LAYERS
 
 KINDS: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
-    "linear": (nn.Linear,),  # and transformers' Conv1D (GPT-2's linear layers), recognised by name: see _is_kind
+    "linear": (nn.Linear,),  # and transformers' Conv1D (GPT-2's linear layers), recognised by name: see is_kind
     "bn": (_BatchNorm,),
-    "ln": (nn.LayerNorm, nn.GroupNorm),
+    "ln": (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm),
+    "embedding": (nn.Embedding,),
 }
+# Kinds of layers defined outside torch, by class name: transformers' GPT-2 ``Conv1D`` is a linear layer (its
+# weight transposed), and Llama-style models bring their own ``...RMSNorm`` classes.
+KIND_CLASS_NAMES: dict[str, tuple[str, ...]] = {"linear": ("Conv1D",), "ln": ("RMSNorm", "LayerNorm")}
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Target:
 
 WRAPPER_PREFIX = "model."
 GROUPINGS = ("blocks", "stages")
+TRANSFORMER_GROUPINGS = ("blocks", "attention", "mlp", "window:N")
 CUMULATIVE = ("prefix", "suffix")
 _NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _INDEXED = re.compile(r"\d$")  # children named like a position: 0, layer3, s2, b1, encoder_layer_4
@@ -75,20 +80,18 @@ def select_layers(model: nn.Module, layers: str | list[str] = DEFAULT_LAYERS) ->
 
 def _match(pattern: str, modules: list[tuple[str, nn.Module]]) -> set[str]:
     if pattern in KINDS:
-        return {name for name, module in modules if _is_kind(module, pattern) and _has_state(module)}
+        return {name for name, module in modules if is_kind(module, pattern) and _has_state(module)}
     return {
         name for name, module in modules
         if (fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(_short(name), pattern)) and _has_state(module)
     }
 
 
-def _is_kind(module: nn.Module, kind: str) -> bool:
-    """``module`` is of ``kind``; transformers' ``Conv1D`` (a linear layer with its weight transposed, GPT-2's) is
-    ``linear``, recognised by its class so that transformers need not be installed."""
-    if isinstance(module, KINDS[kind]):
-        return True
-    return kind == "linear" and any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
-                                    for cls in type(module).__mro__)
+def is_kind(module: nn.Module, kind: str) -> bool:
+    """Whether ``module`` is a layer of ``kind`` (a torch class of :data:`KINDS`, or a class named as in
+    :data:`KIND_CLASS_NAMES`)."""
+    name = type(module).__name__
+    return isinstance(module, KINDS[kind]) or any(name.endswith(n) for n in KIND_CLASS_NAMES.get(kind, ()))
 
 
 def _has_state(module: nn.Module) -> bool:
@@ -118,7 +121,11 @@ def select_targets(
         groups: None (each layer alone), ``blocks`` (each residual block's selected layers together),
             ``stages`` (each stage's), or a YAML/JSON file mapping group names to lists of name globs.
             Selected layers outside every block or stage stay single targets; a file's groups are the only
-            targets.
+            targets. For a transformer (a stack of blocks in a ``ModuleList``, see
+            :func:`layercrit.models.blocks.find_blocks`: GPT-2, Llama/Qwen/Mistral, BERT, ViT of transformers)
+            ``blocks`` are its blocks, ``attention`` and ``mlp`` their attention and MLP sub-blocks, and
+            ``window:N`` every run of N consecutive blocks; each such target is the whole module (every tensor in
+            it), whatever ``layers`` selects.
         cumulative: None, ``prefix`` (row k resets targets 1..k, named ``prefix:NAME_k``) or ``suffix`` (targets
             k..L, named ``suffix:NAME_k``).
 
@@ -131,10 +138,54 @@ def select_targets(
         if groups is not None:
             raise LayercritError("layers given as Targets are already grouped: leave groups=None")
         targets = [t if isinstance(t, Target) else Target(t, [t]) for t in layers]
+    elif groups is not None and (transformer := transformer_targets(model, groups)) is not None:
+        targets = transformer
     else:
         names = select_layers(model, layers)
         targets = [Target(n, [n]) for n in names] if groups is None else group_layers(model, names, groups)
     return targets if cumulative is None else accumulate(targets, cumulative)
+
+
+def transformer_targets(model: nn.Module, groups: str) -> list[Target] | None:
+    """The block, sub-block or window targets of a transformer (see :func:`select_targets`), or None when
+    ``model`` has no block stack in a ``ModuleList`` (and ``groups`` is ``blocks``: the CNN meaning applies)."""
+    from ..models.blocks import find_blocks
+
+    if groups not in ("blocks", "attention", "mlp") and not groups.startswith("window:"):
+        return None
+    try:
+        blocks = find_blocks(model)
+    except LayercritError:
+        if groups == "blocks":
+            return None
+        raise LayercritError(f"groups={groups!r} needs a transformer (a stack of blocks in a ModuleList); this "
+                             "model has none: use groups='blocks' or 'stages'") from None
+    if groups == "blocks":
+        return [Target(name, [name]) for name in blocks.names]
+    if groups.startswith("window:"):
+        size = groups.removeprefix("window:")
+        if not size.isdigit() or not 1 <= int(size) <= len(blocks):
+            raise LayercritError(f"groups={groups!r}: give window:N with N from 1 to the {len(blocks)} blocks")
+        n = int(size)
+        return [Target(f"{blocks.names[i]}+{n}", list(blocks.names[i:i + n])) for i in range(len(blocks) - n + 1)]
+    targets = [Target(name, [name]) for block in blocks.names
+               for name in [sub_block(model.get_submodule(block), block, groups)] if name]
+    if not targets:
+        raise LayercritError(f"groups={groups!r}: the blocks of this model have no {groups} sub-block that layercrit "
+                             "recognises (a child whose class name holds 'Attention', or 'MLP' / named mlp, "
+                             "feed_forward, ffn)")
+    return targets
+
+
+def sub_block(block: nn.Module, block_name: str, kind: str) -> str | None:
+    """The qualified name of ``block``'s attention or MLP child, or None."""
+    for child_name, child in block.named_children():
+        cls = type(child).__name__.lower()
+        if kind == "attention" and "attention" in cls:
+            return f"{block_name}.{child_name}"
+        if kind == "mlp" and ("mlp" in cls or child_name in ("mlp", "feed_forward", "ffn")):
+            return f"{block_name}.{child_name}"
+    return None
 
 
 def group_layers(model: nn.Module, names: Sequence[str], groups: str) -> list[Target]:

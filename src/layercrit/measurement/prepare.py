@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS
+from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS, PROXY_COLUMNS
 from ..data import EvalSet, load_data
 from ..errors import LayercritError
 from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
+from ..models.hf import context_length
 from ..names import file_name
 from ..spec import Experiment, parse_bn, split_reset
 from . import engine as engines
@@ -37,9 +38,10 @@ from . import sequential
 from .breakdown import Breakdown
 from .layers import Target, select_targets
 from .logits import LogitsWriter
+from .proxies import block_proxies, block_spans
 from .resets import Reset, get_reset
 from .sequential import SequentialDesign
-from .tasks import PROBE_EXAMPLES, Task, get_task
+from .tasks import DEFAULT_TASK, PROBE_EXAMPLES, TASKS, Task, get_task
 
 
 @dataclass
@@ -49,7 +51,9 @@ class Prepared:
     ``model`` carries the input normalisation it is fed with; ``reset`` is bound to it; ``labels`` are the rows'
     fixed columns (model id, seed, data id, ...); ``tied`` maps each target module that shares a parameter with
     other modules to those modules; ``memo`` is what the engine learns about the model (its structure, the batch
-    size that fits), kept by every value :meth:`select` derives.
+    size that fits), kept by every value :meth:`select` derives; ``proxies`` holds the Block Influence and angular
+    distance of each target that is a run of transformer blocks (:mod:`layercrit.measurement.proxies`), measured
+    on the unmodified model.
     """
 
     experiment: Experiment
@@ -65,6 +69,7 @@ class Prepared:
     classes: int = 0  # classes the task compares (chance is 1 / classes)
     tied: dict[str, list[str]] = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
+    proxies: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def select(self, *, layers: Sequence[str | Target] | None = None, trials: Sequence[int] | None = None,
                reset: Reset | None = None) -> Prepared:
@@ -136,14 +141,23 @@ def prepare(
     device = engines.check_device(spec.device)
     resolved = model_inputs(as_resolved(model, fresh_model, arch=arch, pretrained=pretrained, seed=spec.seed,
                                         model_id=model_id), spec)
-    evalset = _evaluation_set(data, spec, resolved.preprocessing, previous)
-    task = get_task(spec.task)
+    evalset = _evaluation_set(data, spec, resolved, previous)
+    kind = resolved.metadata.get("kind")
+    # a language model is never measured as an image classifier: its kind is the default task
+    task = get_task(kind if kind in TASKS and spec.task in (None, DEFAULT_TASK) else spec.task)
     task.check(evalset, resolved)
     targets = select_targets(resolved.model, spec.layers, groups=spec.groups, cumulative=spec.cumulative)
     strategy = _reset(spec, resolved, trust_checkpoint)
     batch_size = spec.batch_size or engines.default_batch_size(device)
+    design = None if not spec.sequential else SequentialDesign(
+        spec.target_ci, min_trials=spec.trials, max_trials=spec.max_trials, images_per_trial=spec.images_per_trial)
+    if design is not None:
+        design.check_pool(len(evalset))
     classes = _probe(task, resolved.model, evalset, device)  # the user's options are all checked first
     strategy.bind(resolved.model, evalset.images, batch_size, task)
+    # Block Influence and angular distance of block targets: one clean pass, before any reset
+    proxies = block_proxies(resolved.model, evalset, block_spans(resolved.model, targets), task,
+                            batch_size=batch_size, device=device)
     tied = tied_parameters(resolved.model, targets)
     for name, others in tied.items():
         warnings.warn(f"{name} shares parameters with {', '.join(others)}: resetting it resets them too (rows say "
@@ -153,8 +167,6 @@ def prepare(
                                     precision=spec.precision, max_cache_mb=spec.max_cache_mb, compile=spec.compile,
                                     channels_last=channels_last, fold_bn=fold_bn,
                                     image_target_ci=spec.image_target_ci)
-    design = None if not spec.sequential else SequentialDesign(
-        spec.target_ci, min_trials=spec.trials, max_trials=spec.max_trials, images_per_trial=spec.images_per_trial)
     labels = {"model_id": model_id or resolved.spec, "seed": spec.seed, "data_id": evalset.data_id,
               "n_skipped": evalset.n_skipped, "model_spec": resolved.spec, "engine": spec.engine,
               "precision": _precision_label(spec.precision, device), "layercrit_version": __version__,
@@ -162,7 +174,7 @@ def prepare(
     same_model = previous is not None and previous.model.model is resolved.model
     return Prepared(experiment=spec, model=resolved, evalset=evalset, task=task, targets=targets, reset=strategy,
                     trials=spec.trial_ids, options=options, design=design, labels=labels, classes=classes, tied=tied,
-                    memo=previous.memo if same_model else {})
+                    memo=previous.memo if same_model else {}, proxies=proxies)
 
 
 def execute(prepared: Prepared, *, on_rows: Callable[[pd.DataFrame], None] | None = None,
@@ -181,6 +193,7 @@ def execute(prepared: Prepared, *, on_rows: Callable[[pd.DataFrame], None] | Non
     kernels = {t.name: _kernel(model, t) for t in prepared.targets}  # for display names like conv1:3x3
     tied = {t.name: ";".join(sorted({o for m in t.modules for o in prepared.tied.get(m, [])} - set(t.modules)))
             or None for t in prepared.targets}  # what else a reset of the target changes (tied weights)
+    no_proxies = dict.fromkeys(PROXY_COLUMNS, float("nan"))  # a target that is not a run of blocks
     finished: list[pd.DataFrame] = []  # earlier variants' rows (interpolate: one variant per alpha)
     variants = prepared.reset.variants()
     per_class_tables: list[pd.DataFrame] = []
@@ -196,12 +209,13 @@ def execute(prepared: Prepared, *, on_rows: Callable[[pd.DataFrame], None] | Non
         if breakdown is not None:
             hooks.append(breakdown)
         options = replace(options, on_logits=_each(hooks))
-        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *(["batch_acc"] if spec.log_batches else []),
+        order = [*ID_COLUMNS, *columns, *METRIC_COLUMNS, *PROXY_COLUMNS, *(["batch_acc"] if spec.log_batches else []),
                  *META_COLUMNS, *DESIGN_COLUMNS]
 
         def frame(rows: list[dict], labels=labels, order=order, breakdown=breakdown) -> pd.DataFrame:
             fixed = {"image_offset": 0, "target_ci": float("nan"), "ci_looks": 1, "capped": False}
-            table = pd.DataFrame([{**labels, **fixed, **row, "kernel": kernels.get(row["layer"]),
+            table = pd.DataFrame([{**labels, **fixed, **row, **prepared.proxies.get(row["layer"], no_proxies),
+                                   "kernel": kernels.get(row["layer"]),
                                    "tied_with": tied.get(row["layer"]),
                                    **({"batch_acc": breakdown.batch_acc(row["layer"], row["computed_in_trial"])}
                                       if spec.log_batches else {})}
@@ -321,18 +335,30 @@ def tied_parameters(model: nn.Module, targets: Sequence[Target]) -> dict[str, li
     return tied
 
 
-def _evaluation_set(data, spec: Experiment, pre: Preprocessing, previous: Prepared | None) -> EvalSet:
+def _evaluation_set(data, spec: Experiment, resolved: ResolvedModel, previous: Prepared | None) -> EvalSet:
+    """The evaluation set: images decoded for the model, or text cut into windows of ``seq_len`` tokens by its
+    tokenizer (default: the model's context, at most 128)."""
+    pre = resolved.preprocessing
+    text_options = {name: getattr(spec, name) for name in ("seq_len", "text_field")
+                    if getattr(spec, name) != getattr(Experiment, name)}
+    if text_options and resolved.tokenizer is None:  # they would be silently ignored
+        name, value = next(iter(text_options.items()))
+        raise LayercritError(f"{name}={value!r} applies to text read through a language model's tokenizer, and "
+                             f"{resolved.spec} has none: leave {name} out")
     if previous is not None and previous.experiment.data == spec.data and isinstance(data, str) and (
-            previous.model.preprocessing == pre and _same_subset(previous.experiment, spec)):
+            previous.model.preprocessing == pre and previous.model.tokenizer is resolved.tokenizer
+            and _same_subset(previous.experiment, spec)):
         return previous.evalset
     if isinstance(data, tuple):
         data = EvalSet.from_tensors(*data, check_range=False)
+    seq_len = spec.seq_len or min(128, context_length(resolved.model) or 128)
     return load_data(data, preprocessing=pre, images=spec.images, seed=spec.subset_seed, root=spec.data_root,
-                     cache_dir=spec.cache_dir, use_cache=spec.use_cache, skip_bad_images=spec.skip_bad_images)
+                     cache_dir=spec.cache_dir, use_cache=spec.use_cache, skip_bad_images=spec.skip_bad_images,
+                     tokenizer=resolved.tokenizer, seq_len=seq_len, text_field=spec.text_field)
 
 
 def _same_subset(a: Experiment, b: Experiment) -> bool:
-    keys = ("images", "data_root", "skip_bad_images")
+    keys = ("images", "data_root", "skip_bad_images", "seq_len", "text_field")
     return a.subset_seed == b.subset_seed and all(getattr(a, k) == getattr(b, k) for k in keys)
 
 

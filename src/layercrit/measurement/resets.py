@@ -17,6 +17,7 @@ import copy
 import hashlib
 import inspect
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -51,12 +52,34 @@ def snapshot(module: nn.Module) -> State:
     return {name: tensor.detach().clone() for name, tensor in module_tensors(module).items()}
 
 
+SKIP = "forward:skip"  # a state key (reset ``skip``): [1 = identity | 0 = contributes zero, outputs in a tuple]
+
+
 @torch.no_grad()
 def load_in_place(module: nn.Module, state: State) -> None:
-    """Copy values into the module's existing tensors (keeps their identity, device, dtype and layout)."""
+    """Copy values into the module's existing tensors (keeps their identity, device, dtype and layout). A state
+    holding :data:`SKIP` replaces the module's forward instead (reset ``skip``); any other state takes it back."""
+    if SKIP in state:
+        identity, tuple_len = (int(v) for v in state[SKIP])
+        module.forward = _skipped_forward(bool(identity), tuple_len)
+    elif getattr(module.__dict__.get("forward"), "skipped", False):
+        del module.forward
     for name, tensor in module_tensors(module).items():
         if name in state:
             tensor.copy_(state[name])
+
+
+def _skipped_forward(identity: bool, tuple_len: int) -> Callable:
+    """A forward that returns its hidden-state input (a residual block made the identity) or zeros of its shape
+    (a residual branch that adds nothing), in the structure the module returns (a tensor, or a tuple of
+    ``tuple_len`` with the rest None: no attention weights, no cache)."""
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        out = hidden if identity else torch.zeros_like(hidden)
+        return (out, *([None] * (tuple_len - 1))) if tuple_len else out
+
+    forward.skipped = True
+    return forward
 
 
 def trial_seed(seed: int, trial: int, *salt: str) -> int:
@@ -267,6 +290,8 @@ class Rerandomize(Reset):
         return self
 
     def new_state(self, layer: str, module: nn.Module, trial: int) -> State:
+        if self.fresh is None and _is_transformers_model(self._template):
+            return self._initialised_copy(layer, module, trial)
         fresh = self._instance(trial)
         try:
             source = fresh.get_submodule(layer)
@@ -279,6 +304,18 @@ class Rerandomize(Reset):
         if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
             raise LayercritError(f"the fresh model's {layer} differs in shape from the trained one (wrong factory?)")
         return state
+
+    def _initialised_copy(self, layer: str, module: nn.Module, trial: int) -> State:
+        """A transformers model (its ``_init_weights``) without a factory: a copy of the target module alone, given
+        the architecture's own init under the seed of (seed, trial, layer); no model instance is built, so a
+        trial costs the target's parameters, not the model's."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(trial_seed(self.seed, trial, layer))
+            fresh = copy.deepcopy(module)
+            with torch.no_grad():
+                for part in fresh.modules():
+                    self._template._init_weights(part)
+        return {name: tensor.detach() for name, tensor in module_tensors(fresh).items()}
 
     def _instance(self, trial: int) -> nn.Module:
         if trial not in self._instances:
@@ -297,6 +334,12 @@ class Rerandomize(Reset):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         return fresh
+
+
+def _is_transformers_model(model: nn.Module | None) -> bool:
+    """A transformers ``PreTrainedModel`` (checked without importing transformers: a model of it imported it)."""
+    module = sys.modules.get("transformers")
+    return module is not None and isinstance(model, module.PreTrainedModel)
 
 
 class Zero(Reset):
@@ -453,7 +496,50 @@ class Interpolate(Reset):
         return f"interpolate({self.base.label()},alpha={'|'.join(f'{a:g}' for a in self.alphas)})"
 
 
-RESETS: dict[str, type[Reset]] = {cls.name: cls for cls in (Rerandomize, Zero, Reinit, Rewind, Noise, Interpolate)}
+class Skip(Reset):
+    """The depth-pruning intervention: a residual block becomes the identity (its output is its input), and an
+    attention or MLP sub-block adds nothing to the residual stream (its output is zero). For transformer targets
+    (``groups`` ``blocks``, ``attention``, ``mlp``, ``window:N``); no tensor changes. Exactly the model with the
+    block removed for pre-LN blocks (GPT-2, Llama-style); for post-LN blocks (BERT) removing a sub-block is not a
+    zero output, and ``skip`` of a block is still the block removed."""
+
+    name = "skip"
+
+    def bind(self, model: nn.Module, images=None, batch_size: int = 100, task: Task | None = None) -> Skip:
+        from ..models.blocks import find_blocks
+
+        super().bind(model, images, batch_size, task)
+        try:
+            self._blocks = set(find_blocks(model).names)
+        except LayercritError:
+            self._blocks = set()
+        self._sub_blocks = {name for name, _ in model.named_modules()
+                            if name.rpartition(".")[0] in self._blocks}
+        self._tuples: dict[str, int] = {}
+        if images is not None:  # how each block and sub-block returns its output: a tensor or a tuple
+            task = task or ImageClassification()
+            example = task.inputs(take(images, slice(0, min(2, batch_length(images)))),
+                                  next(model.parameters()).device)
+            for called in trace(model, example, call=task.call).calls:
+                if called.name in self._blocks or called.name in self._sub_blocks:
+                    self._tuples[called.name] = len(called.output) if isinstance(called.output, tuple) else 0
+        return self
+
+    def new_states(self, model: nn.Module, target: Target, trial: int) -> ModelState:
+        blocks = getattr(self, "_blocks", None)
+        if blocks is None:
+            raise LayercritError("reset skip needs the model: call bind(model, images) first")
+        states = {}
+        for name in target.modules:
+            if name not in blocks and name not in self._sub_blocks:
+                raise LayercritError(f"reset skip removes transformer blocks and their attention / MLP sub-blocks, "
+                                     f"not {name!r}: use groups='blocks', 'attention', 'mlp' or 'window:N'")
+            states[name] = {SKIP: torch.tensor([name in blocks, self._tuples.get(name, 0)])}
+        return states
+
+
+RESETS: dict[str, type[Reset]] = {cls.name: cls for cls in (Rerandomize, Zero, Reinit, Rewind, Noise, Interpolate,
+                                                            Skip)}
 
 
 # Every strategy's, set by measure(), not written in a reset's text (trust_checkpoint comes from the caller alone:
@@ -486,8 +572,11 @@ def get_reset(name: str | Reset, **options) -> Reset:
     cls = RESETS[name]
     parameters = inspect.signature(cls.__init__).parameters
     declared = declared_options(name)
-    takes_more = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    unknown = [k for k in [*written, *options] if k not in parameters and not takes_more]
+    # a reset with a base (noise, interpolate) hands the options it does not declare on to that base; without one
+    # they are unknown here
+    base = written.get("base", options.get("base", getattr(parameters.get("base"), "default", None)))
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in parameters.values()) and base not in (None, inspect.Parameter.empty)
+    unknown = [k for k in [*written, *options] if k not in parameters and not passes_on]
     unknown = [k for k in written if k in COMMON_OPTIONS] or unknown
     if unknown:
         raise LayercritError(f"reset {name!r} takes no option {unknown[0]!r} "

@@ -6,7 +6,8 @@ layercrit instead estimates every layer's expected criticality (over resets and 
 
 1. **Blocks.** Trial ``t`` of every layer is a fresh reset draw (seeded by (seed, t), as always) evaluated on
    block ``t`` of images: consecutive slices of the seeded image order (wrapping around the pool), the same for
-   every layer and every model, so comparisons between layers and models stay paired.
+   every layer of a run, so comparisons between its layers are paired; between runs (models, precisions) only
+   where their block sizes agree: the pilot's always, later ones when ``images_per_trial`` is given.
 2. **Pilot.** Trials ``0 .. min_trials-1`` run for every layer on blocks of ``pilot_images`` images.
 3. **Images per trial** (unless given): Cochran's two-stage rule on the pilot's variance components, pooled over
    layers (:func:`layercrit.measurement.estimate.images_per_trial`), with a fixed per-trial overhead in image-forward
@@ -69,6 +70,15 @@ class SequentialDesign:
             raise LayercritError(f"max_trials={self.max_trials}: give at least trials ({self.min_trials})")
         if self.images_per_trial is not None and self.images_per_trial < 1:
             raise LayercritError(f"images_per_trial={self.images_per_trial}: give at least 1")
+
+    def check_pool(self, pool: int) -> None:
+        """Refuse an evaluation set too small for the pilot: ``min_trials`` blocks of distinct images, each of at
+        least :data:`MIN_IMAGES_PER_TRIAL` (fewer would wrap the same images round as if they were new ones)."""
+        need = self.min_trials * MIN_IMAGES_PER_TRIAL
+        if pool < need:
+            raise LayercritError(f"images={pool}: the sequential design (target_ci=...) needs at least {need} "
+                                 f"images, a pilot block of {MIN_IMAGES_PER_TRIAL} for each of its {self.min_trials} pilot "
+                                 f"trials; give images={need} or more, or leave out target_ci")
 
     @property
     def looks(self) -> list[int]:

@@ -170,7 +170,41 @@ class SequenceClassification(Task):
                                  f"input_ids N×T, got {shape}")
 
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageClassification, SequenceClassification)}
+class CausalLanguageModel(Task):
+    """Windows of token ids (N×T, or a dict with ``input_ids`` and ``attention_mask``) in, next-token logits
+    N×T×V out (a tensor or a ``ModelOutput``'s ``.logits``). The compared items are the predicted positions: every
+    position whose token and next token are both real (mask 1), its truth the next token, so ``loss`` is the mean
+    next-token NLL (perplexity = exp(loss)) and ``top1_acc`` next-token accuracy."""
+
+    name: ClassVar[str] = "causal-lm"
+
+    def inputs(self, batch: Any, device: torch.device | str, *, channels_last: bool = False) -> dict:
+        batch = batch if isinstance(batch, Mapping) else {"input_ids": batch}
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        mask = batch.get("attention_mask")
+        return {"input_ids": ids,
+                "attention_mask": torch.ones_like(ids) if mask is None else mask.to(device, non_blocking=True)}
+
+    def predictions(self, output: Any, inputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = output_logits(output)
+        if logits.ndim != 3:
+            raise LayercritError(f"task causal-lm: the model gives outputs of shape {tuple(logits.shape)}, not "
+                                 "next-token logits N×T×V")
+        mask = inputs["attention_mask"]
+        counted = (mask[:, :-1] * mask[:, 1:]).bool()
+        return logits[:, :-1][counted], inputs["input_ids"][:, 1:][counted]
+
+    def check(self, evalset: EvalSet, resolved: ResolvedModel) -> None:
+        ids = evalset.images.get("input_ids") if isinstance(evalset.images, Mapping) else evalset.images
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.is_floating_point():
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise LayercritError(f"task causal-lm takes windows of token ids N×T (integers), or a dict with "
+                                 f"input_ids N×T, got {shape}: give text data (FILE.txt, FILE.jsonl, hf-dataset:..., "
+                                 "python-stdlib)")
+
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageClassification, SequenceClassification,
+                                                             CausalLanguageModel)}
 """Every task by name; a new task registers itself here."""
 
 DEFAULT_TASK = ImageClassification.name

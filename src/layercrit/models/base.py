@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,6 +70,7 @@ class ResolvedModel:
     spec: str
     num_classes: int
     metadata: dict = field(default_factory=dict)
+    tokenizer: Any = None  # a transformers tokenizer, for models that read text (see layercrit.models.hf)
 
 
 def model_seed(seed: int, model_id: str) -> int:

@@ -37,7 +37,7 @@ def build_architecture(
         kwargs["num_classes"] = num_classes
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    if source not in _ARCHITECTURE_SOURCES and is_code_spec(arch):
+    if names_code(arch):
         if not allow_code:
             raise LayercritError(f"{arch!r} names Python code, which layercrit imports only from a spec you give "
                                  "yourself (--model/--arch, measure(), your sweep config)")
@@ -256,6 +256,10 @@ def _current_folder_first() -> None:
     here = os.getcwd()
     if not sys.path or sys.path[0] not in ("", here):
         sys.path.insert(0, here)
+def names_code(arch: str) -> bool:
+    """Whether building the architecture spec ``arch`` imports Python code (a factory spec, not a library's
+    model); decided without importing anything."""
+    return arch.partition(":")[0] not in _ARCHITECTURE_SOURCES and is_code_spec(arch)
 
 
 def load_factory(spec: str) -> Callable[..., nn.Module]:

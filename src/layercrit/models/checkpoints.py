@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,9 +35,12 @@ def load_state_dict(path: str | Path, *, trust_checkpoint: bool = False) -> dict
         else:
             state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except Exception as error:  # noqa: BLE001 - any unreadable file is a user error here
-        if "Unsupported global" in str(error):  # torch's weights-only unpickler met a Python object
-            raise LayercritError(f"checkpoint {path} holds pickled Python objects besides its weights: pass "
-                                 "--trust-checkpoint if you trust its source") from error
+        # torch's weights-only unpickler met a Python object: "Unsupported global: GLOBAL x.y", or for a module
+        # it blocks outright (posix, os, subprocess) "unsupported GLOBAL posix.system whose module ..."
+        found = re.search(r"unsupported global\W*(?:GLOBAL )?([\w.]+)", str(error), re.IGNORECASE)
+        if found:
+            raise LayercritError(f"checkpoint {path} holds pickled Python objects besides its weights "
+                                 f"({found.group(1)}): pass --trust-checkpoint if you trust its source") from error
         raise LayercritError(f"cannot read checkpoint {path}: not a PyTorch or safetensors file, or corrupt "
                              f"({type(error).__name__})") from error
     for key in _STATE_DICT_KEYS:

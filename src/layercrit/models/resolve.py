@@ -10,7 +10,9 @@ Specs:
     torchvision:NAME[:WEIGHTS]      torchvision model, weights enum name (default: DEFAULT)
     layercrit:NAME                  an architecture bundled with layercrit (e.g. the Fashion-MNIST ResNet)
     MODULE:FACTORY, FILE.py:FACTORY the user's own factory (imported: it runs that code), see :func:`load_factory`
-    zoo:ZOO/ID                      a model from a registered zoo (``zoo:fmnist/baseline``, ``zoo:paper/...``)
+    zoo:ZOO/ID                      a model from a registered zoo (``zoo:fmnist/baseline``, ``zoo:lm/baseline``, ...)
+    hf:ORG/NAME[@REVISION], hf:DIR  a transformers model (causal LM, image or sequence classifier), see
+                                    :mod:`layercrit.models.hf`; ``dtype`` sets its weights' dtype
     path/to/ckpt.(pth|pt|safetensors|bin)   a checkpoint, with ``arch=`` one of the architecture specs above
 
 Weights that are not cached are fetched through :mod:`layercrit.hub`, which fails in seconds when offline.
@@ -26,7 +28,7 @@ import torch
 from .. import zoo
 from ..errors import LayercritError
 from .base import ResolvedModel, finish, match_mean_to_channels, model_seed
-from .builders import build_architecture
+from .builders import build_architecture, names_code
 from .checkpoints import infer_head_and_stem, load_state_dict, load_strict, looks_like_checkpoint
 
 
@@ -39,6 +41,7 @@ def resolve_model(
     trust_checkpoint: bool = False,
     seed: int | None = None,
     model_id: str | None = None,
+    dtype: str = "float32",
 ) -> ResolvedModel:
     """Resolve a model spec (see the module docstring) into a :class:`ResolvedModel` in eval mode.
 
@@ -50,7 +53,13 @@ def resolve_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model_seed(seed, model_id or spec))
             return resolve_model(spec, arch=arch, pretrained=pretrained, num_classes=num_classes,
-                                 trust_checkpoint=trust_checkpoint)
+                                 trust_checkpoint=trust_checkpoint, dtype=dtype)
+    if spec.startswith("hf:"):
+        from .hf import resolve_hf
+
+        if arch is not None:
+            raise LayercritError(f"--arch is only for checkpoint files; {spec} names its architecture in its config")
+        return resolve_hf(spec, pretrained=pretrained, dtype=dtype)
     if spec.startswith("zoo:"):
         return zoo.resolve(spec, pretrained=pretrained, trust_checkpoint=trust_checkpoint)
     if looks_like_checkpoint(spec):
@@ -64,6 +73,20 @@ def resolve_model(
     module, pre = build_architecture(spec, pretrained=pretrained, num_classes=num_classes, allow_code=True)
     return finish(module, pre, spec,
                    lambda: build_architecture(spec, pretrained=False, num_classes=num_classes, allow_code=True)[0])
+
+
+def runs_code(spec: str, *, arch: str | None = None, trust_checkpoint: bool = False) -> list[str]:
+    """What :func:`resolve_model` with these arguments would run as Python code, decided without running it:
+    ``spec`` or ``arch`` naming a factory (``MODULE:FACTORY``, ``FILE.py:FACTORY``), and ``trust_checkpoint``
+    (unpickling a checkpoint's objects runs their code). Empty when it runs none."""
+    found = []
+    if not spec.startswith("zoo:") and not looks_like_checkpoint(spec) and names_code(spec):
+        found.append(f"spec {spec!r}")
+    if arch is not None and names_code(arch):
+        found.append(f"arch {arch!r}")
+    if trust_checkpoint:
+        found.append("trust_checkpoint (unpickling runs code)")
+    return found
 
 
 def _resolve_checkpoint(path: str, arch: str, *, num_classes: int | None, trust_checkpoint: bool) -> ResolvedModel:

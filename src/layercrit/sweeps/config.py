@@ -13,7 +13,16 @@ from ..columns import COLUMNS
 from ..errors import LayercritError
 from ..measurement.resets import RESETS, declared_options, get_reset
 from ..measurement.sequential import SequentialDesign
-from ..spec import FIELDS, MEASURED, RESET_SHORTHANDS, Experiment, parse_bn, split_reset, with_shorthands
+from ..spec import (
+    FIELDS,
+    MEASURED,
+    RESET_SHORTHANDS,
+    Experiment,
+    check_needs,
+    parse_bn,
+    split_reset,
+    with_shorthands,
+)
 
 BACKENDS = ("local", "ray")
 # what changes the numbers; resets and (fixed design) trials may grow, checked on their own
@@ -29,7 +38,7 @@ MAX_METADATA_BYTES = 64_000
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model of the sweep: ``spec``/``arch``/``pretrained``/``num_classes`` as for ``layercrit run``, and free
+    """A model of the sweep: ``spec``/``arch``/``pretrained``/``num_classes``/``dtype`` as for ``layercrit run``, and free
     metadata (category, display name, reported accuracy, ...) that goes into the exported table."""
 
     id: str
@@ -38,6 +47,7 @@ class ModelEntry:
     pretrained: bool = True
     num_classes: int | None = None
     trust_checkpoint: bool = False
+    dtype: str = "float32"  # an hf: model's weights
     metadata: dict = field(default_factory=dict)
 
 
@@ -113,8 +123,13 @@ class SweepConfig(Experiment):
                 raise LayercritError(f"{source}: {name}: a sweep does not keep it yet; use 'layercrit run "
                                      f"--{name.replace('_', '-')}'")
         if self.sequential:
-            SequentialDesign(self.target_ci, min_trials=self.trials, max_trials=self.max_trials,
-                             images_per_trial=self.images_per_trial)
+            design = SequentialDesign(self.target_ci, min_trials=self.trials, max_trials=self.max_trials,
+                                      images_per_trial=self.images_per_trial)
+            if self.images is not None:
+                try:
+                    design.check_pool(self.images)
+                except LayercritError as error:
+                    raise LayercritError(f"{source}: {error}") from None
 
     def to_dict(self) -> dict:
         """Plain data (for the store), readable back with :meth:`from_dict`."""
@@ -137,6 +152,8 @@ def _model_entries(raw, source: str) -> tuple[ModelEntry, ...]:
             raise LayercritError(f"{source}: model #{i + 1} needs an id and a spec, e.g. {{id: r50, spec: torchvision:resnet50}}")
         _check_type(item["id"], str, f"{source}: model #{i + 1}: id")
         model_id = item["id"]
+        if not model_id.strip():
+            raise LayercritError(f"{source}: model #{i + 1} has an empty id: give it a name (its rows' model_id)")
         if model_id in seen:
             raise LayercritError(f"{source}: model id {model_id!r} appears twice; ids must be unique")
         seen.add(model_id)
@@ -200,7 +217,10 @@ def _resets(raw: dict, names: list[str], source: str) -> tuple[str, ...]:
     unused = [key for key in given if not any(key in options for options in takes)]
     if unused and all(kind in RESETS for kind in kinds):  # an unknown reset is reported on its own, later
         raise LayercritError(f"{source}: {unused[0]}: none of the resets ({', '.join(names)}) takes it")
-    return tuple(with_shorthands(text, given, options) for text, options in zip(names, takes, strict=True))
+    try:
+        return tuple(with_shorthands(text, given, options) for text, options in zip(names, takes, strict=True))
+    except LayercritError as error:
+        raise LayercritError(f"{source}: {error}") from None
 
 
 def _names(value, where: str) -> list[str]:
@@ -258,17 +278,43 @@ def load_config(path: str | Path, **overrides) -> SweepConfig:
         raise LayercritError(f"{path} is over {MAX_CONFIG_BYTES // 1_000_000} MB: a sweep config lists settings "
                              "and models, keep it small")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError as error:
         raise LayercritError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
                              f"{error.start}): save it as UTF-8") from None
     except OSError as error:
         raise LayercritError(f"cannot read {path}: {error.strerror}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: an int of >4300 digits
-        raise LayercritError(f"cannot parse {path}: {' '.join(str(error).split()) or 'nested too deeply'}") from None
+        where = ' '.join(str(error).split()).replace('in "<unicode string>", ', "at ")
+        raise LayercritError(f"cannot parse {path}: {where or 'nested too deeply'}") from None
     if isinstance(raw, dict):
         raw = {**raw, **{key: value for key, value in overrides.items() if value is not None}}
+        try:
+            check_needs(raw)  # on the keys written (a stored config has every key, defaults included)
+        except LayercritError as error:
+            raise LayercritError(f"{path}: {error}") from None
     return SweepConfig.from_dict(raw, source=str(path))
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may be overridden on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, str | int | float | bool) and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key if isinstance(key, str | int | float | bool) else id(key_node))
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def conflict(stored: SweepConfig, config: SweepConfig) -> str | None:

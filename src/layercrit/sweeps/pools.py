@@ -9,10 +9,11 @@ import os
 import queue
 import signal
 import threading
+import warnings
 
 import torch
 
-from ..errors import LayercritError
+from ..errors import LayercritError, show_warning
 from .config import SweepConfig
 from .store import Unit
 from .worker import Outcome, SweepWorker, _cpu_count, _one_line
@@ -83,6 +84,8 @@ def _local_worker(index: int, config: SweepConfig, device: str | None, threads: 
         os._exit(1)  # the driver was killed: its unit is lost anyway, stop computing
 
     threading.Thread(target=exit_with_parent, daemon=True).start()
+    warnings.showwarning = show_warning  # one line on the sweep's stderr, as the driver's own warnings
+    warnings.simplefilter("once", UserWarning)  # a model's warning once, not once per unit of it
     worker = SweepWorker(config, f"local-{index}", device=device, threads=threads)
     while (unit := tasks.get()) is not None:
         results.put((index, worker.run(unit)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,8 +58,9 @@ class Store:
         readonly: open without write access (status, export, a dry run): the file is never changed, and a store
             on read-only media can be read.
 
-    A file that is not a layercrit store (another program's database, an empty file when reading) is refused,
-    and left as it was. Leaving the ``with`` block on a full disk raises a one-line error saying that the units
+    A file that is not a layercrit store (another program's database, an empty file) is refused, and left as it
+    was; a new store is made whole (tables and schema) before it appears under its name. A store on read-only
+    media is refused for writing, saying so. Leaving the ``with`` block on a full disk raises a one-line error saying that the units
     finished so far are kept.
     """
 
@@ -72,8 +74,10 @@ class Store:
                 raise LayercritError(f"no sweep store at {self.path}: create it with 'layercrit sweep CONFIG --store {self.path}'")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise LayercritError(f"cannot create the folder of the store {self.path}: {error.strerror}") from None
+                self._create_file()
+            except (OSError, sqlite3.Error) as error:
+                why = error.strerror if isinstance(error, OSError) else error
+                raise LayercritError(f"cannot create the sweep store {self.path}: {why}") from None
         self.conn = None
         try:
             if readonly:
@@ -87,8 +91,8 @@ class Store:
                 self.conn.close()
             if isinstance(error, LayercritError):
                 raise
-            if _no_space(error):
-                raise self._no_space_error(error) from None
+            if self._write_error(error):
+                raise self._write_error(error) from None
             raise LayercritError(f"{self.path} is not a layercrit sweep store ({error})") from None
 
     def __enter__(self) -> Store:
@@ -99,9 +103,9 @@ class Store:
             self.close()
         except sqlite3.OperationalError as error:
             if exc is None:  # otherwise the error that ended the block is the one to report
-                raise self._no_space_error(error) if _no_space(error) else error from None
-        if isinstance(exc, sqlite3.OperationalError) and _no_space(exc):
-            raise self._no_space_error(exc) from None
+                raise self._write_error(error) or error from None
+        if isinstance(exc, sqlite3.OperationalError) and self._write_error(exc):
+            raise self._write_error(exc) from None
 
     def close(self) -> None:
         """Fold the WAL into the main file (so the .sqlite alone is complete) and close. If that fails (a full
@@ -112,18 +116,46 @@ class Store:
         finally:
             self.conn.close()
 
-    def _no_space_error(self, error: sqlite3.Error) -> LayercritError:
-        hint = "" if "full" in str(error) else " (is the disk full?)"
-        return LayercritError(f"cannot write the sweep store {self.path}: {error}{hint}; the units finished so far "
-                              "are kept: free some space and run the same command again to resume")
+    def _write_error(self, error: sqlite3.Error) -> LayercritError | None:
+        """The one-line error for a store that cannot be written (a full disk, read-only media), or None."""
+        if _no_space(error):
+            hint = "" if "full" in str(error) else " (is the disk full?)"
+            return LayercritError(f"cannot write the sweep store {self.path}: {error}{hint}; the units finished so "
+                                  "far are kept: free some space and run the same command again to resume")
+        # SQLite's words for a read-only file, and for a WAL index it cannot create beside it
+        if not self.readonly and ("readonly" in str(error) or ("unable to open" in str(error)
+                                                              and not _writable(self.path))):
+            return LayercritError(f"cannot write the sweep store {self.path}: it is read-only (or its folder is, "
+                                  "which SQLite needs for its journal); a sweep records its units there: copy it "
+                                  "somewhere writable to go on, or read it with layercrit status / export / analyze")
+        return None
 
-    def _schema(self) -> dict | None:
-        """The schema the file records; None for an empty database. Refuses a file that is not a layercrit store,
-        or one of a schema this version cannot read."""
+    def _create_file(self) -> None:
+        """Make the store's file whole, with its tables, under a temporary name, then link it into place: a kill
+        never leaves an empty file, and a store another sweep made at the same moment is kept."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                self.conn = conn
+                with self._transaction():
+                    self._create_tables()
+                    self.set_meta("schema", {"version": SCHEMA_VERSION, "columns": list(COLUMNS)})
+            finally:
+                conn.close()
+                self.conn = None
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _schema(self) -> dict:
+        """The schema the file records. Refuses a file that is not a layercrit store (an empty one included), or
+        one of a schema this version cannot read."""
         tables = [name for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        if not tables and not self.readonly:
-            return None
-        if "meta" not in tables:
+        if "meta" not in tables:  # another program's database, or an empty file (a store is made whole)
             why = f"it holds tables {', '.join(sorted(tables)[:5])}" if tables else "an empty database"
             raise LayercritError(f"{self.path} is not a layercrit sweep store ({why}): give a store that "
                                  "'layercrit sweep' made, or a new path")
@@ -139,18 +171,15 @@ class Store:
         return found
 
     def _open_for_writing(self) -> None:
-        """Check the file before changing anything; then create the tables (in an empty file) or add the result
-        columns the store lacks, and switch to WAL."""
+        """Check the file before changing anything; then add the result columns the store lacks, and switch to
+        WAL."""
         schema = {"version": SCHEMA_VERSION, "columns": list(COLUMNS)}
         if self._schema() != schema:
             with self._transaction():  # the write lock: another sweep may be doing the same
                 found = self._schema()
-                if found is None:
-                    self._create_tables()
-                else:
-                    for column in COLUMNS:
-                        if column not in found["columns"]:
-                            self.conn.execute(f'ALTER TABLE rows ADD COLUMN "{column}"')
+                for column in COLUMNS:
+                    if column not in found["columns"]:
+                        self.conn.execute(f'ALTER TABLE rows ADD COLUMN "{column}"')
                 self.set_meta("schema", schema)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")  # a committed unit survives a power cut, not just kill -9
@@ -336,6 +365,10 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
         log.warning("%s is read-only and its WAL (%s) was not folded in: units finished since the store was last "
                     "closed are not read", path, wal)
     return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
 
 
 def _no_space(error: sqlite3.Error) -> bool:

@@ -46,6 +46,7 @@ import pandas as pd
 from ..data import load_data
 from ..errors import LayercritError
 from ..measurement.layers import select_targets
+from ..models.resolve import runs_code
 from ..spec import RESET_SHORTHANDS
 from .config import BACKENDS, ModelEntry, SweepConfig, _names, conflict, load_config
 from .pools import _LocalPool, _RayPool
@@ -56,7 +57,7 @@ from .worker import SweepWorker, _one_line, resolve_entry
 log = logging.getLogger(__name__)
 
 # The sweep's public names, wherever they are defined in the package.
-__all__ = ["ModelEntry", "SweepConfig", "SweepWorker", "check_data", "conflict", "export_frame", "load_config",
+__all__ = ["ModelEntry", "SweepConfig", "SweepWorker", "check_code", "check_data", "conflict", "export_frame", "load_config",
            "plan_sweep", "plan_units", "resolve_entry", "run_sweep"]
 
 
@@ -69,15 +70,34 @@ def plan_units(model_id: str, layers: Sequence[str], config: SweepConfig) -> lis
     return [Unit(model_id, reset, trial, c, chunk)
             for reset in config.reset for trial in trials for c, chunk in enumerate(chunks)]
 
+
+def check_code(config: SweepConfig, allow_code: bool = False) -> None:
+    """Refuse a config that names Python code to run (a ``MODULE:FACTORY`` or ``FILE.py:FACTORY`` spec or arch,
+    ``trust_checkpoint: true``) unless ``allow_code``: a config is a file people share, and running its code is
+    a choice its user makes, never a side effect of measuring."""
+    found = [f"model {m.id!r}: {', '.join(parts)}" for m in config.models if (parts := _code_of(m))]
+    if found and not allow_code:
+        raise LayercritError(f"the sweep config names code to run ({'; '.join(found)}); a sweep runs code from "
+                             "its config only with --allow-code (allow_code=True): give it if you trust that code")
+
+
+def _code_of(entry: ModelEntry) -> list[str]:
+    return runs_code(entry.spec, arch=entry.arch, trust_checkpoint=entry.trust_checkpoint)
+
+
 # ---------------------------------------------------------------- planning and the driver
 
 
-def plan_sweep(config: SweepConfig, store: str | Path | None = None) -> pd.DataFrame:
+def plan_sweep(config: SweepConfig, store: str | Path | None = None, *, allow_code: bool = False) -> pd.DataFrame:
     """A dry run: resolve every model (weights are fetched into their caches if missing) and count its units.
+
+    A dry run imports and unpickles nothing from the config: a model that would run code (see :func:`check_code`,
+    which refuses it unless ``allow_code``) is listed without its layers and units (``<NA>``).
 
     Returns one row per model: ``model_id, spec, layers, units, done, to_run, problem``; ``problem`` says why a
     model cannot be measured (e.g. its weights cannot be downloaded). Writes nothing.
     """
+    check_code(config, allow_code)
     check_data(config)
     stored = {}
     if store is not None and Path(store).exists():
@@ -89,12 +109,16 @@ def plan_sweep(config: SweepConfig, store: str | Path | None = None) -> pd.DataF
             stored[unit.model_id] = stored.get(unit.model_id, 0) + 1
     rows = []
     for entry in config.models:
+        done = stored.get(entry.id, 0)
+        if _code_of(entry):
+            rows.append({"model_id": entry.id, "spec": entry.spec, "layers": pd.NA, "units": pd.NA, "done": done,
+                         "to_run": pd.NA, "problem": ""})
+            continue
         layers, problem = _layer_names(entry, config)
         units = len(plan_units(entry.id, layers, config)) if layers else 0
-        done = stored.get(entry.id, 0)
         rows.append({"model_id": entry.id, "spec": entry.spec, "layers": len(layers or []), "units": units,
                      "done": done, "to_run": units - done, "problem": problem or ""})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"layers": "Int64", "units": "Int64", "to_run": "Int64"})
 
 
 def run_sweep(
@@ -106,6 +130,7 @@ def run_sweep(
     address: str | None = None,
     new_store: bool = False,
     progress: bool = True,
+    allow_code: bool = False,
 ) -> pd.DataFrame:
     """Measure every unit of ``config`` that ``store`` does not hold yet, and return the store's results table.
 
@@ -118,6 +143,7 @@ def run_sweep(
         address: a Ray cluster to join (default: start a local Ray).
         new_store: move an existing ``store`` aside (to ``NAME.old-TIME.sqlite``) and start a new one.
         progress: show the overall bar and the per-worker status.
+        allow_code: run the Python code the config names (factory specs, trusted pickles): see :func:`check_code`.
 
     Returns:
         :func:`layercrit.sweeps.store.export_frame` of the store. Failed units are recorded there (``layercrit status``)
@@ -125,6 +151,7 @@ def run_sweep(
     """
     if not isinstance(config, SweepConfig):
         config = load_config(config)
+    check_code(config, allow_code)
     if backend not in BACKENDS:
         raise LayercritError(f"unknown backend {backend!r}: one of {', '.join(BACKENDS)}")
     if address and backend != "ray":

@@ -26,7 +26,7 @@ def resolve_entry(entry: ModelEntry, seed: int) -> ResolvedModel:
     """Resolve a model entry with the torch RNG seeded by (seed, id), so a randomly initialised model (or head)
     is the same in every process, and as ``layercrit run --seed SEED --model-id ID`` builds it."""
     return resolve_model(entry.spec, arch=entry.arch, pretrained=entry.pretrained, num_classes=entry.num_classes,
-                         trust_checkpoint=entry.trust_checkpoint, seed=seed, model_id=entry.id)
+                         trust_checkpoint=entry.trust_checkpoint, seed=seed, model_id=entry.id, dtype=entry.dtype)
 
 
 

@@ -19,6 +19,7 @@ from ..models.base import ResolvedModel
 ZOOS = {
     "fmnist": "layercrit.zoo.fmnist",  # the bundled Fashion-MNIST zoo (the demo's embedded default)
     "paper": "layercrit.zoo.paper",  # the ResNet-50 zoo of Gavrikov et al. 2024
+    "lm": "layercrit.zoo.lm",  # tiny GPT-2s trained on Python's standard library (needs the [lm] extra)
 }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import os
 import platform
 import shutil
@@ -38,7 +39,15 @@ from ..models.builders import build_architecture
 from ..models.checkpoints import load_strict
 from ..names import file_name
 from ..seeds import method_and_seed, with_seed
-from ..training import METHODS, PRECISIONS, accuracy, resumable, robust_accuracy, train_linear_probe
+from ..training import (
+    METHODS,
+    PRECISIONS,
+    accuracy,
+    resumable,
+    resume_problem,
+    robust_accuracy,
+    train_linear_probe,
+)
 
 ARCH = "layercrit:fmnist_resnet20"
 MANIFEST = "manifest.yaml"
@@ -247,7 +256,15 @@ def train_zoo(
             continue
         subset = torch.tensor(subset_indices(len(train_labels), recipe["train_images"], DATA_SEED))
         checkpoints = out / ".checkpoints" / file_name(recipe["id"])
-        with resumable(checkpoints) as clock:
+        key = _training_key(recipe, seed, train_images[subset], train_labels[subset])
+        problem = resume_problem(checkpoints, key)
+        if problem and not force:
+            raise LayercritError(f"zoo member {recipe['id']!r}: {problem}; --force discards it and trains the "
+                                 "member from the start")
+        if problem:
+            log(f"{recipe['id']:<16} discarding its unfinished training (--force): {problem}")
+            shutil.rmtree(checkpoints)
+        with resumable(checkpoints, key) as clock:
             module, losses = train_member(recipe, train_images[subset], train_labels[subset], device=device,
                                           seed=seed)
         seconds, cpu_seconds = clock.total()  # over every run that trained this member, if it was resumed
@@ -305,6 +322,15 @@ def _finished(record: dict | None, recipe: dict, seed: int, out: Path) -> bool:
     if record is None or record.get("seed") != seed or not (out / record.get("file", "")).is_file():
         return False
     return all(record.get(key) == value for key, value in copy.deepcopy(recipe).items())
+
+
+def _training_key(recipe: dict, seed: int, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Everything that defines a member's training, kept with its checkpoints so that only the same training
+    continues them: the recipe (architecture, hyperparameters), the seed, and the training images themselves."""
+    data = hashlib.sha256(images.contiguous().numpy().tobytes())
+    data.update(labels.contiguous().numpy().tobytes())
+    return {"recipe": {**copy.deepcopy(recipe), "arch": recipe.get("arch", ARCH)}, "seed": seed,
+            "data_seed": DATA_SEED, "data": data.hexdigest()[:16]}
 
 
 def _budgets(recipes: Sequence[dict]) -> dict[str, tuple[str, float]]:
