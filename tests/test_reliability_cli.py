@@ -190,7 +190,7 @@ def test_run_json_describes_the_results_next_to_it(finished_run, capsys):
 ])
 def test_counts_that_mean_nothing_are_one_line_errors(tmp_path, capsys, flag, value):
     code, _, err = run_cli(capsys, "run", *RESNET8, flag, value, "--out", tmp_path / "out")
-    assert_one_line_error(code, err, f"argument {flag}:", repr(str(value)), "(see layercrit run --help)")
+    assert_one_line_error(code, err, f"argument {flag}", repr(str(value)), "(see layercrit run --help)")
     assert not (tmp_path / "out").exists()
 
 

@@ -247,8 +247,12 @@ def is_code_spec(spec: str) -> bool:
         return True
     if not all(part.isidentifier() for part in location.split(".")):
         return False
-    _current_folder_first()
-    return importlib.util.find_spec(location.partition(".")[0]) is not None  # a typo'd source stays "unknown spec"
+    path = list(sys.path)
+    try:  # looked up as an import would find it (the current folder first), leaving sys.path as it was
+        _current_folder_first()
+        return importlib.util.find_spec(location.partition(".")[0]) is not None  # a typo'd source: "unknown spec"
+    finally:
+        sys.path[:] = path
 
 
 def _current_folder_first() -> None:
