@@ -36,6 +36,7 @@ from PIL import Image
 
 import layercrit
 from layercrit.columns import METRIC_COLUMNS
+from layercrit.measurement.engine import keep_freed_memory
 from layercrit.models import resolve_model
 
 CASES = {
@@ -158,6 +159,7 @@ def measure_config(name: str, config: str, data: str, n_images: int, batch_size:
     engine, precision, channels_last, fold_bn, allocator = CONFIGS[config]
     if allocator == "default":
         os.environ["LAYERCRIT_MALLOC"] = "default"
+    keep_freed_memory()  # the command line's setting, which measure() itself leaves alone
     resolved = build_model(name)
     with PeakRSS() as rss:
         start, cpu_start = time.perf_counter(), time.process_time()

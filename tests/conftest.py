@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from layercrit.measurement.engine import keep_freed_memory
 from layercrit.models import Preprocessing, wrap_module
 
 torch.set_num_threads(1)
+keep_freed_memory()  # as the command line does (a library call leaves the allocator alone): the tests measure a lot
 
 
 class TinyCNN(nn.Module):
@@ -31,12 +33,6 @@ class TinyCNN(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         _ = self.unused(x)
         return self.fc(self.pool(self.relu(self.conv2(x))).flatten(1))
-
-
-def tiny_factory(seed: int = 0):
-    def build():
-        return TinyCNN()
-    return build
 
 
 @pytest.fixture
@@ -75,6 +71,14 @@ def assert_one_line_error(code, err, *fragments):
     assert len(lines) == 1 and lines[0].startswith("layercrit: error:"), err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def without_warnings(err: str) -> str:
+    """``err`` less its one-line warnings (``layercrit: warning: ...``), for a mistake found only after the
+    measuring began (a full disk): the warnings about the measured model come first, each one line."""
+    lines = err.strip().splitlines()
+    assert all(line.startswith("layercrit: ") for line in lines), err  # no traceback, no two-line warning
+    return "\n".join(line for line in lines if not line.startswith("layercrit: warning:"))
 
 
 TINY_LM_TEXT = "\n".join(

@@ -13,6 +13,7 @@ from matplotlib.collections import QuadMesh
 from scipy import stats
 
 from layercrit.analysis import tables as analysis
+from layercrit.analysis.per_layer import _kernel_text
 from layercrit.cli import main
 from layercrit.columns import COLUMNS
 from layercrit.errors import LayercritError
@@ -139,7 +140,7 @@ def test_the_same_measurement_twice_is_an_error():
     ("model.blocks.3.attn.qkv", None, "[3] attn.qkv"),
 ])
 def test_display_names_follow_the_paper(name, kernel, shown):
-    assert analysis.display_layer(name, analysis._kernel_text(kernel)) == shown
+    assert analysis.display_layer(name, _kernel_text(kernel)) == shown
 
 
 def test_kernel_sizes_come_from_a_kernel_column_or_layer_info():

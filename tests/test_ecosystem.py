@@ -378,12 +378,11 @@ def test_mean_and_std_wrap_a_bare_module_as_a_spec_s_wrapper_does(tiny_model, ti
         layercrit.measure(tiny_model, tiny_data, mean=(0.5,), **QUICK)
 
 
-def test_engine_is_the_option_s_name_and_engine_name_still_works_with_a_warning(tiny_model, tiny_data):
+def test_an_option_measure_does_not_have_is_refused_naming_the_closest(tiny_model, tiny_data):
     naive = layercrit.measure(tiny_model, tiny_data, engine="naive", **QUICK)
     assert set(naive.engine) == {"naive"}
-    with pytest.warns(DeprecationWarning, match="engine="):
-        old = layercrit.measure(tiny_model, tiny_data, engine_name="naive", **QUICK)
-    _same(old, naive)
+    with pytest.raises(LayercritError, match="no option 'engine_name' .did you mean engine"):
+        layercrit.measure(tiny_model, tiny_data, engine_name="naive", **QUICK)
 
 
 # ---------------------------------------------------------------- command-line conventions
@@ -526,7 +525,7 @@ def test_save_logits_of_the_sequential_design_are_indexed_by_image_in_the_pool(t
 def test_progress_bars_are_on_where_someone_watches_and_off_in_logs(monkeypatch):
     import io
 
-    from layercrit.measurement.measure import interactive
+    from layercrit.measurement.prepare import interactive
 
     class Terminal(io.StringIO):
         def isatty(self):

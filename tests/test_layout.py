@@ -1,4 +1,4 @@
-"""The package's shape: data flows one way, so no module imports one that imports it back."""
+"""The package's shape: data flows one way, so no module, and no subpackage, imports one that imports it back."""
 
 import ast
 from pathlib import Path
@@ -14,12 +14,19 @@ def _module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports, at the top or inside functions."""
+    """Module -> the package's modules it imports, at the top or inside functions, or by name through importlib
+    (every string naming a module, absolute or relative to the package, in a module that calls import_module)."""
     modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
     graph = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        if "import_module(" in path.read_text():
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    named = {node.value, f"{ROOT.name}.{node.value.lstrip('.')}"} & set(modules) - {ROOT.name}
+                    graph[name].update(named)
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
                 target = ".".join([*base, *([node.module] if node.module else [])]) if node.level else node.module
@@ -73,8 +80,45 @@ def test_no_module_of_the_package_imports_one_that_imports_it_back():
     assert cycles(graph) == []
 
 
+def subpackage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Subpackage (or top-level module) -> those its modules import, the package's front door left out (it names
+    every public function, importing none until used)."""
+    def unit(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    units: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        if module == ROOT.name:
+            continue
+        units.setdefault(unit(module), set()).update(unit(t) for t in targets if unit(t) != unit(module))
+    return {u: {t for t in targets if t in units} for u, targets in units.items()}
+
+
+def test_the_import_graph_counts_imports_inside_functions_and_by_name():
+    graph = import_graph()
+    assert "layercrit.sweeps.store" in graph["layercrit.results"]  # inside read_table
+    assert "layercrit.zoo.fmnist" in graph["layercrit.zoo"]  # importlib.import_module("layercrit.zoo.fmnist")
+    assert "layercrit.measurement.measure" in graph["layercrit"]  # the front door's names, relative
+
+
+# The one import left against the flow between subpackages: the model resolver reads the zoos (zoo:ZOO/ID is a
+# model source), while a zoo builds its members from models' architectures (and trains them with training, which
+# measures with measurement, which reads data, which knows models' preprocessing). Moving the zoos under models/
+# and their training into training would end it; until then it is the one allowed, so that no other appears.
+KNOWN_BACK_EDGES = {("layercrit.models", "layercrit.zoo")}
+
+
+def test_no_subpackage_imports_one_that_imports_it_back():
+    graph = subpackage_graph(import_graph())
+    assert all(target in graph[source] for source, target in KNOWN_BACK_EDGES)
+    assert cycles({u: {t for t in targets if (u, t) not in KNOWN_BACK_EDGES} for u, targets in graph.items()}) == []
+
+
 def test_value_types_resolve_nothing():
     graph = import_graph()
     assert graph["layercrit.models.base"] == set()
     assert graph["layercrit.data.evalset"] <= {"layercrit.errors", "layercrit.models.base"}
     assert graph["layercrit.spec"] <= {"layercrit.errors"}
+    assert graph["layercrit.columns"] == set()
+    assert graph["layercrit.measurement.tasks"] <= {"layercrit.errors", "layercrit.models.base",
+                                                    "layercrit.data.evalset"}

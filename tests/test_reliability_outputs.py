@@ -18,7 +18,8 @@ import pytest
 import layercrit
 from layercrit.cli import main
 from layercrit.errors import LayercritError
-from layercrit.results import file_name, read_table
+from layercrit.names import file_name
+from layercrit.results import read_table
 from layercrit.trackers import log_models
 
 from .conftest import assert_one_line_error, run_cli

@@ -75,7 +75,7 @@ def test_unquoted_yaml_booleans_are_booleans(tmp_path):
     ({"data": 5}, "data must be a string, not 5"),
     ({"seed": 1.5}, "seed must be int, not 1.5"),
     ({"images": True}, "images must be int or null, not True"),
-    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"batch_size": 0}, "batch_size=0: give at least 1 image per forward"),
     ({"max_cache_mb": "lots"}, "max_cache_mb must be a number, not 'lots'"),
     ({"cache_dir": ["a"]}, "cache_dir must be a string or null, not ['a']"),
     ({"models": [{"id": 5, "spec": "s"}]}, "model #1: id must be a string, not 5"),

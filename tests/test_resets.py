@@ -333,7 +333,7 @@ def test_a_new_reset_declared_in_the_registry_alone_is_usable_from_measure_run_a
     assert rows.loc[rows.layer != "original", "reset"].tolist() == ["shrink(factor=1)"]
     assert rows.loc[rows.layer != "original", "criticality"].abs().max() < 1e-6  # factor 1 changes nothing
     config = SweepConfig.from_dict({"data": "d", "models": [{"id": "m", "spec": "s"}], "reset": "shrink(factor=0)"})
-    assert config.experiment(config.reset[0]).measure_options()["reset"] == "shrink(factor=0)"
+    assert config.experiment(config.reset[0]).reset == "shrink(factor=0)"
     with pytest.raises(LayercritError, match="reset 'shrink' takes no option 'size'"):
         SweepConfig.from_dict({"data": "d", "models": [{"id": "m", "spec": "s"}], "reset": "shrink(size=0)"})
 
@@ -356,7 +356,7 @@ def test_a_sweep_takes_a_resets_options_as_keys_and_refuses_a_reset_missing_them
         SweepConfig.from_dict(config)
     swept = SweepConfig.from_dict({**config, "scale": 0.5, "reset": ["noise", "zero"]})
     assert swept.reset == ("noise(scale=0.5)", "zero")
-    assert get_reset(swept.experiment(swept.reset[0]).measure_options()["reset"]).scale == 0.5
+    assert get_reset(swept.experiment(swept.reset[0]).reset).scale == 0.5
 
 
 def test_every_reset_leaves_the_model_bit_identical(tiny_model, tiny_data, init_checkpoint):

@@ -9,7 +9,7 @@ import yaml
 
 from layercrit import cli
 from layercrit.errors import LayercritError
-from layercrit.spec import FIELDS, MEASURED, RESET_SHORTHANDS, Experiment, split_reset
+from layercrit.spec import FIELDS, MEASURED, RESET_SHORTHANDS, Experiment, parse_bn, split_reset
 from layercrit.sweeps.sweep import SweepConfig, export_frame, run_sweep
 
 RUN_ONLY = {"out", "quiet", "func", "command", "verbose"}  # where a run writes and how it talks
@@ -104,11 +104,8 @@ def test_run_flags_become_the_experiment():
     experiment = cli.experiment_from_args(args)
     assert experiment == Experiment(data="d", bn="recalibrate 8", target_ci=0.03, reset="reinit(checkpoint=c.pth)",
                                     exact=True)
-    options = experiment.measure_options()
-    assert (options["bn"], options["bn_batches"]) == ("recalibrate", 8)
-    assert options["channels_last"] is False and options["fold_bn"] is False
-    assert options["reset"] == "reinit(checkpoint=c.pth)" and options["reset_options"] == {}
-    assert experiment.measure_options(trust_checkpoint=True)["reset_options"] == {"trust_checkpoint": True}
+    assert parse_bn(experiment.bn) == ("recalibrate", 8)
+    assert experiment.engine_layout() == (False, False)
 
 
 @pytest.mark.parametrize("extra, rtol", [

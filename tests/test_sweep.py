@@ -19,7 +19,7 @@ from layercrit.columns import COLUMNS
 from layercrit.errors import LayercritError
 from layercrit.measurement.layers import select_layers
 from layercrit.models import Preprocessing, wrap_module
-from layercrit.sweeps import sweep
+from layercrit.sweeps import worker as sweep_worker
 from layercrit.sweeps.store import export_frame, status_frame
 from layercrit.sweeps.sweep import (
     SweepConfig,
@@ -77,7 +77,7 @@ def reference(tmp_path_factory):
     ({"models": [{"id": "x", "spec": "s"}, {"id": "x", "spec": "t"}]}, r"model id 'x' appears twice"),
     ({"models": [{"id": "x", "spec": "s", "top1_acc": 76}]}, r"uses result column name\(s\) top1_acc as metadata"),
     ({"reset": ["rerandomize", "shuffle"]}, r"unknown reset 'shuffle'; use one or a list of rerandomize, zero"),
-    ({"trials": 0}, r"trials must be at least 1"),
+    ({"trials": 0}, r"trials=0: give at least 1"),
     ({"images": "many"}, r"images must be int or null, not 'many'"),
     ({"engine": "turbo"}, r"unknown engine 'turbo'"),
 ])
@@ -160,7 +160,7 @@ def worker_with_model(monkeypatch, fits: int) -> tuple[SweepWorker, list]:
         return RunsOutOfMemory(fits)
 
     pre = Preprocessing(resize=None, crop=None, mean=(0.5,), std=(0.25,), in_chans=1, source="test")
-    monkeypatch.setattr(sweep, "resolve_entry", lambda entry, seed: wrap_module(build(), build, pre, "test:oom"))
+    monkeypatch.setattr(sweep_worker, "resolve_entry", lambda entry, seed: wrap_module(build(), build, pre, "test:oom"))
     config = SweepConfig.from_dict({**CONFIG, "models": [{"id": "m", "spec": "test:oom"}], "batch_size": 32})
     layers = select_layers(build(), "conv,linear")
     return SweepWorker(config, "test"), plan_units("m", [f"model.{name}" for name in layers], config)

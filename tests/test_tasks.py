@@ -154,3 +154,44 @@ def test_an_unknown_task_is_refused_listing_the_tasks(tokens):
 def test_an_output_without_logits_is_a_one_line_error():
     with pytest.raises(LayercritError, match="no logits"):
         output_logits({"hidden": torch.zeros(2)})
+
+
+@pytest.fixture(scope="module")
+def gpt2_classifier():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=LENGTH,
+                                     num_labels=CLASSES, pad_token_id=0)
+
+    def build():
+        return transformers.GPT2ForSequenceClassification(config).eval()
+
+    torch.manual_seed(0)
+    model = build()
+    with torch.no_grad():
+        model.score.weight.mul_(20.0)
+    return model, build
+
+
+def test_a_transformers_model_with_dict_batches_and_model_output_gets_identical_rows_from_both_engines(
+        tokens, gpt2_classifier):
+    ids, mask, labels = tokens
+    model, build = gpt2_classifier
+    data = ({"input_ids": ids, "attention_mask": mask}, labels)
+    fast, naive = both_engines(model, data, task="sequence-classification", trials=1, fresh_model=build,
+                               layers="transformer.h.1.*,score")
+    assert_identical(fast, naive)
+    assert {"transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc", "score"} <= set(fast.layer)
+
+
+def test_transformers_conv1d_counts_as_linear_and_gpt2s_tied_head_is_found():
+    transformers = pytest.importorskip("transformers")
+    from layercrit.measurement.layers import select_targets
+    from layercrit.measurement.prepare import tied_parameters
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=LENGTH)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    targets = select_targets(model)  # the default kinds it has: linear (Conv1D and Linear); no conv, no error
+    names = [t.name for t in targets]
+    assert names == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                     "transformer.h.0.mlp.c_proj", "lm_head"]
+    assert tied_parameters(model, targets) == {"lm_head": ["transformer.wte"]}

@@ -8,13 +8,8 @@ load torch.
 """
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("layercrit")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+local"
-
+from ._version import __version__
 from .errors import LayercritError
 
 _PUBLIC = {  # name -> the module that defines it

@@ -7,10 +7,11 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
-from . import __version__
-from .errors import LayercritError
+from ._version import __version__
+from .errors import LayercritError, show_warning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(message)s")
-        code = args.func(args) or 0
+        if args.command in _MEASURING:
+            from .measurement.engine import keep_freed_memory
+
+            keep_freed_memory()  # this process is ours: the allocator may keep freed memory (see its docstring)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            code = args.func(args) or 0
         sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
         return code
     except LayercritError as error:
@@ -80,7 +87,7 @@ def _non_negative_float(text: str) -> float:
 
 def _seed(text: str) -> int:
     """argparse type: a seed in the range torch and the store hold (``measure.SEED_RANGE``)."""
-    from .measurement.measure import SEED_RANGE
+    from .spec import SEED_RANGE
 
     try:
         value = int(text)
@@ -150,6 +157,10 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--compile", action="store_true", help="torch.compile the model (full forwards per unit)")
     e.add_argument("--exact", action="store_true", help="NCHW layout, BatchNorm not folded: the fast engine then "
                    "equals the naive one bit for bit (by default they agree to the last bits of fp32)")
+    e.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="convolutions in NHWC layout "
+                   "(default: on for the fast engine, off for the naive one; last bits of fp32 only)")
+    e.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, help="fold eval-mode BatchNorm into the "
+                   "convolution before it (default: on for the fast engine without --compile; last bits only)")
     g.add_argument("--target-ci", type=float, help="sequential design: estimate each layer's expected criticality "
                    "over resets and images to ± this (fraction, 95%%), each trial a new reset on its own block of "
                    "images, trials added where the interval is still wide (default: the paper's fixed design)")
@@ -193,6 +204,12 @@ def add_data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--crop", type=_positive_int, help="center crop N (default: the model's config, or 224)")
     g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"],
                    help="resize interpolation when --resize/--crop are given (default bilinear)")
+    g.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalise the model's input with this mean "
+                   "per channel (with --std), instead of the model's own config; a model without a config (an "
+                   "nn.Module, MODULE:FACTORY) is otherwise fed images in [0, 1]")
+    g.add_argument("--std", type=float, nargs="+", metavar="S", help="the std per channel, with --mean")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false", help="no normalisation at all: the "
+                   "data is normalised already")
 
 
 # ---------------------------------------------------------------- run
@@ -209,7 +226,7 @@ def _add_run(sub) -> None:
 
 
 def _cmd_run(args) -> int:
-    from .measurement.measure import check_device
+    from .measurement.engine import check_device
     from .results import claim_output_folder
 
     check_device(args.device, "--device")
@@ -230,7 +247,7 @@ def _run_into(out: Path, args, experiment):
     run.json says ``"complete": false`` beside every chunk's results and ``true`` beside the final ones (renamed
     into place last), so a reader can tell a finished folder from one that a kill interrupted.
     """
-    from .measurement.measure import measure, override_transform
+    from .measurement.prepare import execute, prepare
     from .models import resolve_model
     from .results import write_results
 
@@ -238,16 +255,17 @@ def _run_into(out: Path, args, experiment):
                              num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint, seed=args.seed,
                              model_id=args.model_id)
     # run.json goes with the results it describes: a run that fails before its first results leaves the folder as is
-    run = {**{k: v for k, v in vars(args).items() if k != "func"}, "max_trials": experiment.max_trials}
-    if args.resize or args.crop or args.interpolation:
-        resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
-    print(f"model: {resolved.spec}; preprocessing: {resolved.preprocessing.describe()}")
+    run = {**{k: v for k, v in vars(args).items() if k != "func"}, "max_trials": experiment.max_trials,
+           "spec_id": experiment.spec_id()}
     tracker = None
-    if experiment.log_to:
+    if experiment.log_to:  # its folder is checked before any work
         from .trackers import Tracker
 
         tracker = Tracker(experiment.log_to, name=args.model_id or resolved.spec, config=run, out=out,
                           sequential=experiment.sequential)
+    prepared = prepare(resolved, spec=experiment, model_id=args.model_id, trust_checkpoint=args.trust_checkpoint)
+    print(prepared.describe())
+    run.update(preprocessing=prepared.inputs(), task=prepared.task.name)
 
     def on_rows(rows) -> None:
         write_results(rows, out, {**run, "complete": False})
@@ -255,10 +273,7 @@ def _run_into(out: Path, args, experiment):
             tracker(rows)
 
     try:
-        df = measure(resolved, experiment.data, **experiment.measure_options(trust_checkpoint=args.trust_checkpoint),
-                     model_id=args.model_id, progress=False if args.quiet else None, on_rows=on_rows,
-                     save_logits=out / "logits" if experiment.save_logits else None,
-                     per_class=out / "per_class.csv" if experiment.per_class else None)
+        df = execute(prepared, on_rows=on_rows, progress=False if args.quiet else None)
         csv_path, _ = write_results(df, out, {**run, "complete": True})
         if tracker is not None:
             tracker.close(df)
@@ -277,6 +292,9 @@ def experiment_from_args(args):
     check_needs(values)
     values["max_trials"] = args.max_trials or Experiment.max_trials  # None: not given
     values["bn"] = " ".join(args.bn)
+    out = Path(getattr(args, "out", None) or ".")  # the run's outputs go into its folder
+    values["save_logits"] = str(out / "logits") if args.save_logits else None
+    values["per_class"] = str(out / "per_class.csv") if args.per_class else None
     values["reset"] = with_shorthands(args.reset, {name: getattr(args, name, None) for name in RESET_SHORTHANDS})
     return Experiment(**values)
 
@@ -362,7 +380,7 @@ def _cmd_zoo_list(args) -> int:
 def _cmd_zoo_train(args) -> int:
     import torch
 
-    from .measurement.measure import check_device
+    from .measurement.engine import check_device
     from .zoo.fmnist import train_zoo
 
     check_device(args.device, "--device")
@@ -612,7 +630,7 @@ def _add_demo(sub) -> None:
 
 def _cmd_demo(args) -> int:
     from .demo import DEMO_IMAGES, format_summary, run_demo
-    from .measurement.measure import check_device
+    from .measurement.engine import check_device
     from .results import claim_output_folder
 
     check_device(args.device, "--device")
@@ -660,7 +678,7 @@ def _add_prune(sub) -> None:
 
 
 def _cmd_prune(args) -> int:
-    from .measurement.measure import check_device
+    from .measurement.engine import check_device
     from .prune import prune
 
     check_device(args.device, "--device")
@@ -705,7 +723,7 @@ def _add_module_criticality(sub) -> None:
 
 
 def _cmd_module_criticality(args) -> int:
-    from .measurement.measure import check_device
+    from .measurement.engine import check_device
     from .results import claim_output_folder
 
     check_device(args.device, "--device")
@@ -714,7 +732,6 @@ def _cmd_module_criticality(args) -> int:
 
 
 def _module_criticality_into(out: Path, args) -> int:
-    from .measurement.measure import override_transform
     from .measurement.module_criticality import DEFAULT_ALPHAS, DEFAULT_SIGMAS, module_criticality
     from .models import resolve_model
     from .results import write_table
@@ -722,8 +739,6 @@ def _module_criticality_into(out: Path, args) -> int:
     resolved = resolve_model(args.model, arch=args.arch, dtype=args.dtype, pretrained=args.pretrained,
                              num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint, seed=args.seed,
                              model_id=args.model_id)
-    if args.resize or args.crop or args.interpolation:
-        resolved.preprocessing = override_transform(resolved.preprocessing, args.resize, args.crop, args.interpolation)
     table = module_criticality(
         resolved, args.data, init=args.init, layers=args.layers, groups=args.groups,
         alphas=_numbers(args.alphas, "--alphas") or DEFAULT_ALPHAS,
@@ -732,7 +747,8 @@ def _module_criticality_into(out: Path, args) -> int:
         seed=args.seed, images=args.images, model_id=args.model_id,
         trust_checkpoint=args.trust_checkpoint, data_root=args.data_root, cache_dir=args.cache_dir,
         on_evaluations=lambda rows: write_table(rows, out / "evaluations.csv"), batch_size=args.batch_size,
-        device=args.device, engine=args.engine,
+        device=args.device, engine=args.engine, resize=args.resize, crop=args.crop, interpolation=args.interpolation,
+        normalize=args.normalize, mean=args.mean, std=args.std,
     )
     path = write_table(table, out / "module_criticality.csv")
     print(table[["layer", "mu", "alpha", "sigma", "noise_std", "distance", "expected"]].to_string(index=False))
@@ -749,6 +765,7 @@ def _numbers(text: str | None, flag: str) -> list[float] | None:
         raise LayercritError(f"{flag} {text!r}: give numbers, comma separated") from None
 
 
+_MEASURING = ("run", "sweep", "demo", "module-criticality", "prune")
 _SUBCOMMANDS = [_add_run, _add_resets, _add_zoo, _add_analyze, _add_diff, _add_sweep, _add_status, _add_export, _add_demo, _add_prune, _add_module_criticality]
 
 

@@ -1,24 +1,36 @@
 """The experiment: everything about a measurement except the model, as one plain, serializable value.
 
 ``layercrit run`` builds an :class:`Experiment` from its flags, a sweep config holds the same fields as YAML keys
-(every ``run`` option is a sweep key of the same name, dashes as underscores; a test checks both ways), and
-:meth:`Experiment.measure_options` turns it into :func:`layercrit.measure`'s keywords. Stores and run folders keep
-it with the rows it produced (``run.json``, the sweep store's config), and :data:`MEASURED` names the fields that
-change the numbers, which a store refuses to mix.
+(every ``run`` option is a sweep key of the same name, dashes as underscores; a test checks both ways),
+:func:`layercrit.measure`'s keywords build one, and :func:`layercrit.measurement.prepare.prepare` reads it (a test
+checks that every field changes what it prepares). Stores and run folders keep it with the rows it produced
+(``run.json``, the sweep store's config), and :data:`MEASURED` names the fields that change the numbers, which a
+store refuses to mix; :meth:`Experiment.spec_id` fingerprints them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from .errors import LayercritError
+
+ENGINES = ("fast", "naive")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_LAYERS = "conv,linear"  # the kinds of these the model has (an MLP: its linear layers)
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """A measurement's options; the defaults are the paper's design (see the README's option table)."""
+    """A measurement's options; the defaults are the paper's design (see the README's option table).
+
+    The one carrier of a measurement's options: ``layercrit run``'s flags, a sweep config's keys and
+    :func:`layercrit.measure`'s keywords all build one, and :func:`layercrit.measurement.prepare.prepare` reads
+    every field. It validates itself when built (a one-line :class:`LayercritError` naming the field). In a
+    notebook, ``layers`` may also be a list of module names and targets, ``reset`` a Reset object, ``trials`` the
+    trial numbers to run and ``task`` a Task object.
+    """
 
     # data
     data: str | None = None
@@ -32,10 +44,14 @@ class Experiment:
     resize: int | None = None
     crop: int | None = None
     interpolation: str | None = None
+    # the model's input: normalised with the model's own mean/std, these, or not at all (images already normalised)
+    normalize: bool = True
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     # what is measured: the task says what a batch is and which outputs are compared (layercrit.measurement.tasks)
     task: str = "image-classification"
     # what is reset, how, how often
-    layers: str = "conv,linear"
+    layers: str = DEFAULT_LAYERS
     groups: str | None = None
     cumulative: str | None = None
     reset: str = "rerandomize"  # NAME or NAME(OPTION=VALUE,...), e.g. "noise(scale=0.1)": see split_reset
@@ -54,50 +70,124 @@ class Experiment:
     device: str | None = None
     max_cache_mb: float = 4096.0
     compile: bool = False
-    exact: bool = False
+    exact: bool = False  # channels_last and fold_bn off: the fast engine equals the naive one bit for bit
+    channels_last: bool | None = None  # None: on for the fast engine, off for the naive one
+    fold_bn: bool | None = None  # None: on for the fast engine without compile, off for the naive one
     image_target_ci: float | None = None
     # outputs
-    save_logits: bool = False  # every evaluation's logits, in OUT/logits (layercrit.load_logits)
+    save_logits: str | None = None  # a folder for every evaluation's logits (layercrit.load_logits)
     save_logits_top_k: int | None = None
     log_to: str | None = None  # wandb | mlflow | tensorboard[:DIR] (layercrit.trackers); a sweep logs when it ends
     log_batches: bool = False  # a batch_acc column: each batch's top-1 (the paper's CSV); run only
-    per_class: bool = False  # OUT/per_class.csv: each class's accuracy and agreement per (layer, trial); run only
+    per_class: str | None = None  # a CSV of each class's accuracy and agreement per (layer, trial); run only
 
-    def measure_options(self, *, trust_checkpoint: bool = False) -> dict:
-        """Keywords for :func:`layercrit.measure` (all but ``model`` and ``data``); ``trust_checkpoint`` lets the
-        reset's checkpoint hold pickled objects."""
-        bn, bn_batches = parse_bn(self.bn)
-        trust = trust_checkpoint and "checkpoint" in split_reset(self.reset)[1]
-        return {
-            "layers": self.layers, "groups": self.groups, "cumulative": self.cumulative, "reset": self.reset,
-            "reset_options": {"trust_checkpoint": True} if trust else {}, "bn": bn,
-            "bn_batches": bn_batches, "trials": self.trials, "seed": self.seed, "data_seed": self.data_seed,
-            "images": self.images, "seq_len": self.seq_len, "text_field": self.text_field,
-            "data_root": self.data_root, "cache_dir": self.cache_dir, "use_cache": self.use_cache,
-            "skip_bad_images": self.skip_bad_images, "resize": self.resize, "crop": self.crop,
-            "interpolation": self.interpolation, "batch_size": self.batch_size, "device": self.device,
-            "engine": self.engine, "precision": self.precision, "max_cache_mb": self.max_cache_mb,
-            "compile": self.compile, "channels_last": False if self.exact else None,
-            "fold_bn": False if self.exact else None, "target_ci": self.target_ci, "max_trials": self.max_trials,
-            "images_per_trial": self.images_per_trial, "mirror": self.mirror, "image_target_ci": self.image_target_ci,
-            "save_logits_top_k": self.save_logits_top_k, "log_batches": self.log_batches, "task": self.task,
-        }
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        for name in ("layers", "trials"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse options that would silently mean something else or fail deep inside a run."""
+        if self.images is not None and self.images < 1:
+            raise LayercritError(f"images={self.images}: give a number of images of at least 1 (None for all of them)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise LayercritError(f"batch_size={self.batch_size}: give at least 1 image per forward")
+        if self.max_cache_mb < 0:
+            raise LayercritError(f"max_cache_mb={self.max_cache_mb}: give a memory budget of 0 MB or more")
+        for name in ("max_trials", "images_per_trial", "save_logits_top_k"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise LayercritError(f"{name}={getattr(self, name)}: give at least 1")
+        check_seeds(seed=self.seed, data_seed=self.data_seed)
+        check_needs({"images_per_trial": self.images_per_trial, "target_ci": self.target_ci,  # max_trials: a default
+                     "save_logits_top_k": self.save_logits_top_k, "save_logits": self.save_logits})
+        trials = self.trial_ids
+        if not trials or min(trials) < 0:
+            raise LayercritError(f"trials={self.trials!r}: give at least 1 (or trial numbers >= 0)")
+        if self.engine not in ENGINES:
+            raise LayercritError(f"unknown engine {self.engine!r}: one of {', '.join(ENGINES)}")
+        if self.precision not in PRECISIONS:
+            raise LayercritError(f"unknown precision {self.precision!r}: one of {', '.join(PRECISIONS)}")
+        if self.image_target_ci is not None and not 0 < self.image_target_ci < 1:
+            raise LayercritError(f"image_target_ci={self.image_target_ci}: a half-width as a fraction, e.g. 0.01 "
+                                 "(one point of top-1)")
+        parse_bn(self.bn)
+        if isinstance(self.reset, str):
+            split_reset(self.reset)
+        if (self.mean is None) != (self.std is None):
+            raise LayercritError("give mean and std together (one value per input channel each)")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise LayercritError(f"mean has {len(self.mean)} values and std {len(self.std)}: give one per input "
+                                 "channel each")
+        if self.mean is not None and not all(value > 0 for value in self.std):
+            raise LayercritError(f"std={self.std}: every value must be above 0")
+        if not self.normalize and self.mean is not None:
+            raise LayercritError("normalize=False feeds the images as they are: give it without mean and std")
+        if self.exact and (self.channels_last or self.fold_bn):
+            raise LayercritError("exact turns channels_last and fold_bn off: give exact or them")
+        if self.sequential:
+            if self.log_batches or self.per_class:
+                raise LayercritError(f"target_ci={self.target_ci}: log_batches and per_class follow the paper's "
+                                     "fixed design: leave out target_ci (or them)")
+            if not isinstance(self.trials, int):
+                raise LayercritError("target_ci runs trials 0, 1, 2, ... itself: give trials as a number")
+
+    @property
+    def trial_ids(self) -> list[int]:
+        """The trials to run: 0 .. trials-1, or the trial numbers given."""
+        return list(range(self.trials)) if isinstance(self.trials, int) else list(self.trials)
+
+    @property
+    def subset_seed(self) -> int:
+        """The seed of the image subset: ``data_seed``, or ``seed`` when it is -1 (or None), as the paper."""
+        return self.seed if self.data_seed is None or self.data_seed == -1 else self.data_seed
+
+    def engine_layout(self) -> tuple[bool | None, bool | None]:
+        """(channels_last, fold_bn) as the engine takes them (None: the engine's default)."""
+        return (False, False) if self.exact else (self.channels_last, self.fold_bn)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data (JSON and YAML hold it): tuples as lists, notebook objects as their text."""
+        values = {}
+        for name in FIELDS:  # not asdict: it would deep-copy a notebook's Reset object, bound to its model
+            value = getattr(self, name)
+            if name in ("layers", "reset", "task", "trials") and not isinstance(value, str | int):
+                value = _as_text(value)  # objects given in a notebook, as their text
+            values[name] = list(value) if isinstance(value, tuple) else value
+        return values
 
     def measured(self) -> dict:
         """The fields that change the numbers (:data:`MEASURED`)."""
-        return {name: getattr(self, name) for name in MEASURED}
+        values = self.to_dict()
+        return {name: values[name] for name in MEASURED}
 
     def spec_id(self) -> str:
-        """A short fingerprint of :meth:`measured`: rows made with the same id are comparable."""
-        text = json.dumps(self.measured(), sort_keys=True, default=str)
+        """A short fingerprint of :meth:`measured`: rows made with the same id are comparable. In the fixed design
+        the number of trials says how many rows there are, not what each is, so it is left out (a sweep grown by a
+        trial keeps its id)."""
+        measured = self.measured()
+        if not self.sequential:
+            del measured["trials"]
+        text = json.dumps(measured, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def sequential(self) -> bool:
         return self.target_ci is not None
+
+
+def _as_text(value) -> str | list:
+    if hasattr(value, "describe"):  # a Reset
+        return value.describe()
+    if hasattr(value, "name") and not isinstance(value, list | tuple):  # a Task
+        return value.name
+    if isinstance(value, list | tuple):
+        return [item if isinstance(item, str | int) else getattr(item, "name", str(item)) for item in value]
+    return str(value)
 
 
 FIELDS = tuple(f.name for f in fields(Experiment))
@@ -109,6 +199,16 @@ RESET_SHORTHANDS = ("checkpoint", "scale", "alpha", "base")
 UNMEASURED = ("data_root", "cache_dir", "use_cache", "batch_size", "device", "max_cache_mb", "save_logits",
               "save_logits_top_k", "log_to", "log_batches", "per_class")
 MEASURED = tuple(name for name in FIELDS if name not in UNMEASURED)
+
+
+SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit integer: what torch's generators and the sweep store's SQLite hold
+
+
+def check_seeds(**seeds: int | None) -> None:
+    """Refuse a seed outside :data:`SEED_RANGE` (``seed=99999999999999999999`` overflows torch's generator)."""
+    for name, value in seeds.items():
+        if value is not None and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise LayercritError(f"{name}={value}: give a seed from -2**63 to 2**63-1 (a 64-bit integer)")
 
 
 # Options that act only together with another one: given alone they would be silently ignored.

@@ -29,7 +29,8 @@ import pandas as pd
 
 from .errors import LayercritError
 from .measurement.estimate import layer_table
-from .results import check_output_folder, file_name
+from .names import file_name
+from .results import check_output_folder
 
 TRACKERS = ("wandb", "mlflow", "tensorboard")
 _PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny", "tensorboard": "tensorboard"}
@@ -235,7 +236,7 @@ def log_models(rows: pd.DataFrame, log_to: str, *, config: Mapping | None = None
     """Log a finished table (a sweep's export) to one tracker run per model, named by its ``model_id``.
 
     TensorBoard writes each model into its own folder, ``DIR/MODEL_ID`` (default ``OUT/tensorboard/MODEL_ID``), the
-    id escaped to one folder name (:func:`layercrit.results.file_name`: ``zoo:fmnist/baseline`` ->
+    id escaped to one folder name (:func:`layercrit.names.file_name`: ``zoo:fmnist/baseline`` ->
     ``zoo:fmnist%2Fbaseline``), so no id writes outside DIR.
     """
     kind, where = parse(log_to)

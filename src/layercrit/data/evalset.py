@@ -29,6 +29,7 @@ class EvalSet:
     description: str
     classes: Sequence[str] | None = None
     n_skipped: int = 0
+    transform: str = "the inputs as given"  # exactly what was done to the source's images, for the printout
     decode: Callable[[Sequence[int]], torch.Tensor] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:

@@ -88,4 +88,5 @@ def fashion_mnist(root: str | None, n: int | None, seed: int, split: str = "test
         data_id=f"fashion-mnist-{split}-n{len(chosen)}-s{seed}",
         description=f"Fashion-MNIST {split} set, {len(chosen)} images (seed {seed})",
         classes=FASHION_MNIST_CLASSES,
+        transform="28x28 greyscale images as stored (uint8), fed in [0, 1]; nothing resized",
     )

@@ -35,7 +35,7 @@ def image_folder(
     transform = eval_transform(pre)
     key = _fingerprint(folder, chosen, pre, seed, skip_bad_images)
     data_id = f"{folder.name}-n{len(chosen)}-s{seed}-{key[:10]}"
-    description = f"{folder}: {len(chosen)} images (seed {seed}), {pre.describe()}"
+    description = f"{folder}: {len(chosen)} images (seed {seed})"
 
     def decode(positions: Sequence[int]) -> torch.Tensor:
         return torch.stack([_decode_one(chosen[i][0], transform) for i in positions])
@@ -49,7 +49,8 @@ def image_folder(
         if cache is not None:
             _write_cache(cache, images, labels, skipped, description)
     return EvalSet(images=images, labels=labels, data_id=data_id, description=description,
-                   classes=classes, n_skipped=skipped, decode=None if skipped else decode)
+                   classes=classes, n_skipped=skipped, decode=None if skipped else decode,
+                   transform=f"decoded with {pre.transform()} to uint8, fed in [0, 1]")
 
 
 def _find_samples(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:

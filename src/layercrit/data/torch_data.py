@@ -53,8 +53,11 @@ def from_torch(data: Dataset | DataLoader, *, preprocessing: Preprocessing | Non
     stacked = torch.stack([t if dtypes == {torch.uint8} else t.float() for t in tensors])
     labels = torch.tensor([_label(pair, name) for pair in pairs], dtype=torch.int64)
     digest = hashlib.sha256(stacked.contiguous().numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
+    pil = any(not isinstance(pair[0], torch.Tensor) for pair in pairs)
     return EvalSet(images=stacked, labels=labels, data_id=f"{name.lower()}-n{len(labels)}-{digest}",
-                   description=f"{name}: {how}", classes=getattr(data, "classes", None))
+                   description=f"{name}: {how}", classes=getattr(data, "classes", None),
+                   transform=f"PIL images decoded with {(preprocessing or Preprocessing()).transform()}" if pil
+                   else "the dataset's tensors as given")
 
 
 def _from_loader(loader: DataLoader, images: int | None) -> list[tuple]:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .. import spec
 from ..data import EvalSet
 from ..errors import LayercritError
 from .folding import find_pairs, folded_batchnorm, patched_forwards
@@ -48,8 +49,8 @@ from .trace import trace
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-ENGINES = ("fast", "naive")
+PRECISIONS = dict(zip(spec.PRECISIONS, (None, torch.bfloat16, torch.float16), strict=True))
+ENGINES = spec.ENGINES
 
 
 @dataclass
@@ -118,7 +119,6 @@ def run(
     model's call structure and the BatchNorm pairs to fold (probed once), and the batch size that fits in memory.
     """
     device = torch.device(options.device)
-    keep_freed_memory()
     model = model.eval().to(device)
     if options.precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         log.warning("this CPU has no native bf16: --precision bf16 will be slower than fp32 here")
@@ -199,6 +199,37 @@ def _refuse_nonfinite(original: Unit) -> None:
                              "images (broken weights?)")
 
 
+def default_batch_size(device: str | None) -> int:
+    """Images per forward unless given: the paper's 500 on a GPU (halved while out of memory), 100 on the CPU."""
+    on_gpu = device.startswith("cuda") if device else torch.cuda.is_available()
+    return 500 if on_gpu else 100
+
+
+def check_device(device: str | None, name: str = "device") -> str:
+    """``device``, or cuda when available and else cpu; a device this machine lacks is refused, naming those it has."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:  # not a device string at all, e.g. "tpu7"
+        parsed = None
+    if parsed is None or not _present(parsed):
+        gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        mps = ["mps"] if torch.backends.mps.is_available() else []
+        raise LayercritError(f"{name} {device!r} is not available on this machine: use one of "
+                             f"{', '.join(['cpu', *gpus, *mps])}")
+    return device
+
+
+def _present(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if backend is None or not hasattr(backend, "device_count") or not backend.device_count():
+        return False
+    return device.index is None or device.index < backend.device_count()
+
+
 def out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's MemoryError / RuntimeError("... not enough memory"): the one
     test of the out-of-memory policy (halve the batch, redo), here and in sweep workers."""
@@ -217,7 +248,9 @@ def keep_freed_memory() -> None:
     By default glibc serves every allocation above 128 KB-32 MB (a batch's activations) with a fresh ``mmap`` and
     unmaps it on free, so each forward page-faults all its tensors in again: on the 2-core VM of BENCHMARKS.md that
     was about half the time of a ResNet-50 forward on the CPU (3.7 s → 2.0 s per batch of 32), for either engine.
-    Resident memory then stays at its peak. ``LAYERCRIT_MALLOC=default`` keeps glibc's defaults.
+    Resident memory then stays at its peak. It changes the whole process, so a library call never does it: the
+    command line and sweep workers (processes layercrit owns) call it, a notebook may opt in.
+    ``LAYERCRIT_MALLOC=default`` keeps glibc's defaults.
     """
     global _allocator_tuned
     if _allocator_tuned or os.environ.get("LAYERCRIT_MALLOC") == "default":

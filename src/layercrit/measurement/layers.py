@@ -19,10 +19,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import LayercritError
+from ..spec import DEFAULT_LAYERS
 
 KINDS: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
-    "linear": (nn.Linear,),
+    "linear": (nn.Linear,),  # and transformers' Conv1D (GPT-2's linear layers), recognised by name: see is_kind
     "bn": (_BatchNorm,),
     "ln": (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm),
     "embedding": (nn.Embedding,),
@@ -30,7 +31,6 @@ KINDS: dict[str, tuple[type[nn.Module], ...]] = {
 # Kinds of layers defined outside torch, by class name: transformers' GPT-2 ``Conv1D`` is a linear layer (its
 # weight transposed), and Llama-style models bring their own ``...RMSNorm`` classes.
 KIND_CLASS_NAMES: dict[str, tuple[str, ...]] = {"linear": ("Conv1D",), "ln": ("RMSNorm", "LayerNorm")}
-DEFAULT_LAYERS = "conv,linear"
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,18 @@ _INDEXED = re.compile(r"\d$")  # children named like a position: 0, layer3, s2, 
 def select_layers(model: nn.Module, layers: str | list[str] = DEFAULT_LAYERS) -> list[str]:
     """Names of the modules selected by ``layers``, in network (registration) order.
 
-    ``layers`` is a comma list (or list) of kinds — ``conv`` (Conv1d/2d/3d), ``linear``, ``bn`` (BatchNorm*),
-    ``ln`` (LayerNorm/GroupNorm) — and/or glob patterns over module names (``layer4.*``, ``model.fc``). Patterns
-    may leave out the ``model.`` prefix of the normalising wrapper. A pattern that selects nothing is an error.
+    ``layers`` is a comma list (or list) of kinds — ``conv`` (Conv1d/2d/3d), ``linear`` (Linear, transformers'
+    Conv1D), ``bn`` (BatchNorm*), ``ln`` (LayerNorm/GroupNorm) — and/or glob patterns over module names
+    (``layer4.*``, ``model.fc``). Patterns may leave out the ``model.`` prefix of the normalising wrapper. A pattern
+    that selects nothing is an error, except in the default (``conv,linear``), which takes the kinds the model has
+    (an MLP: its linear layers).
     """
     patterns = [p.strip() for p in (layers.split(",") if isinstance(layers, str) else layers) if p.strip()]
     if not patterns:
         raise LayercritError(f"layers={layers!r}: give kinds (conv, linear, bn, ln) and/or name globs, e.g. layers='conv,linear'")
     modules = [(name, module) for name, module in model.named_modules() if name]
+    if layers == DEFAULT_LAYERS:
+        patterns = [kind for kind in patterns if _match(kind, modules)] or patterns
     chosen: set[str] = set()
     for pattern in patterns:
         matched = _match(pattern, modules)
@@ -97,13 +101,6 @@ def _has_state(module: nn.Module) -> bool:
 
 def _short(name: str) -> str:
     return name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise LayercritError(f"unknown layer {name!r}") from None
 
 
 # ---------------------------------------------------------------- targets: layers, groups, cumulative

@@ -2,8 +2,10 @@
 
 Every metric declares itself once, in :data:`METRICS`: its column, what it means, and either its value per image
 (the row holds the mean over images, accumulated over batches, so the result does not depend on batch size or
-order) or how it is derived from the others. The row schema (:data:`layercrit.columns.METRIC_COLUMNS`), the
-engine's rows and the sweep store's columns all read this list; adding a metric is one entry here (and a test).
+order) or how it is derived from the others. The engine's rows read this list; the row schema
+(:data:`layercrit.columns.METRIC_COLUMNS`, which the store and the analysis read without importing the measuring
+code) names the same columns in the same order, which a test checks: adding a metric is one entry here, its name
+there (and a test).
 Names follow the paper's published columns (``top1_acc``, ``pred_cos_sim``, ...).
 """
 

@@ -50,11 +50,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..data import EvalSet, load_data
+from ..data import EvalSet
 from ..errors import LayercritError
 from ..models import ResolvedModel
-from .layers import DEFAULT_LAYERS, Target, select_targets
-from .measure import as_resolved, check_seeds, check_sizes, measure
+from ..spec import DEFAULT_LAYERS, Experiment
+from .layers import Target
+from .prepare import execute, prepare
 from .resets import Interpolate, Noise, Reinit, Reset, State
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
@@ -108,7 +109,8 @@ def module_criticality(
             (ε = L(θ^F) + tolerance, tolerance 0.05), L(θ^F) the trained network's value on ``data``.
         tolerance: see ``epsilon_rule``; None for the rule's default.
         on_evaluations: called with every grid evaluation so far (one row per module and (α, σ)), to persist.
-        engine_options: passed to :func:`layercrit.measure` (``batch_size``, ``device``, ``engine``, ...).
+        engine_options: any other field of :class:`~layercrit.spec.Experiment` (``batch_size``, ``device``,
+            ``engine``, ``resize``, ``mean``/``std``, ...).
 
     Returns:
         One row per module (``layer``) with ``mu``, the minimising ``alpha``, ``sigma`` (grid value) and
@@ -132,14 +134,11 @@ def module_criticality(
     if draws < 1:
         raise LayercritError("module criticality needs at least one noise draw (--draws)")
     tolerance = EPSILON_RULES[epsilon_rule] if tolerance is None else tolerance
-    check_sizes(images=images)
-    check_seeds(seed=seed)
-    resolved = as_resolved(model, seed=seed, model_id=model_id)
-    evalset = load_data(EvalSet.from_tensors(*data) if isinstance(data, tuple) else data,
-                        preprocessing=resolved.preprocessing, images=images, seed=seed, root=data_root,
-                        cache_dir=cache_dir)
-    targets = select_targets(resolved.model, layers, groups=groups)
     initial = Reinit(checkpoint=init, trust_checkpoint=trust_checkpoint)
+    spec = Experiment(layers=layers, groups=groups, reset=initial, trials=draws, seed=seed, images=images,
+                      data_root=data_root, cache_dir=cache_dir, **engine_options)
+    prepared = prepare(model, data, spec, model_id=model_id)
+    resolved, evalset, targets = prepared.model, prepared.evalset, prepared.targets
     distance = {t.name: _distance(resolved.model, t, initial) for t in targets}
     norm = {t.name: _norm(resolved.model, t) for t in targets}
     scale = {t.name: _noise_scale(resolved.model, t, sigma_scale) for t in targets}
@@ -149,8 +148,7 @@ def module_criticality(
     def evaluate(alpha: float, sigma: float, chosen: list[Target]) -> dict[str, float]:
         stds = {module: sigma * scale[t.name] for t in chosen for module in t.modules}
         reset = _ModuleNoise(stds, base=Interpolate(alpha=1.0 - alpha, base=initial), seed=seed)
-        rows = measure(resolved, evalset, layers=chosen, reset=reset, trials=draws, seed=seed, model_id=model_id,
-                       **engine_options)
+        rows = execute(prepared.select(layers=chosen, reset=reset))
         value = measure_rows(rows)
         expected = value[rows.layer != "original"].groupby(rows.layer, sort=False).mean()
         evaluations.append(pd.DataFrame({

@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..columns import PROXY_COLUMNS
 from ..data.evalset import EvalSet
 from .layers import Target
 from .tasks import Task, take
-
-PROXY_COLUMNS = ("block_influence", "angular_distance")
 
 
 def block_spans(model: nn.Module, targets: Sequence[Target]) -> dict[str, tuple[int, int]]:

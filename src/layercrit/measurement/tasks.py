@@ -103,10 +103,10 @@ class Task:
     def check(self, evalset: EvalSet, resolved: ResolvedModel) -> None:
         """Refuse data this task cannot use with this model (before any work)."""
 
-    def probe(self, model: nn.Module, evalset: EvalSet, device: str, batch_size: int = 100) -> None:
-        """One batch through the unmodified model: its classes must cover the labels; warn when its predictions
-        are near uniform (criticalities then compare noise)."""
-        part = slice(0, min(batch_size, len(evalset)))
+    def probe(self, model: nn.Module, evalset: EvalSet, device: str, examples: int = PROBE_EXAMPLES) -> int:
+        """A few examples through the unmodified model: its classes must cover the labels; warn when its
+        predictions are near uniform (criticalities then compare noise). Returns the number of classes compared."""
+        part = slice(0, min(examples, len(evalset)))
         x = self.inputs(take(evalset.images, part), device)
         with torch.no_grad():
             logits, truth = self.predictions(self.call(model.to(device), x), x, evalset.labels[part])
@@ -123,7 +123,8 @@ class Task:
             if entropy > 0.95 * math.log(classes):
                 warnings.warn(f"the unmodified model's predictions are near uniform (mean entropy {entropy:.2f} of at "
                               f"most {math.log(classes):.2f} nats): criticalities will mean little; check the "
-                              "model's weights and its input preprocessing", UserWarning, stacklevel=2)
+                              "model's weights and its input preprocessing", UserWarning, stacklevel=3)
+        return classes
 
 
 class ImageClassification(Task):
@@ -141,9 +142,9 @@ class ImageClassification(Task):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise LayercritError(f"images must be N×C×H×W for task image-classification, got {shape} (token ids "
                                  "are task='sequence-classification')")
-        in_chans = resolved.preprocessing.in_chans
+        in_chans = resolved.preprocessing.in_chans  # 0: not known (a model without convolutions)
         channels = images.shape[1]
-        if channels != in_chans and not (channels == 1 and in_chans == 3):
+        if in_chans and channels != in_chans and not (channels == 1 and in_chans == 3):
             raise LayercritError(f"the model takes {in_chans}-channel input but the data has {channels}-channel "
                                  f"images: use data with {in_chans}-channel images (e.g. fashion-mnist for a "
                                  "1-channel model) or a model for this data")

@@ -29,12 +29,19 @@ class Preprocessing:
     interpolation: str = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    in_chans: int = 3
+    in_chans: int = 3  # 0: not known (a model without convolutions); its inputs are fed with their own channels
     source: str = "standard ImageNet eval transform"
 
     def describe(self) -> str:
-        size = "native size" if self.crop is None else f"Resize({self.resize}) -> CenterCrop({self.crop})"
-        return f"{size}, {self.interpolation}, mean={self.mean}, std={self.std} ({self.source})"
+        return f"{self.transform()}, mean={self.mean}, std={self.std} ({self.source})"
+
+    def transform(self) -> str:
+        """The image transform a decoder applies (image folders, PIL datasets): sizes and interpolation."""
+        if self.crop is None and self.resize is None:
+            return "native size"
+        steps = [f"Resize({self.resize}, {self.interpolation})" if self.resize else "",
+                 f"CenterCrop({self.crop})" if self.crop else ""]
+        return " -> ".join(step for step in steps if step)
 
 
 class Normalized(nn.Module):

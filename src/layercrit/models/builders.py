@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -246,9 +247,19 @@ def is_code_spec(spec: str) -> bool:
         return True
     if not all(part.isidentifier() for part in location.split(".")):
         return False
-    return importlib.util.find_spec(location.partition(".")[0]) is not None  # a typo'd source stays "unknown spec"
+    path = list(sys.path)
+    try:  # looked up as an import would find it (the current folder first), leaving sys.path as it was
+        _current_folder_first()
+        return importlib.util.find_spec(location.partition(".")[0]) is not None  # a typo'd source: "unknown spec"
+    finally:
+        sys.path[:] = path
 
 
+def _current_folder_first() -> None:
+    """Modules import from the current folder first, as ``python -m`` has them (``mynets:build`` is ./mynets.py)."""
+    here = os.getcwd()
+    if not sys.path or sys.path[0] not in ("", here):
+        sys.path.insert(0, here)
 def names_code(arch: str) -> bool:
     """Whether building the architecture spec ``arch`` imports Python code (a factory spec, not a library's
     model); decided without importing anything."""
@@ -265,6 +276,7 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     if location.endswith(".py"):
         module = _import_file(Path(location), spec)
     else:
+        _current_folder_first()
         try:
             module = importlib.import_module(location)
         except ModuleNotFoundError as error:
@@ -326,7 +338,10 @@ def _python(spec: str, pretrained: bool, kwargs: dict) -> tuple[nn.Module, Prepr
     if getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None):
         return model.eval(), _timm_preprocessing(model, spec, kwargs)  # timm's convention, read by timm
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    in_chans = kwargs.get("in_chans") or (convs[0].in_channels if convs else 3)
-    pre = Preprocessing(in_chans=in_chans, source=f"standard 256/224 transform, ImageNet mean/std ({spec} sets no "
-                        "pretrained_cfg)")
-    return model.eval(), match_mean_to_channels(pre)
+    in_chans = kwargs.get("in_chans") or (convs[0].in_channels if convs else 0)  # 0: not known, fed as they are
+    # No config, no normalisation it did not ask for: a model trained on images in [0, 1] gets them so (ImageNet's
+    # mean/std would silently move its accuracy); --mean/--std give the normalisation it was trained with.
+    pre = Preprocessing(mean=(0.0,) * max(in_chans, 1), std=(1.0,) * max(in_chans, 1), in_chans=in_chans,
+                        source=f"{spec} sets no pretrained_cfg: give --mean/--std if it was trained on normalised "
+                        "images")
+    return model.eval(), pre

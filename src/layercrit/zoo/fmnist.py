@@ -37,7 +37,7 @@ from ..errors import LayercritError
 from ..models.base import Normalized, ResolvedModel, wrap_module
 from ..models.builders import build_architecture
 from ..models.checkpoints import load_strict
-from ..results import file_name
+from ..names import file_name
 from ..seeds import method_and_seed, with_seed
 from ..training import (
     METHODS,
