@@ -120,3 +120,14 @@ def tiny_llama_dir(tmp_path_factory):
     """A tiny Llama (4 blocks, d=32, grouped-query attention) and its tokenizer as a save_pretrained folder."""
     pytest.importorskip("transformers")
     return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+def gpt2_forward_without(model, dropped, ids):
+    """GPT-2's forward written out by hand, running every block but ``dropped``."""
+    t = model.transformer
+    hidden = t.wte(ids) + t.wpe(torch.arange(ids.shape[1]))
+    for i, block in enumerate(t.h):
+        if i not in dropped:
+            out = block(hidden)
+            hidden = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(t.ln_f(hidden))

@@ -33,12 +33,17 @@ def expected(tmp_path_factory) -> pd.DataFrame:
     return run_sweep(write_config(folder / "sweep.yaml"), folder / "sweep.sqlite", workers=1, progress=False)
 
 
-def units_done(store: Path) -> int:
+def count_units(store: Path, where: str = "") -> int:
+    """Units in the store (``where``: a condition on them), read-only; 0 before the store exists."""
     try:
         with sqlite3.connect(f"{store.absolute().as_uri()}?mode=ro", uri=True, timeout=1) as conn:
-            return conn.execute("SELECT COUNT(*) FROM units WHERE status = 'done'").fetchone()[0]
+            return conn.execute(f"SELECT COUNT(*) FROM units {where}").fetchone()[0]
     except sqlite3.Error:  # not created yet
         return 0
+
+
+def units_done(store: Path) -> int:
+    return count_units(store, "WHERE status = 'done'")
 
 
 def max_attempts(store: Path) -> int:
@@ -60,11 +65,7 @@ def live_processes_in_group(group: int) -> list[int]:
 
 
 def units_planned(store: Path) -> int:
-    try:
-        with sqlite3.connect(f"{store.absolute().as_uri()}?mode=ro", uri=True, timeout=1) as conn:
-            return conn.execute("SELECT COUNT(*) FROM units").fetchone()[0]
-    except sqlite3.Error:  # not created yet
-        return 0
+    return count_units(store)
 
 
 def kill_sweep(folder: Path, happened) -> None:

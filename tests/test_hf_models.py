@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, gpt2_forward_without, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,22 +95,11 @@ def test_parse_blocks_reads_lists_ranges_and_negative_indices():
         parse_blocks("0-3", 4)
 
 
-def _forward_without(model, dropped, ids):
-    """GPT-2's forward written out by hand, running every block but ``dropped``."""
-    t = model.transformer
-    hidden = t.wte(ids) + t.wpe(torch.arange(ids.shape[1]))
-    for i, block in enumerate(t.h):
-        if i not in dropped:
-            out = block(hidden)
-            hidden = out[0] if isinstance(out, tuple) else out
-    return model.lm_head(t.ln_f(hidden))
-
-
 def test_drop_blocks_equals_a_forward_that_skips_those_blocks(tiny_lm_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = _forward_without(model, {1, 2}, ids)
+        expected = gpt2_forward_without(model, {1, 2}, ids)
         pruned = drop_blocks(model, [1, 2])
         assert pruned.config.n_layer == 2
         assert torch.allclose(pruned(ids).logits, expected, atol=1e-5)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import layercrit
 from layercrit.columns import METRIC_COLUMNS
 from layercrit.errors import LayercritError
-from tests.conftest import TINY_LM_TEXT, run_cli
+from tests.conftest import TINY_LM_TEXT, gpt2_forward_without, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,16 +32,6 @@ def measure(model, windows, **options):
     return layercrit.measure(model, windows, **{**defaults, **options})
 
 
-def _forward_without(model, dropped, ids):
-    t = model.transformer
-    hidden = t.wte(ids) + t.wpe(torch.arange(ids.shape[1]))
-    for i, block in enumerate(t.h):
-        if i not in dropped:
-            out = block(hidden)
-            hidden = out[0] if isinstance(out, tuple) else out
-    return model.lm_head(t.ln_f(hidden))
-
-
 @pytest.mark.parametrize("engine", ["fast", "naive"])
 def test_skip_of_a_block_gives_the_numbers_of_a_forward_without_that_block(lm, engine):
     model, windows = lm
@@ -49,7 +39,7 @@ def test_skip_of_a_block_gives_the_numbers_of_a_forward_without_that_block(lm, e
     row = df[df.layer == "transformer.h.2"].iloc[0]
     with torch.no_grad():
         clean = model(windows).logits[:, :-1].flatten(0, 1).double()
-        dropped = _forward_without(model, {2}, windows)[:, :-1].flatten(0, 1).double()
+        dropped = gpt2_forward_without(model, {2}, windows)[:, :-1].flatten(0, 1).double()
     truth = windows[:, 1:].flatten()
     cos = F.cosine_similarity(F.softmax(dropped, 1), F.softmax(clean, 1), dim=1).mean().item()
     kl = F.kl_div(F.log_softmax(dropped, 1), F.log_softmax(clean, 1), log_target=True, reduction="none").sum(1)
@@ -85,7 +75,7 @@ def test_windows_of_blocks_skip_them_together(lm):
     df = measure(model, windows, groups="window:2", reset="skip")
     assert list(df.layer) == ["original", "transformer.h.0+2", "transformer.h.1+2", "transformer.h.2+2"]
     with torch.no_grad():
-        dropped = _forward_without(model, {1, 2}, windows)[:, :-1].flatten(0, 1)
+        dropped = gpt2_forward_without(model, {1, 2}, windows)[:, :-1].flatten(0, 1)
     loss = F.cross_entropy(dropped.double(), windows[:, 1:].flatten()).item()
     assert df[df.layer == "transformer.h.1+2"].loss.iloc[0] == pytest.approx(loss, abs=1e-5)
 

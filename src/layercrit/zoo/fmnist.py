@@ -23,7 +23,6 @@ import hashlib
 import os
 import platform
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -48,9 +47,9 @@ from ..training import (
     robust_accuracy,
     train_linear_probe,
 )
+from ._manifest import MANIFEST, write_record
 
 ARCH = "layercrit:fmnist_resnet20"
-MANIFEST = "manifest.yaml"
 STORAGE_DTYPE = torch.float16
 DATA_SEED = 0  # every member sees the same training images, so only the method differs
 
@@ -378,13 +377,4 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _write_manifest(out: Path, record: dict) -> None:
-    """Add or replace ``record`` in ``out/manifest.yaml``, keeping the zoo's recipe order."""
-    path = out / MANIFEST
-    models = yaml.safe_load(path.read_text())["models"] if path.is_file() else []
-    models = [m for m in models if m["id"] != record["id"]] + [record]
-    order = {recipe["id"]: i for i, recipe in enumerate(RECIPES)}
-    models.sort(key=lambda m: order.get(m["id"], len(order)))
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump({"zoo": "fmnist", "models": models}, f, sort_keys=False, allow_unicode=True)
-    os.replace(tmp, path)
+    write_record(out, record, RECIPES, {"zoo": "fmnist"})

@@ -32,8 +32,8 @@ import yaml
 from ..data.text import stdlib_corpus, stdlib_dir, token_stream, token_windows
 from ..errors import LayercritError
 from ..models.base import ResolvedModel
+from ._manifest import MANIFEST, write_record
 
-MANIFEST = "manifest.yaml"
 VOCAB = 2048
 SEQ_LEN = 64  # tokens per window (the model predicts the last 63 from their prefixes)
 ARCH = {"model_type": "gpt2", "n_layer": 6, "n_embd": 128, "n_head": 4, "n_positions": SEQ_LEN,
@@ -215,14 +215,4 @@ def _save_member(model, tokenizer, folder: Path) -> None:
 
 
 def _write_manifest(out: Path, record: dict) -> None:
-    path = out / MANIFEST
-    models = yaml.safe_load(path.read_text())["models"] if path.is_file() else []
-    models = [m for m in models if m["id"] != record["id"]] + [record]
-    order = {recipe["id"]: i for i, recipe in enumerate(RECIPES)}
-    models.sort(key=lambda m: order.get(m["id"], len(order)))
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump({"zoo": "lm", "python_stdlib": str(stdlib_dir()), "python": sys.version.split()[0],
-                        "models": models}, f, sort_keys=False, allow_unicode=True)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_record(out, record, RECIPES, {"zoo": "lm", "python_stdlib": str(stdlib_dir()), "python": sys.version.split()[0]})
