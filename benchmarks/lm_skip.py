@@ -25,8 +25,8 @@ from scipy import stats
 import layercrit
 from layercrit.data.text import load_text
 from layercrit.measurement.estimate import layer_table
-from layercrit.models import resolve_model
 from layercrit.models.blocks import drop_blocks, find_blocks
+from layercrit.resolve import resolve_model
 from layercrit.training_lm import perplexity
 
 

@@ -37,7 +37,7 @@ from PIL import Image
 import layercrit
 from layercrit.columns import METRIC_COLUMNS
 from layercrit.measurement.engine import keep_freed_memory
-from layercrit.models import resolve_model
+from layercrit.resolve import resolve_model
 
 CASES = {
     # name: (model spec, data, images, trials, pretrained)

@@ -96,7 +96,7 @@ def paper_method(checkpoint, folder, *, batch_size, num_batches, n_trials, seed,
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("reset", ["zero", "rerandomize"])
+@pytest.mark.parametrize("reset", [pytest.param("zero", marks=pytest.mark.slow), "rerandomize"])
 def test_run_on_a_checkpoint_reproduces_the_papers_method_layer_for_layer(tmp_path, capsys, checkpoint, reset):
     folder = make_image_folder(tmp_path / "val", n_per_class=4, size=(64, 48))
     code, out, err = run_cli(capsys, "run", "--model", checkpoint, "--arch", "timm:resnet10t", "--data", folder,

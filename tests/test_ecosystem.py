@@ -19,7 +19,8 @@ from layercrit import hub
 from layercrit.columns import METRIC_COLUMNS
 from layercrit.data import subset_indices
 from layercrit.errors import LayercritError
-from layercrit.models import build_architecture, resolve_model
+from layercrit.models import build_architecture
+from layercrit.resolve import resolve_model
 from tests.conftest import TinyCNN
 
 # ---------------------------------------------------------------- Hugging Face Hub, offline

@@ -38,12 +38,15 @@ def assert_engines_agree(resolved, data, layers="conv,linear", trials=2, batch_s
     return fast
 
 
+# Every layer of a whole model; test_architectures checks chosen layers of every family in the fast tier.
 @pytest.mark.parametrize("name, kwargs, size", [
     ("resnet18", {"zero_init_last": False}, 32),
-    ("mobilenetv3_small_050", {}, 32),  # depthwise convs, squeeze-excite, hard-swish
-    ("densenet121", {}, 32),  # concatenations of every earlier output
-    ("convnext_atto", {}, 32),
-    ("vit_tiny_patch16_224", {"img_size": 32}, 32),  # attention qkv/proj, MLP, patch embedding
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        ("mobilenetv3_small_050", {}, 32),  # depthwise convs, squeeze-excite, hard-swish
+        ("densenet121", {}, 32),  # concatenations of every earlier output
+        ("convnext_atto", {}, 32),
+        ("vit_tiny_patch16_224", {"img_size": 32}, 32),  # attention qkv/proj, MLP, patch embedding
+    ]),
 ])
 def test_fast_engine_equals_naive_engine(name, kwargs, size):
     resolved = timm_model(name, **kwargs)

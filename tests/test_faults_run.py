@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from layercrit.cli import main
-from layercrit.models import resolve_model
+from layercrit.resolve import resolve_model
 
 from .conftest import assert_one_line_error, run_cli
 

@@ -10,8 +10,8 @@ from tests.conftest import assert_one_line_error, gpt2_forward_without, run_cli
 transformers = pytest.importorskip("transformers")
 
 from layercrit.errors import LayercritError  # noqa: E402
-from layercrit.models import resolve_model  # noqa: E402
 from layercrit.models.blocks import drop_blocks, find_blocks, parse_blocks  # noqa: E402
+from layercrit.resolve import resolve_model  # noqa: E402
 
 
 def test_hf_folder_resolves_to_the_saved_causal_lm_with_its_tokenizer(tiny_lm_dir):

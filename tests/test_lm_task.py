@@ -155,7 +155,7 @@ def test_image_rows_have_no_proxies(tiny_model, tiny_data):
 
 
 def test_rerandomize_of_an_hf_model_initialises_each_target_alone(tiny_lm_dir, monkeypatch):
-    from layercrit.models import resolve_model
+    from layercrit.resolve import resolve_model
 
     resolved = resolve_model(f"hf:{tiny_lm_dir}")
     assert resolved.fresh is None

@@ -6,7 +6,8 @@ import torch
 
 from layercrit.errors import LayercritError
 from layercrit.measurement.layers import select_layers
-from layercrit.models import Normalized, load_state_dict, resolve_model
+from layercrit.models import Normalized, load_state_dict
+from layercrit.resolve import resolve_model
 
 
 def test_timm_spec_builds_a_normalised_model_with_its_pretrained_config():

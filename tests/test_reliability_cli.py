@@ -17,7 +17,7 @@ from PIL import Image
 
 import layercrit
 from layercrit.errors import LayercritError
-from layercrit.models import resolve_model
+from layercrit.resolve import resolve_model
 
 from .conftest import assert_one_line_error, run_cli, without_warnings
 

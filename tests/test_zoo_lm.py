@@ -11,7 +11,7 @@ from tests.conftest import run_cli
 transformers = pytest.importorskip("transformers")
 
 from layercrit.data.text import load_text  # noqa: E402
-from layercrit.models import resolve_model  # noqa: E402
+from layercrit.resolve import resolve_model  # noqa: E402
 from layercrit.training_lm import perplexity  # noqa: E402
 from layercrit.zoo import lm  # noqa: E402
 

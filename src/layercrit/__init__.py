@@ -23,7 +23,7 @@ _PUBLIC = {  # name -> the module that defines it
     "load_logits": "measurement.logits",
     "measure": "measurement.measure",
     "module_criticality": "measurement.module_criticality",
-    "resolve_model": "models",
+    "resolve_model": "resolve",
     "run_sweep": "sweeps.sweep",
     "select_layers": "measurement.layers",
     "select_targets": "measurement.layers",

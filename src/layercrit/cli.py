@@ -248,7 +248,7 @@ def _run_into(out: Path, args, experiment):
     into place last), so a reader can tell a finished folder from one that a kill interrupted.
     """
     from .measurement.prepare import execute, prepare
-    from .models import resolve_model
+    from .resolve import resolve_model
     from .results import write_results
 
     resolved = resolve_model(args.model, arch=args.arch, dtype=args.dtype, pretrained=args.pretrained,
@@ -733,7 +733,7 @@ def _cmd_module_criticality(args) -> int:
 
 def _module_criticality_into(out: Path, args) -> int:
     from .measurement.module_criticality import DEFAULT_ALPHAS, DEFAULT_SIGMAS, module_criticality
-    from .models import resolve_model
+    from .resolve import resolve_model
     from .results import write_table
 
     resolved = resolve_model(args.model, arch=args.arch, dtype=args.dtype, pretrained=args.pretrained,

@@ -46,7 +46,7 @@ def prune(
     from .data.text import load_text
     from .models.blocks import drop_blocks, find_blocks, parse_blocks
     from .models.hf import context_length, transformers
-    from .models.resolve import resolve_model
+    from .resolve import resolve_model
     from .training_lm import perplexity
 
     target = Path(out)

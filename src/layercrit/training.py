@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batchnorm import recalibrate_batchnorm
 from .data import to_model_input
 from .errors import LayercritError, first_line
-from .measurement.resets import recalibrate_batchnorm
 from .models.base import Normalized
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

@@ -11,6 +11,7 @@ label legible. Categories have one colour in every figure (:func:`category_color
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,7 @@ from matplotlib.colors import to_hex, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Patch, Rectangle
-from matplotlib.textpath import TextPath
+from matplotlib.textpath import TextToPath
 from matplotlib.ticker import FormatStrFormatter
 from matplotlib.transforms import Bbox
 
@@ -183,9 +184,18 @@ def _mean_std(mean: float, std: float) -> str:
 
 
 def _text_width(texts: Sequence[str], size: float) -> float:
-    """The widest of ``texts`` in points at font ``size`` (matplotlib's default font, measured, not guessed)."""
-    font = FontProperties(size=size)
-    return max((TextPath((0, 0), t, prop=font).get_extents().width for t in texts if t), default=0.0)
+    """The widest of ``texts`` in points at font ``size`` (matplotlib's default font, measured from its glyph
+    advances, not guessed: at most about a point wider than the ink)."""
+    return max((_one_text_width(t, size) for t in texts if t), default=0.0)
+
+
+@functools.lru_cache(maxsize=8192)
+def _one_text_width(text: str, size: float) -> float:
+    width, _, _ = _TEXT_TO_PATH.get_text_width_height_descent(text, FontProperties(size=size), ismath=False)
+    return float(width)
+
+
+_TEXT_TO_PATH = TextToPath()
 
 
 def _shorten(texts: list[str], limit: float, size: float) -> list[str]:

@@ -29,9 +29,10 @@ from .._version import __version__
 from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS, PROXY_COLUMNS
 from ..data import EvalSet, load_data
 from ..errors import LayercritError
-from ..models import Normalized, Preprocessing, ResolvedModel, resolve_model
+from ..models import Normalized, Preprocessing, ResolvedModel
 from ..models.hf import context_length
 from ..names import file_name
+from ..resolve import resolve_model
 from ..spec import Experiment, parse_bn, split_reset
 from . import engine as engines
 from . import sequential
@@ -262,7 +263,7 @@ def as_resolved(
     model_id: str | None = None,
 ) -> ResolvedModel:
     """A :class:`ResolvedModel` from any ``model`` that :func:`prepare` takes (a spec, an ``nn.Module``, ...); a
-    spec is built under the seed of (seed, model_id), as :func:`~layercrit.models.resolve_model` does. An
+    spec is built under the seed of (seed, model_id), as :func:`~layercrit.resolve.resolve_model` does. An
     ``nn.Module`` gets its inputs as they are (no normalisation unless asked for with mean/std)."""
     if isinstance(model, ResolvedModel):
         return model

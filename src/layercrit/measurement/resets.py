@@ -20,7 +20,7 @@ import math
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..batchnorm import recalibrate_batchnorm
 from ..errors import LayercritError
 from ..models.checkpoints import load_state_dict
 from ..spec import split_reset
@@ -155,7 +156,9 @@ class BatchNormStats:
         try:
             for name, state in states.items():
                 load_in_place(model.get_submodule(name), state)
-            recalibrate_batchnorm(model, layers.values(), self._calibration, self._task)
+            task, device = self._task, next(model.parameters()).device
+            recalibrate_batchnorm(model, layers.values(), self._calibration,
+                                  lambda batch: task.call(model, task.inputs(batch, device)))
             return {n: {k: getattr(bn, k).detach().clone() for k in _BN_STATS} for n, bn in layers.items()}
         finally:
             for name, state in saved.items():
@@ -185,31 +188,6 @@ class BatchNormStats:
                 source = outputs.get(first.data_ptr())
                 if source is not None and source != call.name:
                     self._consumers.setdefault(source, []).append(call.name)
-
-
-def recalibrate_batchnorm(model: nn.Module, norms: Iterable[_BatchNorm], batches: Iterable,
-                          task: Task | None = None) -> None:
-    """Set the running statistics of ``norms`` to the exact statistics of their inputs while ``model`` runs on
-    ``batches`` (as ``task`` takes them; default: images, uint8 or float in [0, 1]): a cumulative average, not a
-    momentum. Each BatchNorm's momentum
-    and eval mode are restored; nothing else of the model changes mode. The one recalibration: ``--bn
-    recalibrate`` and the zoo's frozen random backbone both use it."""
-    norms = list(norms)
-    momenta = [bn.momentum for bn in norms]
-    device = next(model.parameters()).device
-    try:
-        for bn in norms:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over the batches
-            bn.train()
-        task = task or ImageClassification()
-        with torch.no_grad():
-            for batch in batches:
-                task.call(model, task.inputs(batch, device))
-    finally:
-        for bn, momentum in zip(norms, momenta, strict=True):
-            bn.momentum = momentum
-            bn.eval()
 
 
 def _initial_stats(bn: _BatchNorm) -> State:

@@ -1,9 +1,10 @@
-"""Models: a spec string → a model ready to measure (:func:`resolve_model`), and the value types that describe it.
+"""Models: where networks come from (architectures, builders, checkpoints, transformers) and the value types that
+describe a model ready to measure; :func:`layercrit.resolve.resolve_model` turns any spec, zoos included, into one.
 
 Modules: ``base`` (the value types: :class:`Preprocessing`, the normalising wrapper :class:`Normalized`,
 :class:`ResolvedModel`; they resolve nothing), ``architectures`` (networks bundled with layercrit), ``builders``
 (architecture specs → networks: timm, hf-hub, torchvision, layercrit, the user's factories), ``checkpoints``
-(reading and loading state dicts), ``resolve`` (the one door in: every kind of spec, zoos included).
+(reading and loading state dicts), ``hf`` (transformers models).
 """
 
 from .base import (
@@ -17,7 +18,6 @@ from .base import (
 )
 from .builders import build_architecture, is_code_spec, load_factory
 from .checkpoints import CHECKPOINT_SUFFIXES, load_state_dict, load_strict
-from .resolve import resolve_model
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -32,6 +32,5 @@ __all__ = [
     "load_state_dict",
     "load_strict",
     "model_seed",
-    "resolve_model",
     "wrap_module",
 ]

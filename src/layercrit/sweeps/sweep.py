@@ -46,7 +46,7 @@ import pandas as pd
 from ..data import load_data
 from ..errors import LayercritError
 from ..measurement.layers import select_targets
-from ..models.resolve import runs_code
+from ..resolve import runs_code
 from ..spec import RESET_SHORTHANDS
 from .config import BACKENDS, ModelEntry, SweepConfig, _names, conflict, load_config
 from .pools import _LocalPool, _RayPool

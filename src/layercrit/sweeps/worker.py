@@ -15,7 +15,8 @@ import torch
 from ..errors import LayercritError
 from ..measurement.engine import default_batch_size, keep_freed_memory, out_of_memory
 from ..measurement.prepare import Prepared, execute, prepare
-from ..models import ResolvedModel, resolve_model
+from ..models import ResolvedModel
+from ..resolve import resolve_model
 from .config import ModelEntry, SweepConfig
 from .store import Unit
 

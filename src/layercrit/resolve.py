@@ -1,4 +1,5 @@
-"""Model specs → models.
+"""Model specs → models: the one door in, for every kind of spec (the model sources of :mod:`layercrit.models` and
+the zoos of :mod:`layercrit.zoo`).
 
 One function, :func:`resolve_model`, turns a spec string into a :class:`ResolvedModel`: the trained model
 (wrapped so that it takes images in [0, 1] and normalises them itself, as the paper's code does), a factory for
@@ -25,11 +26,11 @@ from dataclasses import replace
 
 import torch
 
-from .. import zoo
-from ..errors import LayercritError
-from .base import ResolvedModel, finish, match_mean_to_channels, model_seed
-from .builders import build_architecture, names_code
-from .checkpoints import infer_head_and_stem, load_state_dict, load_strict, looks_like_checkpoint
+from . import zoo
+from .errors import LayercritError
+from .models.base import ResolvedModel, finish, match_mean_to_channels, model_seed
+from .models.builders import build_architecture, names_code
+from .models.checkpoints import infer_head_and_stem, load_state_dict, load_strict, looks_like_checkpoint
 
 
 def resolve_model(
@@ -55,7 +56,7 @@ def resolve_model(
             return resolve_model(spec, arch=arch, pretrained=pretrained, num_classes=num_classes,
                                  trust_checkpoint=trust_checkpoint, dtype=dtype)
     if spec.startswith("hf:"):
-        from .hf import resolve_hf
+        from .models.hf import resolve_hf
 
         if arch is not None:
             raise LayercritError(f"--arch is only for checkpoint files; {spec} names its architecture in its config")
