@@ -32,10 +32,11 @@ chromium:
 demo: setup
 	.venv/bin/layercrit demo --out runs/demo
 
-# The fast tier (a few minutes on 2 cores); `make test-slow` runs the rest (kills, Ray, Chromium, training,
-# whole-zoo runs). CI (.ci/run) runs both.
+# The fast tier (about 3 minutes on 2 cores: one test process per core, whole files to one process so that a
+# file's shared fixtures are built once); `make test-slow` runs the rest (kills, Ray, Chromium, training,
+# whole-zoo runs, every architecture and zoo member). CI (.ci/run) runs both.
 test: setup chromium
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n auto --dist loadfile
 
 test-slow: setup chromium
 	$(PY) -m pytest -q -m slow

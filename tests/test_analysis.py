@@ -602,11 +602,16 @@ def test_a_plain_id_two_zoos_share_is_not_guessed(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def paper_analysis(tmp_path_factory):
-    """`layercrit analyze` on a results.csv in the paper's format, with nothing else."""
+def paper_result(tmp_path_factory):
+    """analyze on a results.csv in the paper's format, with nothing else (the command line's own tests are below)."""
     folder = tmp_path_factory.mktemp("paper")
-    assert main(["analyze", str(paper_csv(folder / "results.csv")), "--out", str(folder / "out")]) == 0
-    return folder / "out"
+    return analysis.analyze(paper_csv(folder / "results.csv"), folder / "out")
+
+
+@pytest.fixture(scope="module")
+def paper_analysis(paper_result):
+    """The folder that analysis wrote."""
+    return paper_result["paths"]["model_criticality"].parent
 
 
 def test_the_papers_results_alone_give_every_figure_of_the_notebook(paper_analysis):
@@ -621,11 +626,6 @@ def test_the_papers_results_alone_give_every_figure_of_the_notebook(paper_analys
                                         "robust_resnet50_linf_eps1.0", "robust_resnet50_linf_eps4.0", "resnet50_swav",
                                         "resnet50_frozen_random", "resnet50.a1_in1k"]
 
-
-@pytest.fixture(scope="module")
-def paper_result(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("paper_library")
-    return analysis.analyze(paper_csv(folder / "results.csv"), folder / "out")
 
 
 def rows_of(figure) -> list[str]:
