@@ -216,5 +216,6 @@ def summarize_lm(layers: pd.DataFrame, proxies: pd.DataFrame) -> pd.DataFrame:
         rows.append({"model_id": model_id, "perplexity": of_model.perplexity.iloc[0],
                      "most_critical": f"{top.layer} {top.criticality:.3f} ± {top.criticality_ci:.3f}",
                      "least_critical": f"{low.layer} {low.criticality:.3f} ± {low.criticality_ci:.3f}",
-                     "bi_rho": f"{rho.rho:+.2f} [{rho.rho_low:+.2f}, {rho.rho_high:+.2f}]"})
+                     "bi_rho": f"{rho.rho:+.2f}" + (f" [{rho.rho_low:+.2f}, {rho.rho_high:+.2f}]" if rho.rho_low == rho.rho_low
+                                                    else f" (no interval with {rho.n} blocks)")})
     return pd.DataFrame(rows)
