@@ -247,6 +247,7 @@ def _run_into(out: Path, args, experiment):
     run.json says ``"complete": false`` beside every chunk's results and ``true`` beside the final ones (renamed
     into place last), so a reader can tell a finished folder from one that a kill interrupted.
     """
+    from .measurement.memory import available_memory, estimate_memory, memory_warning
     from .measurement.prepare import execute, prepare
     from .resolve import resolve_model
     from .results import write_results
@@ -265,7 +266,13 @@ def _run_into(out: Path, args, experiment):
                           sequential=experiment.sequential)
     prepared = prepare(resolved, spec=experiment, model_id=args.model_id, trust_checkpoint=args.trust_checkpoint)
     print(prepared.describe())
-    run.update(preprocessing=prepared.inputs(), task=prepared.task.name)
+    memory = estimate_memory(prepared)
+    print(memory.line())
+    short = memory_warning(memory, available_memory(prepared.options.device), prepared.options.device,
+                           text=prepared.model.tokenizer is not None)
+    if short:
+        warnings.warn(short, UserWarning, stacklevel=1)
+    run.update(preprocessing=prepared.inputs(), task=prepared.task.name, memory=memory.as_dict())
 
     def on_rows(rows) -> None:
         write_results(rows, out, {**run, "complete": False})
