@@ -102,8 +102,12 @@ def as_flags(message: str) -> str:
     """The library names its parameters (``bn='x': ...``); on the command line they are flags (``--bn='x': ...``)."""
     from .spec import FIELDS
 
-    names = "|".join(sorted(FIELDS, key=len, reverse=True))
-    return re.sub(rf"(?<![\w-])({names})=", lambda m: f"--{m.group(1).replace('_', '-')}=", message)
+    names = "|".join(sorted([*FIELDS, *_LIBRARY_ONLY], key=len, reverse=True))
+    message = re.sub(rf"(?<![\w-])({names})=", lambda m: f"--{m.group(1).replace('_', '-')}=", message)
+    return re.sub(r"(--[\w-]+)=True\b", r"\1", message)  # force=True is the flag --force
+
+
+_LIBRARY_ONLY = ("drop", "out", "force")  # parameters of library functions (prune) that are flags but no spec field
 
 
 # ---------------------------------------------------------------- shared options
@@ -678,6 +682,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--windows", "--images", dest="windows", type=_positive_int, default=64,
                    help="evaluation windows, a seeded subset (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window subset")
+    p.add_argument("--text-field", default="text", help="the JSON key / dataset column with the text")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -690,7 +695,7 @@ def _cmd_prune(args) -> int:
 
     check_device(args.device, "--device")
     result = prune(args.model, args.drop, args.out, data=args.data, seq_len=args.seq_len, windows=args.windows,
-                   seed=args.seed, dtype=args.dtype, device=args.device, force=args.force)
+                   seed=args.seed, text_field=args.text_field, dtype=args.dtype, device=args.device, force=args.force)
     dropped = ",".join(map(str, result.dropped))
     print(f"dropped blocks {dropped} of {result.blocks_before} ({result.container}); wrote {result.out}")
     print(f"perplexity on {result.data}: {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}")

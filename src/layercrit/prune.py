@@ -36,16 +36,17 @@ def prune(
     seq_len: int | None = None,
     windows: int | None = 64,
     seed: int = 0,
+    text_field: str = "text",
     dtype: str = "float32",
     device: str = "cpu",
     force: bool = False,
 ) -> PruneResult:
     """Write ``model`` (an ``hf:`` or ``zoo:lm/`` causal LM) without blocks ``drop`` (``"3,5"``, ``"2-4"``) to
     ``out`` and measure the perplexity of both on ``windows`` windows of ``seq_len`` tokens (default: the model's
-    context, at most 128) of ``data``. ``force`` replaces an existing ``out``."""
+    context, at most 128) of ``data`` (``text_field``: a .jsonl's key holding the text). ``force`` replaces an existing ``out``."""
     from .data.text import load_text
     from .models.blocks import drop_blocks, find_blocks, parse_blocks
-    from .models.hf import context_length, transformers
+    from .models.hf import transformers, window_length
     from .resolve import resolve_model
     from .training_lm import perplexity
 
@@ -59,8 +60,8 @@ def prune(
     lm = resolved.model.to(device)
     blocks = find_blocks(lm)
     dropped = parse_blocks(drop, len(blocks))
-    seq_len = seq_len or min(128, context_length(lm) or 128)
-    evalset = load_text(data, resolved.tokenizer, seq_len=seq_len, windows=windows, seed=seed)
+    seq_len = window_length(lm, seq_len)
+    evalset = load_text(data, resolved.tokenizer, seq_len=seq_len, windows=windows, seed=seed, text_field=text_field)
     ids, mask = evalset.images["input_ids"], evalset.images["attention_mask"]
     before = perplexity(lm, ids, mask)
     drop_blocks(lm, dropped)

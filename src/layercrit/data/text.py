@@ -119,7 +119,8 @@ def load_text(
         texts, source = _read_texts(spec, text_field)
         all_windows = token_windows(token_stream(texts, tokenizer, cache_dir if use_cache else None), seq_len)
     if not len(all_windows):
-        raise LayercritError(f"{source} gives fewer than seq_len={seq_len} tokens: no window to measure")
+        raise LayercritError(f"{source} gives fewer than seq_len={seq_len} tokens: no window to "
+                             f"measure; give more text or lower seq_len={seq_len}")
     chosen = subset_indices(len(all_windows), windows, seed)
     ids = all_windows[chosen]
     digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:10]
@@ -154,7 +155,7 @@ def _read_texts(spec, text_field: str) -> tuple[list[str], str]:
             raise LayercritError(f"{spec} line {number} is not JSON ({error.msg}): give one JSON object per line") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise LayercritError(f"{spec} line {number} has no text field {text_field!r}: pass the key holding the "
-                                 "text as text_field")
+                                 "text as text_field=KEY")
         texts.append(record[text_field])
     return texts, spec
 

@@ -30,7 +30,7 @@ from ..columns import DESIGN_COLUMNS, ID_COLUMNS, META_COLUMNS, METRIC_COLUMNS, 
 from ..data import EvalSet, load_data
 from ..errors import LayercritError
 from ..models import Normalized, Preprocessing, ResolvedModel
-from ..models.hf import context_length
+from ..models.hf import window_length
 from ..names import file_name
 from ..resolve import resolve_model
 from ..spec import Experiment, parse_bn, split_reset
@@ -354,7 +354,7 @@ def _evaluation_set(data, spec: Experiment, resolved: ResolvedModel, previous: P
         return previous.evalset
     if isinstance(data, tuple):
         data = EvalSet.from_tensors(*data, check_range=False)
-    seq_len = spec.seq_len or min(128, context_length(resolved.model) or 128)
+    seq_len = window_length(resolved.model, spec.seq_len)
     return load_data(data, preprocessing=pre, images=spec.images, seed=spec.subset_seed, root=spec.data_root,
                      cache_dir=spec.cache_dir, use_cache=spec.use_cache, skip_bad_images=spec.skip_bad_images,
                      tokenizer=resolved.tokenizer, seq_len=seq_len, text_field=spec.text_field)

@@ -51,7 +51,8 @@ def find_blocks(model: nn.Module) -> Blocks:
 
 
 def parse_blocks(text: str | Sequence[int], n_blocks: int) -> list[int]:
-    """Block indices from ``"3,5"`` or ``"2-4"`` (inclusive ranges, negative counts from the end), sorted, unique."""
+    """Block indices from ``"3,5"`` or ``"2-4"`` (inclusive ranges, negative counts from the end), sorted; a block
+    named twice is refused (a typo, as ``1,1`` for ``1,2``, would otherwise drop fewer blocks than meant)."""
     if not isinstance(text, str):
         items = [int(i) for i in text]
     else:
@@ -62,7 +63,11 @@ def parse_blocks(text: str | Sequence[int], n_blocks: int) -> list[int]:
                 items.extend(range(int(low), int(high) + 1) if dash else [int(low)])
             except ValueError:
                 raise LayercritError(f"drop={text!r}: give block indices like 3,5 or 2-4") from None
-    indices = sorted({i % n_blocks if -n_blocks <= i < 0 else i for i in items})
+    normalised = [i % n_blocks if -n_blocks <= i < 0 else i for i in items]
+    twice = sorted({i for i in normalised if normalised.count(i) > 1})
+    if twice:
+        raise LayercritError(f"drop={text!r} names block {twice[0]} twice: name each block once")
+    indices = sorted(set(normalised))
     if not indices:
         raise LayercritError("drop: name at least one block")
     bad = [i for i in indices if not 0 <= i < n_blocks]

@@ -137,6 +137,18 @@ def _side(size, key: str) -> int | None:
     return int(value) if value else None
 
 
+def window_length(model: torch.nn.Module, seq_len: int | None = None) -> int:
+    """Tokens per window of text for ``model``: ``seq_len``, by default its context (at most 128); a window longer
+    than the context the model was built for is refused (its position embeddings end there)."""
+    context = context_length(model)
+    if seq_len is None:
+        return min(128, context or 128)
+    if context is not None and seq_len > context:
+        raise LayercritError(f"seq_len={seq_len} is longer than the model's context of {context} tokens: give "
+                             f"seq_len={context} or less")
+    return seq_len
+
+
 def context_length(model: torch.nn.Module) -> int | None:
     """The most tokens a language model takes at once (its config's position count), or None when unknown."""
     config = getattr(model, "config", None)
