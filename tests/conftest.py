@@ -109,6 +109,20 @@ def save_tiny_lm(folder, *, arch: str = "gpt2", n_layer: int = 4, seed: int = 0)
 
 
 @pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """An uninterrupted sweep of test_sweep's CONFIG with one local worker: (config path, store path, results),
+    built once for every test file that compares with it (tests copy the store before they write to it)."""
+    from layercrit.sweeps.sweep import run_sweep
+
+    from .test_sweep import write_config
+
+    folder = tmp_path_factory.mktemp("reference")
+    config = write_config(folder / "sweep.yaml")
+    store = folder / "sweep.sqlite"
+    return config, store, run_sweep(config, store, workers=1, progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
     """A tiny GPT-2 (4 blocks, d=32, context 32) and its tokenizer as a save_pretrained folder."""
     pytest.importorskip("transformers")

@@ -18,7 +18,6 @@ import torch
 
 from layercrit.cli import main
 from layercrit.sweeps.store import export_frame
-from layercrit.sweeps.sweep import run_sweep
 
 from .conftest import without_warnings
 from .test_sweep import N_UNITS, write_config
@@ -27,10 +26,9 @@ COMMAND = [sys.executable, "-m", "layercrit.cli", "sweep", "sweep.yaml", "--stor
 
 
 @pytest.fixture(scope="module")
-def expected(tmp_path_factory) -> pd.DataFrame:
+def expected(reference) -> pd.DataFrame:
     """The table of an uninterrupted sweep of test_sweep's CONFIG (2 models x 2 trials x 4 chunks), one worker."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    return run_sweep(write_config(folder / "sweep.yaml"), folder / "sweep.sqlite", workers=1, progress=False)
+    return reference[2]
 
 
 def count_units(store: Path, where: str = "") -> int:

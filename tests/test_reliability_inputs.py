@@ -277,3 +277,27 @@ def test_diff_of_runs_without_a_layer_in_common_is_a_one_line_error(runs, tmp_pa
     assert_one_line_error(code, err, "A and B have no layer in common (A: model.fc; B: model.conv1)")
     assert not (tmp_path / "d.csv").exists()
 
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("meta.yaml", "models:\n  - {model_id: a, accuracy: 70}\n  - model_id: b\n    accuracy: 60\n    accuracy: 65\n"),
+    ("meta.json", '{"models": [{"model_id": "a", "accuracy": 70, "accuracy": 75}]}'),
+])
+def test_a_metadata_file_with_a_key_given_twice_is_refused_naming_the_key(tmp_path, name, text):
+    from layercrit.analysis.inputs import load_meta
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(LayercritError, match=rf"cannot read metadata {path}: key 'accuracy' is given twice"):
+        load_meta(path)
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("groups.yaml", "early: [conv1]\nlate: [fc]\nearly: [conv2]\n"),
+    ("groups.json", '{"early": ["conv1"], "early": ["conv2"]}'),
+])
+def test_a_group_file_with_a_group_given_twice_is_refused_naming_it(tmp_path, tiny_model, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(LayercritError, match=rf"cannot read group file {path}: key 'early' is given twice"):
+        layercrit.select_targets(tiny_model.model, layers="conv,linear", groups=str(path))

@@ -56,16 +56,6 @@ def write_config(path: Path, **changes) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted sweep of CONFIG with one local worker: (config path, store path, results)."""
-    folder = tmp_path_factory.mktemp("reference")
-    config = write_config(folder / "sweep.yaml")
-    store = folder / "sweep.sqlite"
-    results = run_sweep(config, store, workers=1, progress=False)
-    return config, store, results
-
-
 # ---------------------------------------------------------------- config
 
 

@@ -4,7 +4,6 @@ the metadata fields)."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..config_files import load_json, load_yaml
 from ..errors import LayercritError
 from ..results import read_table
 
@@ -104,10 +104,14 @@ def _read_meta_file(path: Path) -> Any:
         raise LayercritError(f"metadata file not found: {path}")
     if path.suffix == ".csv":
         return pd.read_csv(path)
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    if path.suffix in (".yaml", ".yml"):
-        return yaml.safe_load(path.read_text())
+    try:
+        if path.suffix == ".json":
+            return load_json(path.read_text())
+        if path.suffix in (".yaml", ".yml"):
+            return load_yaml(path.read_text())
+    except (ValueError, yaml.YAMLError) as error:
+        where = " ".join(str(error).split()).replace('in "<unicode string>", ', "at ")
+        raise LayercritError(f"cannot read metadata {path}: {where}") from None
     raise LayercritError(f"cannot read metadata {path}: expected .yaml, .yml, .json or .csv")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..config_files import load_json, load_yaml
 from ..errors import LayercritError
 from ..spec import DEFAULT_LAYERS
 
@@ -255,9 +255,10 @@ def _read_group_file(path: Path) -> dict[str, list[str]]:
     import yaml
 
     try:
-        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        raw = load_json(path.read_text()) if path.suffix == ".json" else load_yaml(path.read_text())
     except (ValueError, yaml.YAMLError) as error:
-        raise LayercritError(f"cannot read group file {path}: {str(error).splitlines()[0]}") from None
+        where = " ".join(str(error).split()).replace('in "<unicode string>", ', "at ")
+        raise LayercritError(f"cannot read group file {path}: {where}") from None
     if not isinstance(raw, dict) or not raw:
         raise LayercritError(f"group file {path} must map group names to lists of layer globs, e.g. early: [layer1.*]")
     groups = {}

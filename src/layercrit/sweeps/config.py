@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..columns import COLUMNS
+from ..config_files import load_yaml
 from ..errors import LayercritError
 from ..measurement.resets import RESETS, declared_options, get_reset
 from ..measurement.sequential import SequentialDesign
@@ -278,7 +279,7 @@ def load_config(path: str | Path, **overrides) -> SweepConfig:
         raise LayercritError(f"{path} is over {MAX_CONFIG_BYTES // 1_000_000} MB: a sweep config lists settings "
                              "and models, keep it small")
     try:
-        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
+        raw = load_yaml(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as error:
         raise LayercritError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
                              f"{error.start}): save it as UTF-8") from None
@@ -294,27 +295,6 @@ def load_config(path: str | Path, **overrides) -> SweepConfig:
         except LayercritError as error:
             raise LayercritError(f"{path}: {error}") from None
     return SweepConfig.from_dict(raw, source=str(path))
-
-
-def _unique_key_loader():
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
-
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may be overridden on purpose
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                if isinstance(key, str | int | float | bool) and key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
-                                                            key_node.start_mark)
-                seen.add(key if isinstance(key, str | int | float | bool) else id(key_node))
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
 
 
 def conflict(stored: SweepConfig, config: SweepConfig) -> str | None:
