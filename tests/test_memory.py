@@ -79,3 +79,11 @@ def test_run_warns_in_one_line_when_the_device_has_less_memory_than_needed(capsy
     warning = [line for line in err.splitlines() if "this run needs about" in line]
     assert len(warning) == 1 and warning[0].startswith("layercrit: warning:")
     assert "1.0 KiB available on cpu" in warning[0] and "lower --batch-size, --windows, --seq-len" in warning[0]
+
+
+def test_a_causal_lm_counts_a_batch_of_logits_at_every_position_over_the_vocabulary(tiny_lm_dir, text_file):
+    lm = prepare(f"hf:{tiny_lm_dir}", str(text_file), Experiment(
+        trials=1, batch_size=4, images=4, seq_len=16, groups="blocks", reset="skip"))
+    vocab = lm.model.model.config.vocab_size
+    clean_and_reset = 2 * 4 * 15 * vocab * 4  # windows × predicted positions × vocabulary, float32
+    assert estimate_memory(lm).logits > clean_and_reset

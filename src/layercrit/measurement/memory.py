@@ -11,8 +11,9 @@ Parts, in bytes:
   engine chunks its targets; none for the naive engine or with ``compile``.
 * ``activations`` — the tensors a forward of one batch holds at once at its peak, from a probe of two examples
   scaled to the batch size.
-* ``logits`` — a batch's clean and reset logits and their softmax (float32; for a language model every position
-  × the vocabulary); the naive engine also keeps the clean logits of every batch.
+* ``logits`` — a batch's clean and reset logits (float32; for a language model every position × the vocabulary)
+  and what scoring them holds at its peak (float64 copies and softmaxes, from the probe's logits scored once);
+  the naive engine also keeps the clean logits of every batch.
 
 An estimate, not a bound: kernels' workspaces and the allocator's slack are not counted.
 """
@@ -29,6 +30,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .metrics import PredictionMetrics
 from .tasks import batch_length, take
 
 PROBE = 2  # examples in the probe forward
@@ -67,13 +69,16 @@ def estimate_memory(prepared) -> MemoryEstimate:
     model.to(options.device)
     with torch.no_grad(), _LiveBytes() as live:
         output = prepared.task.call(model, x)
-    logits, _ = prepared.task.predictions(output, x, evalset.labels[:examples])
+    logits, truth = prepared.task.predictions(output, x, evalset.labels[:examples])
     del output
-    per_example_items = logits.shape[0] / examples
-    batch_logits = 4 * math.ceil(per_example_items * batch) * logits.shape[-1] * 4
-    kept_logits = 0
-    if options.engine == "naive" or options.compile:
-        kept_logits = math.ceil(per_example_items * len(evalset)) * logits.shape[-1] * 4
+    logits, truth = logits.detach().float().cpu(), truth.cpu()
+    with _LiveBytes() as scoring:  # the metrics' float64 copies, softmaxes and per-item values
+        PredictionMetrics().update(logits, logits, truth)
+    items, stored = logits.shape[0], logits[0].numel() * 4  # compared items, float32 bytes of one item's logits
+    batch_items = math.ceil(items / examples * batch)
+    batch_logits = batch_items * (2 * stored + math.ceil(scoring.peak / max(items, 1)))
+    kept_logits = math.ceil(items / examples * len(evalset)) * stored if (
+        options.engine == "naive" or options.compile) else 0
     return MemoryEstimate(weights=_bytes(model.parameters(), model.buffers()),
                           reset=_reset_bytes(prepared),
                           data=sum(t.numel() * t.element_size() for t in tree_flatten(evalset.images)[0]
