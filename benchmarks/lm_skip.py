@@ -1,6 +1,6 @@
 """Benchmark: which blocks a language model can lose, by layercrit's sequential design against SLEB's loop.
 
-    .venv/bin/python benchmarks/lm_skip.py [--model zoo:lm/baseline] [--windows 96] [--target-ci 0.02]
+    .venv/bin/python benchmarks/lm_skip.py [--model zoo:lm/baseline] [--windows 512] [--target-ci 0.02]
 
 SLEB (Song et al. 2024) removes each block in turn and evaluates the whole model on every evaluation window:
 ``blocks × windows`` full window-forwards (plus one for the unmodified model). layercrit measures the same
@@ -33,7 +33,7 @@ from layercrit.training_lm import perplexity
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="zoo:lm/baseline")
-    parser.add_argument("--windows", type=int, default=96)
+    parser.add_argument("--windows", type=int, default=512)  # skip with --target-ci: windows of its own per trial
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--target-ci", type=float, default=0.02)
     parser.add_argument("--threads", type=int, default=1)

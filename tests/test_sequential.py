@@ -197,3 +197,48 @@ def test_the_weights_change_layout_once_per_run_not_once_per_trial(tiny_model, p
     assert df.trial.max() >= 5  # many trials, each an engine call
     assert conversions.count(torch.contiguous_format) == 1, "back to the caller's layout once, at the end"
     assert all(p.is_contiguous() for p in tiny_model.model.parameters())
+
+
+# ---------------------------------------------------------------- resets that are the same in every trial
+
+
+def test_a_reset_the_same_in_every_trial_never_sees_an_image_twice_after_the_pilot():
+    """zero / rewind / skip: a trial adds only its images; wrapping around the pool would count them again."""
+    from layercrit.measurement.sequential import design_loop
+
+    seen: dict[str, list[int]] = {}
+
+    def evaluate(layers, trial, offset, positions, mirrored):
+        rows = []
+        for layer in layers:
+            if trial >= design.pilot_trials:
+                seen.setdefault(layer, []).extend(positions)
+            value = 0.5 + 0.01 * ((sum(positions) % 7) - 3) * (3 if layer == "noisy" else 1)
+            rows.append({"layer": layer, "trial": trial, "criticality": value, "criticality_sd": 0.2,
+                         "n_images": len(positions)})
+        return rows
+
+    design = SequentialDesign(0.001, images_per_trial=16)  # a target no pool of 600 images can reach
+    rows = pd.DataFrame(design_loop(design, ["quiet", "noisy"], 600, evaluate, repeats=True))
+    for positions in seen.values():
+        pilot = design.pilot_trials * design.pilot_images  # 192 images; then 25 blocks of 16 fit, 8 are left
+        assert len(positions) == len(set(positions)) == (600 - pilot) // 16 * 16 and min(positions) == pilot
+    assert rows.groupby("layer").capped.all().all()  # they needed more than the pool holds: their own interval
+    wrapped = pd.DataFrame(design_loop(design, ["quiet"], 600, evaluate))  # a random reset may wrap: new draws
+    assert wrapped.trial.max() == design.max_trials - 1
+
+
+def test_skip_with_too_few_windows_for_a_first_stage_of_their_own_is_a_one_line_error(tiny_model, tiny_data):
+    from layercrit.measurement.sequential import MIN_IMAGES_PER_TRIAL
+
+    design = SequentialDesign(0.02)
+    design.check_pool(6 * MIN_IMAGES_PER_TRIAL)  # enough for a random reset's pilot
+    with pytest.raises(layercrit.LayercritError, match=(
+            r"images=96: reset zero is the same in every trial, so each trial of the sequential design "
+            r"\(target_ci=\.\.\.\) needs images of its own, 20 blocks of at least 16 after the pilot's 6; give "
+            r"images=512 or more, or leave out target_ci \(trials=1: every image once\)")):
+        design.check_pool(96, repeats=True, reset="zero")
+    images, labels = tiny_data
+    with pytest.raises(layercrit.LayercritError, match="reset zero is the same in every trial"):
+        layercrit.measure(tiny_model, (images.repeat(2, 1, 1, 1), labels.repeat(2)), reset="zero", target_ci=0.05,
+                          progress=False)

@@ -328,6 +328,13 @@ def _plan_units(
     return plans
 
 
+def draws_repeat(model: nn.Module, targets: Sequence[Target], reset: Reset) -> bool:
+    """Whether ``reset`` gives every target the same state in every trial (``zero``, ``rewind``, ``skip``): its
+    trials then differ only in the images they see, as the engine's own check of each trial's state finds."""
+    return all(_same_state(reset.new_states(model, target, 0), reset.new_states(model, target, 1))
+               for target in targets)
+
+
 def _same_state(a: ModelState, b: ModelState) -> bool:
     return a.keys() == b.keys() and all(
         a[m].keys() == b[m].keys() and all(torch.equal(a[m][k], b[m][k]) for k in a[m]) for m in a

@@ -111,14 +111,23 @@ class SequentialDesign:
         if self.images_per_trial is not None and self.images_per_trial < 1:
             raise LayercritError(f"images_per_trial={self.images_per_trial}: give at least 1")
 
-    def check_pool(self, pool: int) -> None:
+    def check_pool(self, pool: int, *, repeats: bool = False, reset: str = "") -> None:
         """Refuse an evaluation set too small for the pilot: ``2 · min_trials`` blocks of distinct images, each of
-        at least :data:`MIN_IMAGES_PER_TRIAL` (fewer would wrap the same images round as if they were new ones)."""
+        at least :data:`MIN_IMAGES_PER_TRIAL` (fewer would wrap the same images round as if they were new ones).
+        With ``repeats`` (a reset that is the same in every trial), the first stage needs images of its own too:
+        ``first_stage`` blocks of at least :data:`MIN_IMAGES_PER_TRIAL` after the pilot's."""
         need = self.pilot_trials * MIN_IMAGES_PER_TRIAL
         if pool < need:
             raise LayercritError(f"images={pool}: the sequential design (target_ci=...) needs at least {need} "
                                  f"images, a pilot block of {MIN_IMAGES_PER_TRIAL} for each of its {self.pilot_trials} "
                                  f"pilot trials; give images={need} or more, or leave out target_ci")
+        if repeats and pool - self.pilot_trials * self.pilot_size(pool) < self.first_stage * MIN_IMAGES_PER_TRIAL:
+            need = self.pilot_trials * self.pilot_images + self.first_stage * MIN_IMAGES_PER_TRIAL
+            raise LayercritError(
+                f"images={pool}: reset {reset or 'this reset'} is the same in every trial, so each trial of the "
+                f"sequential design (target_ci=...) needs images of its own, {self.first_stage} blocks of at least "
+                f"{MIN_IMAGES_PER_TRIAL} after the pilot's {self.pilot_trials}; give images={need} or more, or leave "
+                "out target_ci (trials=1: every image once)")
 
     @property
     def pilot_trials(self) -> int:
@@ -252,8 +261,11 @@ def run(
         bar.update(1)
         return measured
 
+    repeats = engine.draws_repeat(model, targets, reset)
+    if repeats:
+        design.check_pool(len(evalset), repeats=True, reset=reset.name)
     with bar, engine.layout(model, options):
-        measured = design_loop(design, list(by_name), len(evalset), evaluate, symmetric)
+        measured = design_loop(design, list(by_name), len(evalset), evaluate, symmetric, repeats=repeats)
     return [_pooled(originals), *measured]
 
 
@@ -263,8 +275,14 @@ def design_loop(
     pool: int,
     evaluate: Callable[[list[str], int, int, list[int], set[str]], list[dict]],
     symmetric: Sequence[str] = (),
+    repeats: bool = False,
 ) -> list[dict]:
     """The design itself, apart from any model: which layers get which trial on which images, mirrored or not.
+
+    With ``repeats`` (a reset whose every trial is the same state: ``zero``, ``rewind``, ``skip``), a trial adds
+    only its images, so no block wraps around the pool: a layer runs at most the distinct blocks that the pool
+    holds after the pilot, and one that needs more is ``capped`` with the interval over those (wrapping would
+    count the same images again as if they were new, and the interval would shrink with no new information).
 
     ``evaluate(layers, trial, offset, positions, mirrored)`` measures trial ``trial`` of each of ``layers`` on the
     images at ``positions`` of the seeded order, those in ``mirrored`` with the negated draw of trial
@@ -283,12 +301,17 @@ def design_loop(
     capped: set[str] = set()
     rows: list[dict] = []
     trial = 0
-    while trial < design.max_trials:
+    last = design.max_trials  # with repeats: the trials whose blocks do not wrap, once the block size is known
+    while trial < last:
         active = [name for name in layers if trial < needed.get(name, design.max_trials)]
         if not active:
             break
         if trial == design.pilot_trials:
             size = design.block_size(pd.DataFrame(rows), pool)
+            if repeats:
+                last = min(last, design.pilot_trials + (pool - design.pilot_trials * pilot) // size)
+                if trial >= last:
+                    break
             paired = {name for name in symmetric
                       if pairs_pay([row["criticality"] for row in rows if row["layer"] == name])}
         mirrored = {name for name in active if trial % 2 and name in paired}
@@ -307,7 +330,7 @@ def design_loop(
                 needed[name], cut = design.trials_needed(unit_means(by_layer[name]), trial, 2 if name in paired else 1)
                 if cut:
                     capped.add(name)
-    capped |= {name for name in layers if name not in needed}  # the cap came before the first stage's end
+    capped |= {name for name in layers if name not in needed or needed[name] > last}  # the cap came first
     for row in rows:
         row.update(target_ci=design.target_ci, first_stage=design.first_stage, ci_looks=1,
                    capped=row["layer"] in capped)
