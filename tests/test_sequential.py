@@ -242,3 +242,17 @@ def test_skip_with_too_few_windows_for_a_first_stage_of_their_own_is_a_one_line_
     with pytest.raises(layercrit.LayercritError, match="reset zero is the same in every trial"):
         layercrit.measure(tiny_model, (images.repeat(2, 1, 1, 1), labels.repeat(2)), reset="zero", target_ci=0.05,
                           progress=False)
+
+
+def test_a_reset_the_same_in_every_trial_gets_blocks_small_enough_for_a_whole_first_stage_of_new_images():
+    from layercrit.measurement.sequential import design_loop
+
+    def evaluate(layers, trial, offset, positions, mirrored):
+        return [{"layer": layer, "trial": trial, "criticality": 0.5 + 0.001 * (offset % 5), "criticality_sd": 0.3,
+                 "n_images": len(positions)} for layer in layers]  # blocks alike: Cochran alone would take big ones
+
+    design = SequentialDesign(0.02)
+    rows = pd.DataFrame(design_loop(design, ["block"], 512, evaluate, repeats=True))
+    stage = rows[~rows.pilot]
+    assert len(stage) == design.first_stage and not rows.capped.any()
+    assert (stage.n_images == 16).all() and stage.image_offset.is_unique and stage.image_offset.max() + 16 <= 512

@@ -280,9 +280,10 @@ def design_loop(
     """The design itself, apart from any model: which layers get which trial on which images, mirrored or not.
 
     With ``repeats`` (a reset whose every trial is the same state: ``zero``, ``rewind``, ``skip``), a trial adds
-    only its images, so no block wraps around the pool: a layer runs at most the distinct blocks that the pool
-    holds after the pilot, and one that needs more is ``capped`` with the interval over those (wrapping would
-    count the same images again as if they were new, and the interval would shrink with no new information).
+    only its images, so no block wraps around the pool: the blocks after the pilot are at most the size that lets
+    ``first_stage`` of them fit in the images left, a layer runs at most the distinct blocks that the pool holds, and
+    one that needs more is ``capped`` with the interval over those (wrapping would count the same images again as
+    if they were new, and the interval would shrink with no new information).
 
     ``evaluate(layers, trial, offset, positions, mirrored)`` measures trial ``trial`` of each of ``layers`` on the
     images at ``positions`` of the seeded order, those in ``mirrored`` with the negated draw of trial
@@ -309,7 +310,10 @@ def design_loop(
         if trial == design.pilot_trials:
             size = design.block_size(pd.DataFrame(rows), pool)
             if repeats:
-                last = min(last, design.pilot_trials + (pool - design.pilot_trials * pilot) // size)
+                left = pool - design.pilot_trials * pilot  # images no trial has seen
+                if design.images_per_trial is None:  # blocks small enough for a first stage of distinct ones
+                    size = max(1, min(size, left // design.first_stage))
+                last = min(last, design.pilot_trials + left // size)
                 if trial >= last:
                     break
             paired = {name for name in symmetric
