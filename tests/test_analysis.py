@@ -666,6 +666,7 @@ def test_the_budget_figure_of_the_papers_results_has_an_l2_and_an_linf_panel(pap
     np.testing.assert_allclose(axes["budget L2"].get_lines()[0].get_xdata(), [0.0, 3.0])
 
 
+@pytest.mark.slow  # end to end (two whole analyses / a sweep / a filled disk): CI runs it
 def test_cli_analyze_takes_the_notebook_options(tmp_path, capsys):
     path = paper_csv(tmp_path / "results.csv")
     assert main(["analyze", str(path), "--out", str(tmp_path / "out"), "--order", "metadata", "--heatmap-exclude", "",

@@ -115,6 +115,7 @@ def test_run_on_a_checkpoint_reproduces_the_papers_method_layer_for_layer(tmp_pa
     assert "most critical layers" in out and "results:" in out
 
 
+@pytest.mark.slow  # the CLI path of what test_engine checks bit for bit
 def test_exact_makes_the_fast_engine_equal_the_naive_engine_bit_for_bit(tmp_path, capsys, checkpoint):
     from layercrit.columns import METRIC_COLUMNS
 

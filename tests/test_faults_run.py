@@ -138,6 +138,7 @@ def test_a_run_killed_with_sigkill_leaves_whole_results_equal_to_the_uninterrupt
 # ---------------------------------------------------------------- a disk that fills up
 
 
+@pytest.mark.slow  # end to end (two whole analyses / a sweep / a filled disk): CI runs it
 def test_a_disk_that_fills_mid_run_keeps_the_finished_chunks(tmp_path, capsys, monkeypatch, uninterrupted):
     out = tmp_path / "out"
     to_csv = pd.DataFrame.to_csv

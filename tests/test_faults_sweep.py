@@ -239,6 +239,7 @@ def test_code_named_in_a_sweep_config_is_refused_without_allow_code_and_nothing_
     assert sys.path == path_before and not store.exists()
 
 
+@pytest.mark.slow  # end to end (two whole analyses / a sweep / a filled disk): CI runs it
 def test_a_dry_run_with_allow_code_imports_nothing_and_the_sweep_then_runs_the_factory(tmp_path, capsys, factory_file):
     config = write_config(tmp_path / "sweep.yaml", images=16, trials=1, models=[
         {"id": "mine", "spec": f"{factory_file}:build", "pretrained": False},

@@ -238,6 +238,7 @@ def test_analyze_of_an_empty_csv_is_a_one_line_error(tmp_path, capsys, content):
 # ---------------------------------------------------------------- 9. a reader that goes away
 
 
+@pytest.mark.slow  # a subprocess: CI runs it
 def test_output_into_a_closed_pipe_ends_quietly_as_sigpipe_would():
     process = subprocess.Popen([sys.executable, "-m", "layercrit.cli", "zoo", "list"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -226,7 +226,7 @@ def test_a_new_store_appears_whole_with_its_tables(tmp_path):
 
 @pytest.mark.skipif(not read_only_mounts(), reason="needs unshare and mounts in a user namespace")
 @pytest.mark.parametrize("finished", [pytest.param(True, id="complete store", marks=pytest.mark.slow),
-                                      pytest.param(False, id="store with work left")])
+                                      pytest.param(False, id="store with work left", marks=pytest.mark.slow)])
 def test_a_sweep_on_a_store_on_read_only_media_says_it_is_read_only(tmp_path, rows_of, finished):  # noqa: F811
     import subprocess
     import sys

@@ -96,6 +96,7 @@ def test_fit_lowers_the_loss_and_is_reproducible_from_the_seed():
     assert all(torch.equal(state[k], state_again[k]) for k in state)
 
 
+@pytest.mark.slow  # training: CI runs it
 def test_bf16_mixed_precision_runs_the_batches_in_bfloat16_keeps_float32_weights_and_is_reproducible():
     images, labels = tiny_data(32)
     seen, runs = [], []
@@ -238,6 +239,7 @@ def test_linear_probe_folds_the_feature_standardisation_into_fc():
     assert training.accuracy(net, images, labels) > 50
 
 
+@pytest.mark.slow  # training: CI runs it
 def test_robust_accuracy_is_at_most_clean_accuracy_and_equals_it_at_a_zero_budget():
     from layercrit.training import accuracy, robust_accuracy
 

@@ -232,6 +232,7 @@ def test_missing_weights_file_is_named(trained_zoo):
         resolve_model("zoo:fmnist/baseline")
 
 
+@pytest.mark.slow  # training: CI runs it
 def test_a_member_already_trained_with_the_same_recipe_and_seed_is_skipped_unless_forced(trained_zoo):
     folder, _, _ = trained_zoo
     lines = []
