@@ -29,14 +29,22 @@ def tiny(recipe_id: str, **hyperparameters) -> dict:
     return recipe
 
 
-@pytest.fixture
-def trained_zoo(tmp_path, monkeypatch):
-    """A zoo folder with a tiny baseline and frozen-random member, used as zoo:fmnist/ID."""
-    lines = []
-    table = fmnist.train_zoo(tmp_path, recipes=[tiny("baseline", epochs=1), tiny("frozen_random", probe={"epochs": 2})],
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """A zoo folder with a tiny baseline and frozen-random member, trained once for the module."""
+    folder, lines = tmp_path_factory.mktemp("trained"), []
+    table = fmnist.train_zoo(folder, recipes=[tiny("baseline", epochs=1), tiny("frozen_random", probe={"epochs": 2})],
                              test_images=200, log=lines.append)
+    return folder, table, lines
+
+
+@pytest.fixture
+def trained_zoo(trained_once, tmp_path, monkeypatch):
+    """A copy of that zoo folder for one test (which may retrain into it), used as zoo:fmnist/ID."""
+    folder, table, lines = trained_once
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
     monkeypatch.setenv("LAYERCRIT_FMNIST_ZOO", str(tmp_path))
-    return tmp_path, table, lines
+    return tmp_path, table.copy(), list(lines)
 
 
 # ---------------------------------------------------------------- training into a folder
