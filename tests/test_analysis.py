@@ -482,7 +482,7 @@ def test_stats_json_holds_the_correlations_and_the_baseline(analyzed):
 
 
 def test_analyze_leaves_out_figures_without_data_and_says_why(tmp_path):
-    result = analysis.analyze(results({"a": {"model.fc": [0.5]}, "b": {"model.fc": [0.4]}}), tmp_path)
+    result = analysis.analyze(results({"a": {"model.fc": [0.5]}, "b": {"model.fc": [0.4]}}), tmp_path, pdf=False)
     skipped = result["stats"]["skipped_figures"]
     assert set(skipped) == {"heatmap_delta", "accuracy_vs_criticality", "budget_vs_criticality"}
     assert "--baseline" in skipped["heatmap_delta"]
@@ -680,3 +680,10 @@ def test_cli_analyze_takes_the_notebook_options(tmp_path, capsys):
     assert kept["heatmap_excluded"] == ["resnet50_swav", "resnet50_frozen_random"]
     printed = capsys.readouterr().out
     assert "metadata from the zoo registries: zoo:paper" in printed and "left out of the heatmaps: resnet50_swav" in printed
+
+
+def test_no_pdf_writes_every_figure_as_png_only(tmp_path, capsys):
+    path = paper_csv(tmp_path / "results.csv", ids=["tv_resnet50", "robust_resnet50_l2_eps3"])
+    assert main(["analyze", str(path), "--out", str(tmp_path / "out"), "--no-pdf"]) == 0
+    pngs = sorted(p.stem for p in (tmp_path / "out").glob("*.png"))
+    assert "heatmap" in pngs and not list((tmp_path / "out").glob("*.pdf"))

@@ -62,7 +62,7 @@ def analyzed_report(tmp_path_factory):
             "adv1": {"category": "adversarial_training", "accuracy": 70.0, "budget": "l2 1"},
             "adv2": {"category": "adversarial_training", "accuracy": 66.0, "budget": "l2 3"},
             "aug": {"category": "augmentation", "accuracy": 77.0}}
-    return analysis.analyze(rows, out, meta=meta)
+    return analysis.analyze(rows, out, meta=meta, pdf=False)
 
 
 def test_report_holds_every_written_figure(analyzed_report):
@@ -110,6 +110,6 @@ def test_the_report_opens_with_the_run_conditions_read_from_the_rows(tmp_path):
         "reset": "rerandomize", "data_id": "fashion-mnist-test-n1000-s0", "seed": 0, "engine": "fast",
         "precision": "fp32", "layercrit_version": "9.9.9", "models": 1, "layers": 2, "trials per layer": "2",
         "images per evaluation": "1000"}]
-    page = analyze(rows, tmp_path)["paths"]["report"].read_text()
+    page = analyze(rows, tmp_path, pdf=False)["paths"]["report"].read_text()
     assert page.index("Run conditions") < page.index("Figures") and "9.9.9" in page
     assert page.index("fashion-mnist-test-n1000-s0") < page.index("Figures")

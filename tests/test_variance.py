@@ -177,5 +177,5 @@ def test_analyze_writes_no_seed_tables_without_replicates(tmp_path):
     from layercrit.analysis.tables import analyze
 
     rows = simulate(np.random.default_rng(2), methods=2, seeds=1, trials=3, images=100)
-    result = analyze(as_results(rows), tmp_path)
+    result = analyze(as_results(rows), tmp_path, pdf=False)
     assert "variance_components" not in result and not (tmp_path / "variance_components.csv").exists()

@@ -451,6 +451,8 @@ def _add_analyze(sub) -> None:
     p.add_argument("--no-registry", dest="registry", action="store_false",
                    help="do not take categories, names, accuracies and budgets of known zoo models from the "
                         "bundled registries")
+    p.add_argument("--no-pdf", dest="pdf", action="store_false",
+                   help="write the figures as PNG only (the PDFs take half of the figures' time)")
     p.set_defaults(func=_cmd_analyze)
 
 
@@ -461,7 +463,8 @@ def _cmd_analyze(args) -> int:
     with claim_output_folder(args.out) as out:
         result = analyze(args.results, out, meta=args.meta, baseline=args.baseline, metric=args.metric,
                          reset=args.reset, ci_threshold=args.ci_threshold, order=args.order, registry=args.registry,
-                         heatmap_exclude=[c.strip() for c in args.heatmap_exclude.split(",") if c.strip()])
+                         heatmap_exclude=[c.strip() for c in args.heatmap_exclude.split(",") if c.strip()],
+                         pdf=args.pdf)
     print(summary(result))
     print(f"tables, figures and report: {result['paths']['report']}")
     return 0

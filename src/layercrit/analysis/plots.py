@@ -411,15 +411,17 @@ def profile_plot(profile: pd.DataFrame, *, ylabel: str = "Layer criticality [%]"
     return fig
 
 
-def save(fig: Figure, stem: str | Path, *, dpi: int = 200) -> tuple[Path, Path]:
-    """Write ``STEM.png`` and ``STEM.pdf`` (fonts embedded as TrueType so the PDF text stays editable)."""
+def save(fig: Figure, stem: str | Path, *, dpi: int = 200, pdf: bool = True) -> tuple[Path, ...]:
+    """Write ``STEM.png`` and, with ``pdf``, ``STEM.pdf`` (fonts embedded as TrueType so the PDF text stays
+    editable); the paths, PNG first."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    png, pdf = stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"
+    png, vector = stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"
     with matplotlib.rc_context({"pdf.fonttype": 42}):
         fig.savefig(png, dpi=dpi)
-        fig.savefig(pdf)
-    return png, pdf
+        if pdf:
+            fig.savefig(vector)
+    return (png, vector) if pdf else (png,)
 
 
 COMPONENT_COLORS = {"method": "tab:red", "seed": "tab:orange", "reset": "tab:blue", "image": "tab:gray"}

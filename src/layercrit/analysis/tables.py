@@ -95,13 +95,15 @@ def analyze(
     order: str = "notebook",
     heatmap_exclude: Sequence[str] = HEATMAP_EXCLUDE,
     heatmap_note: str = "",
+    pdf: bool = True,
 ) -> dict[str, Any]:
     """Write every table, figure and ``report.html`` for ``results`` into ``out_dir``.
 
     Args:
         results: a DataFrame or results paths (CSV, Parquet, SQLite store, run folder; layercrit's or the paper's
             CSV format).
-        out_dir: created if needed. Tables are written first, then figures (PNG and PDF), then the report.
+        out_dir: created if needed. Tables are written first, then figures (PNG, and PDF unless ``pdf`` is
+            False: the PDFs take half of the figures' time), then the report.
         meta, baseline, registry, order: as in :func:`model_criticality`; ``metric``, ``reset``, ``layer_info`` as
             in :func:`layer_criticality`.
         ci_threshold: heatmap cells whose 95% interval is wider than ± this (percentage points) are marked.
@@ -158,7 +160,7 @@ def analyze(
     paths["stats"] = out / "stats.json"
     paths["stats"].write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     for name, figure in figures.items():
-        paths[name] = plots.save(figure, out / name)
+        paths[name] = plots.save(figure, out / name, pdf=pdf)
     note = f" Left out: {', '.join(excluded)} (category {', '.join(heatmap_exclude)})." if excluded else ""
     conditions = pd.DataFrame(stats["run_conditions"])
     paths["run_conditions"] = write_table(conditions, out / "run_conditions.csv")
