@@ -27,6 +27,11 @@ def load_json(text: str) -> Any:
     return json.loads(text, object_pairs_hook=unique)
 
 
+def error_text(error: Exception) -> str:
+    """A parser's error on one line, its place as "at line N, column M" (YAML names no file for text it parsed)."""
+    return " ".join(str(error).split()).replace('in "<unicode string>", ', "at ")
+
+
 def _unique_key_loader():
     import yaml
 

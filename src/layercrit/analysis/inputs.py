@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ..config_files import load_json, load_yaml
+from ..config_files import error_text, load_json, load_yaml
 from ..errors import LayercritError
 from ..results import read_table
 
@@ -110,8 +110,7 @@ def _read_meta_file(path: Path) -> Any:
         if path.suffix in (".yaml", ".yml"):
             return load_yaml(path.read_text())
     except (ValueError, yaml.YAMLError) as error:
-        where = " ".join(str(error).split()).replace('in "<unicode string>", ', "at ")
-        raise LayercritError(f"cannot read metadata {path}: {where}") from None
+        raise LayercritError(f"cannot read metadata {path}: {error_text(error)}") from None
     raise LayercritError(f"cannot read metadata {path}: expected .yaml, .yml, .json or .csv")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..config_files import load_json, load_yaml
+from ..config_files import error_text, load_json, load_yaml
 from ..errors import LayercritError
 from ..spec import DEFAULT_LAYERS
 
@@ -257,8 +257,7 @@ def _read_group_file(path: Path) -> dict[str, list[str]]:
     try:
         raw = load_json(path.read_text()) if path.suffix == ".json" else load_yaml(path.read_text())
     except (ValueError, yaml.YAMLError) as error:
-        where = " ".join(str(error).split()).replace('in "<unicode string>", ', "at ")
-        raise LayercritError(f"cannot read group file {path}: {where}") from None
+        raise LayercritError(f"cannot read group file {path}: {error_text(error)}") from None
     if not isinstance(raw, dict) or not raw:
         raise LayercritError(f"group file {path} must map group names to lists of layer globs, e.g. early: [layer1.*]")
     groups = {}

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..columns import COLUMNS
-from ..config_files import load_yaml
+from ..config_files import error_text, load_yaml
 from ..errors import LayercritError
 from ..measurement.resets import RESETS, declared_options, get_reset
 from ..measurement.sequential import SequentialDesign
@@ -286,7 +286,7 @@ def load_config(path: str | Path, **overrides) -> SweepConfig:
     except OSError as error:
         raise LayercritError(f"cannot read {path}: {error.strerror}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: an int of >4300 digits
-        where = ' '.join(str(error).split()).replace('in "<unicode string>", ', "at ")
+        where = error_text(error)
         raise LayercritError(f"cannot parse {path}: {where or 'nested too deeply'}") from None
     if isinstance(raw, dict):
         raw = {**raw, **{key: value for key, value in overrides.items() if value is not None}}
