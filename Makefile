@@ -35,11 +35,14 @@ demo: setup
 # The fast tier (about 3 minutes on 2 cores: one test process per core, whole files to one process so that a
 # file's shared fixtures are built once); `make test-slow` runs the rest (kills, Ray, Chromium, training,
 # whole-zoo runs, every architecture and zoo member). CI (.ci/run) runs both.
+# Bytecode is cached (__pycache__, ignored by git) even where the shell sets PYTHONDONTWRITEBYTECODE: each test
+# process and each worker it starts would otherwise recompile the package and re-rewrite the tests' asserts
+# (about 5 s per process on 2 cores).
 test: setup chromium
-	$(PY) -m pytest -q -m "not slow" -n auto --dist loadfile
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m "not slow" -n auto --dist loadfile
 
 test-slow: setup chromium
-	$(PY) -m pytest -q -m slow
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m slow
 
 lint: setup
 	.venv/bin/ruff check src tests benchmarks
