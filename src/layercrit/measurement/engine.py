@@ -42,7 +42,7 @@ from ..data import EvalSet
 from ..errors import LayercritError
 from .folding import find_pairs, folded_batchnorm, patched_forwards
 from .layers import Target
-from .metrics import PredictionMetrics
+from .metrics import PredictionMetrics, Reference
 from .resets import ModelState, Reset, load_in_place, snapshot
 from .tasks import ImageClassification, Task, batch_length, take
 from .trace import trace
@@ -368,6 +368,7 @@ class _Evaluator:
         self.options = options
         self.device = device
         self.channels_last = channels_last
+        self.reference: tuple[torch.Tensor, Reference] | None = None  # the last clean logits scored against, shared
         self.clean: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # naive path: each batch's clean
         # predictions and truth, kept after the first pass
         self.original_done = False  # the unmodified model's row is complete
@@ -393,8 +394,11 @@ class _Evaluator:
         return self.options.image_target_ci is not None and unit.metrics.settled(self.options.image_target_ci)
 
     def update(self, unit: Unit, logits: torch.Tensor, clean: torch.Tensor, truth: torch.Tensor, part: slice) -> None:
-        """Add a batch to the unit's metrics (and hand its logits to ``on_logits``)."""
-        unit.metrics.update(logits, clean, truth)
+        """Add a batch to the unit's metrics (and hand its logits to ``on_logits``). The clean side's softmaxes are
+        computed once per clean tensor: the fast engine scores every unit of a chunk against one batch's."""
+        if self.reference is None or self.reference[0] is not clean:
+            self.reference = (clean, Reference.of(clean))
+        unit.metrics.update(logits, self.reference[1], truth)
         if self.options.on_logits is not None:
             self.options.on_logits(unit.layer, unit.computed_in_trial, part, logits)
 

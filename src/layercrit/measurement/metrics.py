@@ -22,16 +22,51 @@ from .confidence import BettingCS
 
 
 @dataclass(frozen=True)
+class Reference:
+    """The unmodified model's side of one batch (float64), computed once and shared by every (layer, trial) scored
+    against it: the fast engine scores each batch's clean predictions against many resets, and for a language
+    model (a 1,000-position × 2,048-token batch) these softmaxes cost more than the forward itself."""
+
+    logits: torch.Tensor
+    probs: torch.Tensor  # softmax
+    log_probs: torch.Tensor  # log_softmax
+    kl_weight: torch.Tensor  # exp(log_probs): what F.kl_div(..., log_target=True) weighs by (softmax's last bits differ)
+    top1: torch.Tensor
+
+    @classmethod
+    def of(cls, clean_logits: torch.Tensor) -> Reference:
+        logits = clean_logits.double()
+        log_probs = F.log_softmax(logits, dim=1)
+        return cls(logits=logits, probs=F.softmax(logits, dim=1), log_probs=log_probs, kl_weight=log_probs.exp(),
+                   top1=logits.argmax(dim=1))
+
+
+@dataclass(frozen=True)
 class Batch:
-    """One batch's predictions, as the per-image metrics see them (float64; non-finite logits replaced by 0)."""
+    """One batch's predictions, as the per-image metrics see them (float64; non-finite logits replaced by 0).
+    Each quantity is computed once and shared by the metrics that use it; the values are those of the plain
+    ``torch.nn.functional`` expressions named beside them, bit for bit (tests/test_metrics.py)."""
 
     logits: torch.Tensor  # the reset model's, N × classes
-    clean_logits: torch.Tensor  # the unmodified model's
+    clean: Reference  # the unmodified model's
     labels: torch.Tensor
     finite: torch.Tensor  # N bools: the reset logits are all finite
-    probs: torch.Tensor
-    clean_probs: torch.Tensor
+    probs: torch.Tensor  # F.softmax(logits)
+    log_probs: torch.Tensor  # F.log_softmax(logits)
     top: torch.Tensor  # N × min(5, classes): the reset model's best classes, best first
+
+    @property
+    def clean_logits(self) -> torch.Tensor:
+        return self.clean.logits
+
+    @property
+    def clean_probs(self) -> torch.Tensor:
+        return self.clean.probs
+
+
+def _kl(b: Batch) -> torch.Tensor:
+    """KL(clean ‖ reset) per item: F.kl_div(log_probs, clean_log_probs, log_target=True, reduction="none").sum(1)."""
+    return (b.clean.kl_weight * (b.clean.log_probs - b.log_probs)).sum(1)
 
 
 @dataclass(frozen=True)
@@ -67,8 +102,8 @@ def _half_width(which: int, scale: float) -> Callable[[PredictionMetrics, dict],
 METRICS: tuple[Metric, ...] = (
     Metric("top1_acc", "top-1 accuracy against the labels (percent)", lambda b: _hit(b, 1), scale=100.0),
     Metric("top5_acc", "top-5 accuracy (percent)", lambda b: _hit(b, 5), scale=100.0),
-    Metric("loss", "cross-entropy against the labels", lambda b: F.cross_entropy(b.logits, b.labels, reduction="none"),
-           finite_only=True),
+    Metric("loss", "cross-entropy against the labels",  # F.cross_entropy(logits, labels), from the shared log_softmax
+           lambda b: F.nll_loss(b.log_probs, b.labels, reduction="none"), finite_only=True),
     Metric("recovered_acc", "top-1 as a share of the unmodified model's top-1",
            derive=lambda m, row: row["top1_acc"] / m.clean_top1 if m.clean_top1 else float("nan")),
     Metric("pred_cos_sim", "mean cosine similarity of the reset and the unmodified model's softmax",
@@ -79,13 +114,11 @@ METRICS: tuple[Metric, ...] = (
            worst=math.sqrt(2.0)),
     # The paper's pred_ce_loss: F.cross_entropy(original_logits, reset_logits), i.e. the reset *logits* (not
     # probabilities) used as soft targets. Kept as is for compatibility; pred_kl is the sound measure.
-    Metric("pred_ce_loss", "the paper's F.cross_entropy(original_logits, reset_logits)",
-           lambda b: F.cross_entropy(b.clean_logits, b.logits, reduction="none"), finite_only=True),
-    Metric("pred_kl", "mean KL(original softmax ‖ reset softmax)",
-           lambda b: F.kl_div(F.log_softmax(b.logits, dim=1), F.log_softmax(b.clean_logits, dim=1), reduction="none",
-                              log_target=True).sum(1), finite_only=True),
+    Metric("pred_ce_loss", "the paper's F.cross_entropy(original_logits, reset_logits)",  # with soft targets:
+           lambda b: -(b.clean.log_probs * b.logits).sum(1), finite_only=True),  # -(log_softmax(input) * target).sum
+    Metric("pred_kl", "mean KL(original softmax ‖ reset softmax)", _kl, finite_only=True),
     Metric("agreement", "share of images whose top-1 class is unchanged",
-           lambda b: b.logits.argmax(dim=1) == b.clean_logits.argmax(dim=1)),
+           lambda b: b.logits.argmax(dim=1) == b.clean.top1),  # argmax, not topk: ties (a zeroed head) as before
     Metric("criticality", "1 − pred_cos_sim: how far the predictions moved", derive=lambda m, row: 1.0 - row["pred_cos_sim"]),
     Metric("criticality_sd", "standard deviation of the per-image criticality over the row's images",
            derive=_criticality_sd),
@@ -127,13 +160,15 @@ class PredictionMetrics:
         return self.sequences is not None and all(cs.half_width <= target for cs in self.sequences)
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, clean_logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits, clean_logits = logits.double(), clean_logits.double()
+    def update(self, logits: torch.Tensor, clean: torch.Tensor | Reference, labels: torch.Tensor) -> None:
+        """Add a batch: the reset model's logits, the unmodified model's (or their :class:`Reference`, to share it
+        between the (layer, trial)s scored against one batch) and the labels."""
+        logits = logits.double()
+        clean = clean if isinstance(clean, Reference) else Reference.of(clean)
         finite = torch.isfinite(logits).all(dim=1)
-        safe = torch.where(finite[:, None], logits, torch.zeros_like(logits))
-        batch = Batch(logits=safe, clean_logits=clean_logits, labels=labels, finite=finite,
-                      probs=F.softmax(safe, dim=1), clean_probs=F.softmax(clean_logits, dim=1),
-                      top=safe.topk(min(5, logits.shape[1]), dim=1).indices)
+        safe = logits if bool(finite.all()) else torch.where(finite[:, None], logits, torch.zeros_like(logits))
+        batch = Batch(logits=safe, clean=clean, labels=labels, finite=finite, probs=F.softmax(safe, dim=1),
+                      log_probs=F.log_softmax(safe, dim=1), top=safe.topk(min(5, logits.shape[1]), dim=1).indices)
         values = {}
         for metric in METRICS:
             if metric.per_image is None:
