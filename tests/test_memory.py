@@ -64,10 +64,12 @@ def test_run_prints_the_memory_it_needs_before_measuring_and_records_it(capsys, 
     assert code == 0, err
     line = next(line for line in out.splitlines() if line.startswith("memory needed: about "))
     assert out.index(line) < out.index("original:")  # before the results
-    for part in ("weights", "reset", "data", "cache", "activations", "logits"):
+    for part in ("weights", "reset", "data", "cache", "activations", "logits", "scoring"):
         assert f"{part} " in line
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())["memory"]
-    assert recorded["total"] == sum(v for k, v in recorded.items() if k != "total") > recorded["weights"] > 0
+    parts = {k: v for k, v in recorded.items() if k not in ("total", "needed")}
+    assert recorded["total"] == sum(parts.values()) > recorded["weights"] > 0
+    assert recorded["needed"] == {"cpu": recorded["total"]}  # a CPU run needs it all in one place
     assert "this run needs" not in err
 
 
@@ -86,4 +88,25 @@ def test_a_causal_lm_counts_a_batch_of_logits_at_every_position_over_the_vocabul
         trials=1, batch_size=4, images=4, seq_len=16, groups="blocks", reset="skip"))
     vocab = lm.model.model.config.vocab_size
     clean_and_reset = 2 * 4 * 15 * vocab * 4  # windows × predicted positions × vocabulary, float32
-    assert estimate_memory(lm).logits > clean_and_reset
+    estimate = estimate_memory(lm)
+    assert estimate.logits == clean_and_reset
+    assert estimate.scoring > 2 * clean_and_reset  # softmaxes and log-softmaxes of both, and their difference
+
+
+def test_on_a_gpu_the_scoring_and_a_naive_runs_images_are_needed_in_host_memory_not_on_the_device(
+        tiny_model, tiny_data, monkeypatch):
+    fast = estimate_memory(prepared(tiny_model, tiny_data))
+    naive = estimate_memory(prepared(tiny_model, tiny_data, engine="naive"))
+    assert fast.needed("cpu") == {"cpu": fast.total}
+    assert fast.needed("cuda:1") == {"cuda:1": fast.total - fast.scoring, "cpu": fast.scoring}
+    assert naive.needed("cuda") == {"cuda": naive.total - naive.scoring - naive.data, "cpu": naive.scoring + naive.data}
+    device_part = fast.total - fast.scoring
+    free = {"cuda:1": device_part, "cpu": 10**12}  # just enough on the GPU: the host part does not count there
+    monkeypatch.setattr(memory, "available_memory", lambda place: free[place])
+    assert memory.memory_warning(fast, "cuda:1", text=False) is None
+    free["cuda:1"] = device_part - 1
+    warning = memory.memory_warning(fast, "cuda:1", text=False)
+    assert "available on cuda:1" in warning and "lower --batch-size, --images" in warning
+    free.update({"cuda:1": 10**12, "cpu": fast.scoring - 1})  # the host's share is checked against the host
+    assert "available on cpu" in memory.memory_warning(fast, "cuda:1", text=False)
+    assert "on cuda:1" in fast.line("cuda:1") and "on cpu" in fast.line("cuda:1") and " on " not in fast.line()

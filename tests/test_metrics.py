@@ -62,3 +62,27 @@ def test_a_reference_shared_by_many_resets_gives_what_each_computes_alone():
         shared.update(logits, reference, labels)
         alone.update(logits, clean, labels)
     np.testing.assert_equal(shared.result(), alone.result())  # exact; NaN equals NaN
+
+
+def test_float32_scoring_of_a_language_model_batch_gives_the_float64_values_to_their_last_reported_digits():
+    """Per-position tasks score in float32 (tasks.CausalLanguageModel.score_dtype); images keep float64."""
+    from layercrit.measurement.tasks import CausalLanguageModel, ImageClassification
+
+    assert CausalLanguageModel.score_dtype == torch.float32 and ImageClassification.score_dtype == torch.float64
+    generator = torch.Generator().manual_seed(1)
+    clean = 4 * torch.randn(1008, 2048, generator=generator)  # a batch of 16 windows' positions × vocabulary
+    labels = torch.randint(0, 2048, (1008,), generator=generator)
+    for noise in (1e-3, 0.3, 3.0):  # a block that barely matters, one that matters, one that breaks the model
+        logits = clean + noise * torch.randn(1008, 2048, generator=generator)
+        rows = {}
+        for dtype in (torch.float32, torch.float64):
+            metrics = PredictionMetrics()
+            metrics.update(logits, Reference.of(clean, dtype), labels)
+            rows[dtype] = metrics.result()
+        single, double = rows[torch.float32], rows[torch.float64]
+        assert single["criticality"] == pytest.approx(double["criticality"], rel=1e-4, abs=1e-6)  # ~1e-7 measured
+        assert single["pred_kl"] == pytest.approx(double["pred_kl"], rel=1e-3, abs=1e-6)
+        for name in ("loss", "pred_l1_err", "pred_l2_err", "pred_ce_loss"):
+            assert single[name] == pytest.approx(double[name], rel=1e-5), name
+        for name in ("top1_acc", "top5_acc", "agreement"):
+            assert single[name] == double[name], name

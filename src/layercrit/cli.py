@@ -251,7 +251,7 @@ def _run_into(out: Path, args, experiment):
     run.json says ``"complete": false`` beside every chunk's results and ``true`` beside the final ones (renamed
     into place last), so a reader can tell a finished folder from one that a kill interrupted.
     """
-    from .measurement.memory import available_memory, estimate_memory, memory_warning
+    from .measurement.memory import estimate_memory, memory_warning
     from .measurement.prepare import execute, prepare
     from .resolve import resolve_model
     from .results import write_results
@@ -271,12 +271,12 @@ def _run_into(out: Path, args, experiment):
     prepared = prepare(resolved, spec=experiment, model_id=args.model_id, trust_checkpoint=args.trust_checkpoint)
     print(prepared.describe())
     memory = estimate_memory(prepared)
-    print(memory.line())
-    short = memory_warning(memory, available_memory(prepared.options.device), prepared.options.device,
-                           text=prepared.model.tokenizer is not None)
+    print(memory.line(prepared.options.device))
+    short = memory_warning(memory, prepared.options.device, text=prepared.model.tokenizer is not None)
     if short:
         warnings.warn(short, UserWarning, stacklevel=1)
-    run.update(preprocessing=prepared.inputs(), task=prepared.task.name, memory=memory.as_dict())
+    run.update(preprocessing=prepared.inputs(), task=prepared.task.name,
+               memory=memory.as_dict(prepared.options.device))
 
     def on_rows(rows) -> None:
         write_results(rows, out, {**run, "complete": False})

@@ -397,7 +397,7 @@ class _Evaluator:
         """Add a batch to the unit's metrics (and hand its logits to ``on_logits``). The clean side's softmaxes are
         computed once per clean tensor: the fast engine scores every unit of a chunk against one batch's."""
         if self.reference is None or self.reference[0] is not clean:
-            self.reference = (clean, Reference.of(clean))
+            self.reference = (clean, Reference.of(clean, self.task.score_dtype))
         unit.metrics.update(logits, self.reference[1], truth)
         if self.options.on_logits is not None:
             self.options.on_logits(unit.layer, unit.computed_in_trial, part, logits)

@@ -11,9 +11,14 @@ Parts, in bytes:
   engine chunks its targets; none for the naive engine or with ``compile``.
 * ``activations`` — the tensors a forward of one batch holds at once at its peak, from a probe of two examples
   scaled to the batch size.
-* ``logits`` — a batch's clean and reset logits (float32; for a language model every position × the vocabulary)
-  and what scoring them holds at its peak (float64 copies and softmaxes, from the probe's logits scored once);
-  the naive engine also keeps the clean logits of every batch.
+* ``logits`` — a batch's clean and reset logits (float32; for a language model every position × the vocabulary).
+* ``scoring`` — what scoring a batch holds at its peak (copies and softmaxes, in the task's score dtype, from the
+  probe's logits scored once); the naive engine also keeps the clean logits of every batch.
+
+Where it lives: on the CPU, all of it. On a GPU, scoring happens in host memory (the engine moves each batch's
+logits to the CPU), and so does the evaluation set under the naive engine (the fast engine keeps it on the GPU):
+:meth:`MemoryEstimate.needed` splits the total between the device and the host, and :func:`memory_warning` checks
+each against what is free there.
 
 An estimate, not a bound: kernels' workspaces and the allocator's slack are not counted.
 """
@@ -30,7 +35,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .metrics import PredictionMetrics
+from .metrics import PredictionMetrics, Reference
 from .tasks import batch_length, take
 
 PROBE = 2  # examples in the probe forward
@@ -46,17 +51,33 @@ class MemoryEstimate:
     cache: int
     activations: int
     logits: int
+    scoring: int
+    host_data: bool = False  # the evaluation set stays in host memory on a GPU (the naive engine)
+
+    def parts(self) -> dict[str, int]:
+        return {name: value for name, value in asdict(self).items() if name != "host_data"}
 
     @property
     def total(self) -> int:
-        return sum(asdict(self).values())
+        return sum(self.parts().values())
 
-    def line(self) -> str:
-        parts = ", ".join(f"{name} {_size(value)}" for name, value in asdict(self).items())
-        return f"memory needed: about {_size(self.total)} ({parts})"
+    def needed(self, device: str) -> dict[str, int]:
+        """Bytes needed where they live: ``{"cpu": total}`` for a CPU run; for a GPU run ``{device: ..., "cpu":
+        ...}``, the host holding the scoring (and the naive engine's evaluation set)."""
+        if not device.startswith("cuda"):
+            return {"cpu": self.total}
+        host = self.scoring + (self.data if self.host_data else 0)
+        return {device: self.total - host, "cpu": host}
 
-    def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "total": self.total}
+    def line(self, device: str = "cpu") -> str:
+        parts = ", ".join(f"{name} {_size(value)}" for name, value in self.parts().items())
+        places = self.needed(device)
+        where = "" if len(places) == 1 else " — " + ", ".join(f"{_size(v)} on {k}" for k, v in places.items())
+        return f"memory needed: about {_size(self.total)} ({parts}){where}"
+
+    def as_dict(self, device: str = "cpu") -> dict:
+        """The parts, their total, and ``needed``: the bytes on each place (:meth:`needed`)."""
+        return {**self.parts(), "total": self.total, "needed": self.needed(device)}
 
 
 def estimate_memory(prepared) -> MemoryEstimate:
@@ -72,11 +93,10 @@ def estimate_memory(prepared) -> MemoryEstimate:
     logits, truth = prepared.task.predictions(output, x, evalset.labels[:examples])
     del output
     logits, truth = logits.detach().float().cpu(), truth.cpu()
-    with _LiveBytes() as scoring:  # the metrics' float64 copies, softmaxes and per-item values
-        PredictionMetrics().update(logits, logits, truth)
+    with _LiveBytes() as scoring:  # the metrics' copies, softmaxes and per-item values
+        PredictionMetrics().update(logits, Reference.of(logits, prepared.task.score_dtype), truth)  # clean side too
     items, stored = logits.shape[0], logits[0].numel() * 4  # compared items, float32 bytes of one item's logits
     batch_items = math.ceil(items / examples * batch)
-    batch_logits = batch_items * (2 * stored + math.ceil(scoring.peak / max(items, 1)))
     kept_logits = math.ceil(items / examples * len(evalset)) * stored if (
         options.engine == "naive" or options.compile) else 0
     return MemoryEstimate(weights=_bytes(model.parameters(), model.buffers()),
@@ -85,7 +105,9 @@ def estimate_memory(prepared) -> MemoryEstimate:
                                    if isinstance(t, torch.Tensor)),
                           cache=_cache_bytes(prepared, x, batch),
                           activations=math.ceil(live.peak / examples * batch),
-                          logits=batch_logits + kept_logits)
+                          logits=batch_items * 2 * stored,
+                          scoring=batch_items * math.ceil(scoring.peak / max(items, 1)) + kept_logits,
+                          host_data=options.engine == "naive")
 
 
 def available_memory(device: str) -> int | None:
@@ -101,13 +123,16 @@ def available_memory(device: str) -> int | None:
     return None
 
 
-def memory_warning(estimate: MemoryEstimate, available: int | None, device: str, *, text: bool) -> str | None:
-    """One line when ``estimate`` exceeds ``available`` memory, naming what to lower; None otherwise."""
-    if available is None or estimate.total <= available:
-        return None
-    lower = "--batch-size, --windows, --seq-len" if text else "--batch-size, --images"
-    return (f"this run needs about {_size(estimate.total)}, more than the {_size(available)} available on "
-            f"{device}: lower {lower} (or --max-cache-mb for the cache)")
+def memory_warning(estimate: MemoryEstimate, device: str, *, text: bool) -> str | None:
+    """One line when the memory ``estimate`` needs on the device or in host memory (:meth:`MemoryEstimate.needed`)
+    exceeds what is free there (:func:`available_memory`), naming what to lower; None otherwise."""
+    for place, needed in estimate.needed(device).items():
+        available = available_memory(place)
+        if available is not None and needed > available:
+            lower = "--batch-size, --windows, --seq-len" if text else "--batch-size, --images"
+            return (f"this run needs about {_size(needed)}, more than the {_size(available)} available on "
+                    f"{place}: lower {lower} (or --max-cache-mb for the cache)")
+    return None
 
 
 def _bytes(*groups) -> int:

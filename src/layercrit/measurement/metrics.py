@@ -23,9 +23,14 @@ from .confidence import BettingCS
 
 @dataclass(frozen=True)
 class Reference:
-    """The unmodified model's side of one batch (float64), computed once and shared by every (layer, trial) scored
-    against it: the fast engine scores each batch's clean predictions against many resets, and for a language
-    model (a 1,000-position × 2,048-token batch) these softmaxes cost more than the forward itself."""
+    """The unmodified model's side of one batch, computed once and shared by every (layer, trial) scored against
+    it: the fast engine scores each batch's clean predictions against many resets, and for a language model (a
+    1,000-position × 2,048-token batch) these softmaxes cost more than the forward itself.
+
+    ``dtype`` is what the per-item values are computed in: float64 (the default, every image task's) or the
+    float32 of a per-position task (:attr:`layercrit.measurement.tasks.Task.score_dtype`), whose softmaxes over a
+    vocabulary at every position cost 3× more in float64; the means over items accumulate in float64 either way.
+    """
 
     logits: torch.Tensor
     probs: torch.Tensor  # softmax
@@ -34,8 +39,8 @@ class Reference:
     top1: torch.Tensor
 
     @classmethod
-    def of(cls, clean_logits: torch.Tensor) -> Reference:
-        logits = clean_logits.double()
+    def of(cls, clean_logits: torch.Tensor, dtype: torch.dtype = torch.float64) -> Reference:
+        logits = clean_logits.to(dtype)
         log_probs = F.log_softmax(logits, dim=1)
         return cls(logits=logits, probs=F.softmax(logits, dim=1), log_probs=log_probs, kl_weight=log_probs.exp(),
                    top1=logits.argmax(dim=1))
@@ -54,6 +59,7 @@ class Batch:
     probs: torch.Tensor  # F.softmax(logits)
     log_probs: torch.Tensor  # F.log_softmax(logits)
     top: torch.Tensor  # N × min(5, classes): the reset model's best classes, best first
+    moved: torch.Tensor  # probs - clean probs
 
     @property
     def clean_logits(self) -> torch.Tensor:
@@ -108,9 +114,9 @@ METRICS: tuple[Metric, ...] = (
            derive=lambda m, row: row["top1_acc"] / m.clean_top1 if m.clean_top1 else float("nan")),
     Metric("pred_cos_sim", "mean cosine similarity of the reset and the unmodified model's softmax",
            lambda b: F.cosine_similarity(b.probs, b.clean_probs, dim=1)),
-    Metric("pred_l1_err", "mean L1 distance of the two softmax vectors", lambda b: (b.probs - b.clean_probs).abs().sum(1),
+    Metric("pred_l1_err", "mean L1 distance of the two softmax vectors", lambda b: b.moved.abs().sum(1),
            worst=2.0),
-    Metric("pred_l2_err", "mean L2 distance of the two softmax vectors", lambda b: (b.probs - b.clean_probs).norm(dim=1),
+    Metric("pred_l2_err", "mean L2 distance of the two softmax vectors", lambda b: b.moved.norm(dim=1),
            worst=math.sqrt(2.0)),
     # The paper's pred_ce_loss: F.cross_entropy(original_logits, reset_logits), i.e. the reset *logits* (not
     # probabilities) used as soft targets. Kept as is for compatibility; pred_kl is the sound measure.
@@ -163,12 +169,14 @@ class PredictionMetrics:
     def update(self, logits: torch.Tensor, clean: torch.Tensor | Reference, labels: torch.Tensor) -> None:
         """Add a batch: the reset model's logits, the unmodified model's (or their :class:`Reference`, to share it
         between the (layer, trial)s scored against one batch) and the labels."""
-        logits = logits.double()
         clean = clean if isinstance(clean, Reference) else Reference.of(clean)
+        logits = logits.to(clean.logits.dtype)
         finite = torch.isfinite(logits).all(dim=1)
         safe = logits if bool(finite.all()) else torch.where(finite[:, None], logits, torch.zeros_like(logits))
-        batch = Batch(logits=safe, clean=clean, labels=labels, finite=finite, probs=F.softmax(safe, dim=1),
-                      log_probs=F.log_softmax(safe, dim=1), top=safe.topk(min(5, logits.shape[1]), dim=1).indices)
+        probs = F.softmax(safe, dim=1)
+        batch = Batch(logits=safe, clean=clean, labels=labels, finite=finite, probs=probs,
+                      log_probs=F.log_softmax(safe, dim=1), top=safe.topk(min(5, logits.shape[1]), dim=1).indices,
+                      moved=probs - clean.probs)
         values = {}
         for metric in METRICS:
             if metric.per_image is None:
