@@ -61,14 +61,6 @@ class Batch:
     top: torch.Tensor  # N × min(5, classes): the reset model's best classes, best first
     moved: torch.Tensor  # probs - clean probs
 
-    @property
-    def clean_logits(self) -> torch.Tensor:
-        return self.clean.logits
-
-    @property
-    def clean_probs(self) -> torch.Tensor:
-        return self.clean.probs
-
 
 def _kl(b: Batch) -> torch.Tensor:
     """KL(clean ‖ reset) per item: F.kl_div(log_probs, clean_log_probs, log_target=True, reduction="none").sum(1)."""
@@ -113,7 +105,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("recovered_acc", "top-1 as a share of the unmodified model's top-1",
            derive=lambda m, row: row["top1_acc"] / m.clean_top1 if m.clean_top1 else float("nan")),
     Metric("pred_cos_sim", "mean cosine similarity of the reset and the unmodified model's softmax",
-           lambda b: F.cosine_similarity(b.probs, b.clean_probs, dim=1)),
+           lambda b: F.cosine_similarity(b.probs, b.clean.probs, dim=1)),
     Metric("pred_l1_err", "mean L1 distance of the two softmax vectors", lambda b: b.moved.abs().sum(1),
            worst=2.0),
     Metric("pred_l2_err", "mean L2 distance of the two softmax vectors", lambda b: b.moved.norm(dim=1),
