@@ -48,7 +48,7 @@ class Reference:
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch's predictions, as the per-image metrics see them (float64; non-finite logits replaced by 0).
+    """One batch's predictions, as the per-image metrics see them (in the Reference's dtype; non-finite logits as 0).
     Each quantity is computed once and shared by the metrics that use it; the values are those of the plain
     ``torch.nn.functional`` expressions named beside them, bit for bit (tests/test_metrics.py)."""
 
