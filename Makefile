@@ -32,9 +32,9 @@ chromium:
 demo: setup
 	.venv/bin/layercrit demo --out runs/demo
 
-# The fast tier (about 3 minutes on 2 cores: one test process per core, whole files to one process so that a
-# file's shared fixtures are built once); `make test-slow` runs the rest (kills, Ray, Chromium, training,
-# whole-zoo runs, every architecture and zoo member). CI (.ci/run) runs both.
+# The fast tier (143-156 s on this 2-core VM, 167 s with nothing compiled yet): one test process per core, whole
+# files to one process so that a file's shared fixtures are built once; `make test-slow` runs the rest (kills,
+# Ray, Chromium, training, whole-zoo runs, every architecture and zoo member). CI (.ci/run) runs both.
 # Bytecode is cached (__pycache__, ignored by git) even where the shell sets PYTHONDONTWRITEBYTECODE: each test
 # process and each worker it starts would otherwise recompile the package and re-rewrite the tests' asserts
 # (about 5 s per process on 2 cores).
