@@ -62,10 +62,10 @@ class MemoryEstimate:
         return sum(self.parts().values())
 
     def needed(self, device: str) -> dict[str, int]:
-        """Bytes needed where they live: ``{"cpu": total}`` for a CPU run; for a GPU run ``{device: ..., "cpu":
-        ...}``, the host holding the scoring (and the naive engine's evaluation set)."""
+        """Bytes needed where they live: ``{device: total}`` where the device shares host memory (the CPU); for a
+        GPU run ``{device: ..., "cpu": ...}``, the host holding the scoring (and the naive engine's evaluation set)."""
         if not device.startswith("cuda"):
-            return {"cpu": self.total}
+            return {device: self.total}
         host = self.scoring + (self.data if self.host_data else 0)
         return {device: self.total - host, "cpu": host}
 
