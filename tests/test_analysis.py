@@ -206,6 +206,24 @@ def test_training_budgets_are_ordered_as_numbers_within_a_category():
                                      "eps10"]
 
 
+def test_training_seeds_of_a_method_sit_together_after_seed_0_and_are_labelled_with_their_seed():
+    meta = {"base": {"category": "baseline", "display": "Base"}, "base@seed2": {"category": "baseline", "display": "Base"},
+            "base@seed1": {"category": "baseline", "display": "Base"}, "adv@seed1": {"category": "adv", "display": "Adv"},
+            "aug": {"category": "aug", "display": "Aug"}, "adv": {"category": "adv", "display": "Adv"},
+            "adv2": {"category": "adv", "display": "Adv2"}}
+    rows = results({m: {"model.fc": [0.5]} for m in ("aug", "adv@seed1", "base@seed2", "adv2", "base@seed1", "adv",
+                                                     "base")})
+    in_metadata = analysis.model_criticality(rows, meta=meta, order="metadata")
+    assert list(in_metadata.model_id[:3]) == ["base", "base@seed2", "base@seed1"], "seed 0, then the metadata's order"
+    assert list(in_metadata.is_baseline[:3]) == [True, False, False], "seed 0 of the one baseline method"
+    models = analysis.model_criticality(rows, meta=meta).set_index("model_id")
+    assert list(models.index) == ["base", "base@seed1", "base@seed2", "adv", "adv@seed1", "adv2", "aug"]
+    assert models.display["base@seed1"] == "Base (seed 1)" and models.display["adv"] == "Adv (seed 0)"
+    assert models.display["adv2"] == "Adv2" and models.display["aug"] == "Aug", "one seed: no label"
+    chosen = analysis.model_criticality(rows, meta=meta, baseline="base@seed2")
+    assert list(chosen.model_id[:3]) == ["base@seed2", "base", "base@seed1"], "a chosen seed leads its method"
+
+
 def test_an_unknown_row_order_is_an_error_naming_the_orders():
     with pytest.raises(LayercritError, match="unknown row order 'random': one of notebook, metadata"):
         analysis.model_criticality(results({"a": {"model.fc": [0.5]}}), order="random")

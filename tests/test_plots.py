@@ -127,9 +127,23 @@ def test_every_scatter_point_is_named_without_what_its_category_shares_and_no_na
      ["L2, ε=3 [62.83%]", "ε=0 [75.81%]"]),
     (["timm A1", "timm A2", "TorchVision 2"], ["recipe"] * 3, ["timm A1", "timm A2", "TorchVision 2"]),
     (["MoCo v3 (100Ep)", "MoCo v3 (300Ep)", "SwAV"], ["ssl", "ssl", "other"], ["100Ep", "300Ep", "SwAV"]),
+    (["Baseline (SGD) (seed 0) [92.63%]", "Baseline (SGD) (seed 1) [92.40%]"], ["baseline"] * 2,
+     ["Baseline (SGD) (seed 0) [92.63%]", "Baseline (SGD) (seed 1) [92.40%]"]),  # seeds of one model keep its name
+    (["PGD L∞ ε=8/255 (seed 0)", "PGD L∞ ε=8/255 (seed 1)", "PGD L2 ε=0.5"], ["adv"] * 3,
+     ["L∞ ε=8/255 (seed 0)", "L∞ ε=8/255 (seed 1)", "L2 ε=0.5"]),
+    (["Aug (crop light) [90.0%]", "Aug (crop heavy) [91.0%]"], ["aug"] * 2,
+     ["crop light [90.0%]", "crop heavy [91.0%]"]),  # a shared prefix never cuts into a parenthesis
 ])
 def test_short_labels_drop_the_words_a_category_shares(displays, categories, short):
     assert plots.short_labels(displays, categories) == short
+
+
+def test_a_label_cut_to_fit_keeps_its_training_seed_and_accuracy():
+    text = "Improved (cosine, label smoothing, mixup, longer) (seed 1) [93.42%]"
+    limit = plots._text_width(["Improved (cosine (seed 1) [93.42%]"], plots.SMALL)
+    cut = plots._shorten([text, "Short [1.00%]"], limit, plots.SMALL)
+    assert cut[0].startswith("Improved (co") and cut[0].endswith("… (seed 1) [93.42%]"), cut[0]
+    assert plots._text_width([cut[0]], plots.SMALL) <= limit and cut[1] == "Short [1.00%]"
 
 
 def test_budget_plot_gives_each_norm_its_own_panel_and_axis():
@@ -279,3 +293,20 @@ def test_full_width_heatmap_keeps_the_papers_model_names_whole(paper_size):
     assert names == list(matrix.index)
     short = [t.get_text() for t in axis(figures[plots.COLUMN_WIDTH], "categories").get_yticklabels()]
     assert "L2, ε=0.01 [75.67%]" in short  # the adversarial models lose only what they share
+
+
+def test_the_variance_figure_puts_a_zero_component_on_its_floor_not_below_the_axis():
+    rows = []
+    for level, units in (("stage", ["layer1"]), ("layer", ["layer1.0.conv1", "layer1.0.conv2"])):
+        for unit in units:
+            for component, sd in (("method", 0.0 if unit.endswith("conv2") else 4.0), ("seed", 2.0), ("reset", 3.0),
+                                  ("image", 30.0)):
+                rows.append({"level": level, "unit": unit, "component": component, "sd_pct": sd,
+                             "sd_low_pct": 0.0 if component == "method" else sd / 2, "sd_high_pct": sd * 2})
+    fig = plots.variance_plot(pd.DataFrame(rows))
+    layers_ax = fig.axes[1]
+    assert layers_ax.get_ylim()[0] == pytest.approx(0.5)  # half the smallest positive value, 1.0
+    method_line = layers_ax.lines[0]
+    assert list(method_line.get_ydata()) == [4.0, 0.5], "the zero estimate is drawn on the floor"
+    triangles = [line for line in layers_ax.lines if line.get_marker() == "v"]
+    assert [list(t.get_xdata()) for t in triangles] == [[1]]

@@ -127,6 +127,7 @@ def _summarize(layers: pd.DataFrame, results: pd.DataFrame, meta: pd.DataFrame, 
     from_registry = models["accuracy"].notna() & ~from_meta
     models["category"] = [str(c) if pd.notna(c) else OTHER for c in models["category"]]
     models["display"] = [str(d) if pd.notna(d) else m for d, m in zip(models["display"], models["model_id"], strict=True)]
+    models["display"] = _with_seed_labels(models["display"], models["model_id"])
     models["accuracy"] = models["accuracy"].fillna(models["model_id"].map(_original_accuracy(results)))
     source = np.where(from_meta, "metadata", np.where(from_registry, models["registry"].astype(str), ORIGINAL))
     models["accuracy_source"] = pd.Series(source, index=models.index).where(models["accuracy"].notna())
@@ -185,21 +186,38 @@ def _resolve_baseline(baseline: str | None, models: pd.DataFrame) -> str | None:
     return min(zip(candidates, identities, strict=True), key=lambda pair: pair[1][1])[0]  # seeds of one: seed 0
 
 
+def _with_seed_labels(displays: pd.Series, model_ids: pd.Series) -> list[str]:
+    """Display names that tell training seeds apart: ``Baseline (seed 1)`` for every model of a method measured in
+    two or more seeds (``ID@seedN``; seed 0 too), the name unchanged otherwise."""
+    identities = [variance.method_and_seed(m) for m in model_ids]
+    counts = pd.Series([method for method, _ in identities]).value_counts()
+    return [f"{d} (seed {seed})" if counts[method] >= 2 else str(d)
+            for d, (method, seed) in zip(displays, identities, strict=True)]
+
+
 def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -> pd.DataFrame:
-    """Baseline first; then, ``notebook``: categories alphabetically ("other" last), within one the models by norm
-    and training budget, numerically, then by model_id with its numbers compared as numbers (the paper's notebook
-    sorts by category and model_id, then moves the baseline up: L∞ 2, 8, 24 here, not 2, 24, 8); ``metadata``:
-    categories in the order of their first model in ``meta_ids`` ("other" last), models in that order."""
+    """The baseline first, then its method's other training seeds; then, ``notebook``: categories alphabetically ("other"
+    last), within one the models by norm and training budget, numerically, then by model_id with its numbers compared
+    as numbers (the paper's notebook sorts by category and model_id, then moves the baseline up: L∞ 2, 8, 24 here,
+    not 2, 24, 8), a method's training seeds (``ID@seedN``) together in seed order; ``metadata``: categories in the
+    order of their first model in ``meta_ids`` ("other" last), models in that order."""
+    identities = [variance.method_and_seed(m) for m in models["model_id"]]
+    methods = pd.Series([method for method, _ in identities], index=models.index)
+    baseline_method = set(methods[models["is_baseline"]])
+    first = methods.isin(baseline_method)
     if order == "notebook":
-        keys = pd.DataFrame({"baseline": ~models["is_baseline"], "other": models["category"] == OTHER,
+        keys = pd.DataFrame({"baseline": np.where(models["is_baseline"], 0, np.where(first, 1, 2)),
+                             "other": models["category"] == OTHER,
                              "category": models["category"], "norm": models["norm"].fillna("").astype(str),
                              "budget": models["budget"].astype(float),
-                             "model_id": [_natural_key(m) for m in models["model_id"]]})
+                             "method": [_natural_key(m) for m in methods],
+                             "seed": [seed for _, seed in identities]})
         return models.loc[keys.sort_values(list(keys.columns), kind="stable", na_position="first").index].reset_index(
             drop=True)
     meta_rank = {m: i for i, m in enumerate(dict.fromkeys(meta_ids))}
     rank = pd.Series([meta_rank.get(m, len(meta_rank) + i) for i, m in enumerate(models["model_id"])],
                      index=models.index, dtype=float)
+    rank[first] = -1 + rank[first] / (len(rank) + len(meta_rank) + 1)  # the baseline's seeds first, in their order
     rank[models["is_baseline"]] = -1
     models = models.assign(_rank=rank).sort_values("_rank", kind="stable")
     category_rank = {c: i for i, c in enumerate(pd.unique(models["category"]))}

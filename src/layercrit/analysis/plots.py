@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -198,14 +199,25 @@ def _one_text_width(text: str, size: float) -> float:
 _TEXT_TO_PATH = TextToPath()
 
 
+_TAIL = re.compile(r"(?: \(seed \d+\))?(?: \[[^\]]*\])?$")  # a row label's training seed and accuracy
+
+
+def _name_and_tail(text: str) -> tuple[str, str]:
+    """``Baseline (SGD) (seed 1) [92.40%]`` -> (``Baseline (SGD)``, `` (seed 1) [92.40%]``)."""
+    start = _TAIL.search(text).start()
+    return text[:start], text[start:]
+
+
 def _shorten(texts: list[str], limit: float, size: float) -> list[str]:
-    """Each text cut to at most ``limit`` points at ``size``, ending in "…" where cut."""
+    """Each text cut to at most ``limit`` points at ``size``: its name ends in "…" where cut, its training seed and
+    accuracy stay."""
     out = []
     for text in texts:
-        cut = text
-        while len(cut) > 1 and _text_width([cut if cut == text else cut + "…"], size) > limit:
+        name, tail = _name_and_tail(text)
+        cut = name
+        while len(cut) > 1 and _text_width([(cut if cut == name else cut + "…") + tail], size) > limit:
             cut = cut[:-1].rstrip()
-        out.append(cut if cut == text else cut + "…")
+        out.append(text if cut == name else cut + "…" + tail)
     return out
 
 
@@ -241,14 +253,16 @@ def _dark(color: Any) -> bool:
 
 def short_labels(displays: Sequence[str], categories: Sequence[str]) -> list[str]:
     """Point labels: each display name without the words every model of its category shares, when the category
-    has several models (``PGD Adversarial Training (L2, ε=3)`` → ``L2, ε=3`` among the adversarial models)."""
+    has several models (``PGD Adversarial Training (L2, ε=3)`` → ``L2, ε=3`` among the adversarial models); the
+    training seeds of one model are not several models (their names stay)."""
     displays, categories = [str(d) for d in displays], list(categories)
+    names = [_name_and_tail(d)[0] for d in displays]
     shortened = list(displays)
     for category in dict.fromkeys(categories):
         members = [i for i, c in enumerate(categories) if c == category]
-        if len(members) < 2:
+        if len({names[i] for i in members}) < 2:
             continue
-        common = _common_prefix([displays[i] for i in members])
+        common = _common_prefix([names[i] for i in members])
         for i in members:
             rest = displays[i][len(common):]
             if common.endswith("(") and ")" in rest and "(" not in rest.split(")")[0]:
@@ -264,7 +278,14 @@ def _common_prefix(texts: list[str]) -> str:
         while not text.startswith(prefix):
             prefix = prefix[:-1]
     cut = max(prefix.rfind(" "), prefix.rfind("("))
-    return prefix[:cut + 1] if cut >= 0 else ""
+    prefix = prefix[:cut + 1] if cut >= 0 else ""
+    opened = []  # a parenthesis the prefix leaves open: cut right after it, so the rest keeps its words
+    for i, char in enumerate(prefix):
+        if char == "(":
+            opened.append(i)
+        elif char == ")" and opened:
+            opened.pop()
+    return prefix[:opened[0] + 1] if opened else prefix
 
 
 def accuracy_scatter(
@@ -429,7 +450,8 @@ COMPONENT_COLORS = {"method": "tab:red", "seed": "tab:orange", "reset": "tab:blu
 
 def variance_plot(components: pd.DataFrame) -> Figure:
     """The SD of each variance component (method, seed within method, reset, image) per stage (bars) and per layer
-    (lines), with their bootstrap-over-seeds 95% intervals, on a log scale.
+    (lines), with their bootstrap-over-seeds 95% intervals, on a log scale; an estimate of 0 (a moment estimate
+    clipped there) sits on the axis floor, half the smallest positive value, as a hollow triangle.
 
     Args:
         components: the table of :func:`layercrit.analysis.variance.variance_components`.
@@ -439,6 +461,9 @@ def variance_plot(components: pd.DataFrame) -> Figure:
     stages = components[components["level"] == "stage"]
     layers = components[components["level"] == "layer"]
     names = list(dict.fromkeys(stages["unit"]))
+    shown = components[["sd_pct", "sd_low_pct", "sd_high_pct"]].to_numpy(float)
+    positive = shown[np.isfinite(shown) & (shown > 0)]
+    floor = 0.5 * positive.min() if len(positive) else 0.1
     width = 0.8 / len(COMPONENT_COLORS)
     for k, (component, color) in enumerate(COMPONENT_COLORS.items()):
         rows = stages[stages["component"] == component].set_index("unit").reindex(names)
@@ -448,15 +473,21 @@ def variance_plot(components: pd.DataFrame) -> Figure:
                       yerr=np.where(np.isfinite(error), np.clip(error, 0, None), 0), error_kw={"linewidth": 0.6})
         line = layers[layers["component"] == component]
         position = np.arange(len(line))
-        layers_ax.plot(position, line["sd_pct"], color=color, linewidth=1.2, marker="o", markersize=2)
-        layers_ax.fill_between(position, line["sd_low_pct"], line["sd_high_pct"], color=color, alpha=0.15,
-                               linewidth=0)
+        sd = line["sd_pct"].to_numpy(float)
+        layers_ax.plot(position, np.where(sd > 0, sd, floor), color=color, linewidth=1.2, marker="o", markersize=2)
+        zero = sd == 0
+        if zero.any():
+            layers_ax.plot(position[zero], np.full(zero.sum(), floor), linestyle="none", marker="v", markersize=4,
+                           markerfacecolor="white", markeredgecolor=color)
+        layers_ax.fill_between(position, np.clip(line["sd_low_pct"], floor, None), line["sd_high_pct"], color=color,
+                               alpha=0.15, linewidth=0)
     stages_ax.set_xticks(np.arange(len(names)), names, fontsize=SMALL, rotation=45)
     layer_names = list(dict.fromkeys(layers["unit"]))
     layers_ax.set_xticks(np.arange(len(layer_names)), [n.removeprefix("model.") for n in layer_names], fontsize=4,
                          rotation=90)
     for ax, title in ((stages_ax, "per stage"), (layers_ax, "per layer")):
         ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
         ax.set_title(title, fontsize=NORMAL)
