@@ -137,12 +137,14 @@ def seed_effects(rows: pd.DataFrame) -> list[str]:
     units = pd.concat([stages, overall[overall.level == "stage"], shift_units], ignore_index=True)
     effects = variance.method_effects(units, "baseline")
     lines = ["Method effects against the baseline, counting seed variance (points; mean over seeds, 95% interval "
-             "on the pooled variance of model means over seeds):", "",
-             "| method | seeds | unit | effect | seed SD | effect ÷ seed SD | verdict |", "|---" * 7 + "|"]
+             "on the pooled variance of model means over seeds; Welch: the half-width from the two methods' own "
+             "seeds, where each has two or more, with its degrees of freedom):", "",
+             "| method | seeds | unit | effect | seed SD | effect ÷ seed SD | verdict | Welch |", "|---" * 8 + "|"]
     for row in effects.itertuples():
+        welch = f"± {row.welch_ci_pct:.1f} (df {row.welch_df:.1f})" if row.welch_ci_pct == row.welch_ci_pct else ""
         lines.append(f"| {row.method} | {row.seeds} (baseline {row.baseline_seeds}) | {row.unit} | "
                      f"{row.effect_pct:+.1f} ± {row.ci_pct:.1f} | {row.seed_sd_pct:.2f} | "
-                     f"{row.effect_over_seed_sd:+.1f} | {row.verdict} |")
+                     f"{row.effect_over_seed_sd:+.1f} | {row.verdict} | {welch} |")
     return lines
 
 
