@@ -141,7 +141,7 @@ def seed_effects(rows: pd.DataFrame) -> list[str]:
              "seeds, where each has two or more, with its degrees of freedom):", "",
              "| method | seeds | unit | effect | seed SD | effect ÷ seed SD | verdict | Welch |", "|---" * 8 + "|"]
     for row in effects.itertuples():
-        welch = f"± {row.welch_ci_pct:.1f} (df {row.welch_df:.1f})" if row.welch_ci_pct == row.welch_ci_pct else ""
+        welch = f"± {row.welch_ci_pct:.1f} (df {row.welch_df:.1f})" if pd.notna(row.welch_ci_pct) else ""
         lines.append(f"| {row.method} | {row.seeds} (baseline {row.baseline_seeds}) | {row.unit} | "
                      f"{row.effect_pct:+.1f} ± {row.ci_pct:.1f} | {row.seed_sd_pct:.2f} | "
                      f"{row.effect_over_seed_sd:+.1f} | {row.verdict} | {welch} |")
