@@ -220,6 +220,9 @@ def test_training_seeds_of_a_method_sit_together_after_seed_0_and_are_labelled_w
     assert list(models.index) == ["base", "base@seed1", "base@seed2", "adv", "adv@seed1", "adv2", "aug"]
     assert models.display["base@seed1"] == "Base (seed 1)" and models.display["adv"] == "Adv (seed 0)"
     assert models.display["adv2"] == "Adv2" and models.display["aug"] == "Aug", "one seed: no label"
+    unnamed = analysis.model_criticality(rows, meta={m: {"category": c["category"]} for m, c in meta.items()})
+    assert unnamed.set_index("model_id").display["base@seed1"] == "base@seed1", "an id already names its seed"
+    assert unnamed.set_index("model_id").display["base"] == "base (seed 0)"
     chosen = analysis.model_criticality(rows, meta=meta, baseline="base@seed2")
     assert list(chosen.model_id[:3]) == ["base@seed2", "base", "base@seed1"], "a chosen seed leads its method"
 

@@ -188,11 +188,14 @@ def _resolve_baseline(baseline: str | None, models: pd.DataFrame) -> str | None:
 
 def _with_seed_labels(displays: pd.Series, model_ids: pd.Series) -> list[str]:
     """Display names that tell training seeds apart: ``Baseline (seed 1)`` for every model of a method measured in
-    two or more seeds (``ID@seedN``; seed 0 too), the name unchanged otherwise."""
+    two or more seeds (``ID@seedN``; seed 0 too), the name unchanged otherwise, and unchanged where it is an id that
+    already spells its seed (``baseline@seed1``)."""
     identities = [variance.method_and_seed(m) for m in model_ids]
     counts = pd.Series([method for method, _ in identities]).value_counts()
-    return [f"{d} (seed {seed})" if counts[method] >= 2 else str(d)
-            for d, (method, seed) in zip(displays, identities, strict=True)]
+    spells_its_seed = [seed != 0 and str(d) == str(m) for d, m, (_, seed) in zip(displays, model_ids, identities,
+                                                                               strict=True)]
+    return [f"{d} (seed {seed})" if counts[method] >= 2 and not spelled else str(d)
+            for d, spelled, (method, seed) in zip(displays, spells_its_seed, identities, strict=True)]
 
 
 def _presentation_order(models: pd.DataFrame, meta_ids: list[str], order: str) -> pd.DataFrame:
