@@ -84,6 +84,33 @@ def test_bootstrap_intervals_hold_the_estimate_and_are_narrow_with_many_seeds(la
     assert ((seed.sd_high_pct - seed.sd_low_pct) < 0.5).all()
 
 
+def test_the_seed_interval_with_three_seeds_reaches_well_above_its_estimate():
+    # 4 methods x 3 seeds: 8 degrees of freedom, so the chi-square upper end of an SD is ~1.9x the estimate (a
+    # bootstrap over seeds put it at the estimate: its resamples repeat seeds and only shrink the spread)
+    units = variance.model_units(simulate(np.random.default_rng(2), methods=4, seeds=3, trials=40, images=50))
+    seed = variance.variance_components(units, bootstrap=0).query("component == 'seed' and sd_pct > 0")
+    assert len(seed) >= 3
+    assert (seed.sd_high_pct >= 1.6 * seed.sd_pct).all(), seed[["sd_low_pct", "sd_pct", "sd_high_pct"]]
+    assert (seed.sd_low_pct <= 0.8 * seed.sd_pct).all() and (seed.sd_low_pct > 0).all()
+
+
+@pytest.mark.slow
+def test_the_seed_interval_covers_at_the_nominal_level_with_three_seeds():
+    rng = np.random.default_rng(5)
+    effects = spread_effects(4, TRUE_SD["method"])
+    low_misses = high_misses = total = 0
+    for _ in range(300):
+        units = variance.model_units(simulate(rng, methods=4, seeds=3, trials=4, images=50, effects=effects))
+        table = variance.variance_components(units, bootstrap=0)
+        seed = table[(table.level == "layer") & (table.component == "seed")]
+        low_misses += int((seed.sd_low_pct > TRUE_SD["seed"]).sum())
+        high_misses += int((seed.sd_high_pct < TRUE_SD["seed"]).sum())
+        total += len(seed)
+    coverage = 1 - (low_misses + high_misses) / total
+    assert 0.93 <= coverage <= 0.97, coverage  # 900 intervals: 94.4% measured; +- 2.2 standard errors of 95%
+    assert low_misses >= 0.01 * total and high_misses >= 0.01 * total, "misses on both sides, not one"
+
+
 @pytest.mark.slow
 def test_seed_and_method_variances_are_unbiased_with_three_seeds():
     rng = np.random.default_rng(3)
