@@ -450,7 +450,7 @@ COMPONENT_COLORS = {"method": "tab:red", "seed": "tab:orange", "reset": "tab:blu
 
 def variance_plot(components: pd.DataFrame) -> Figure:
     """The SD of each variance component (method, seed within method, reset, image) per stage (bars) and per layer
-    (lines), with their bootstrap-over-seeds 95% intervals, on a log scale; an estimate of 0 (a moment estimate
+    (lines), with their 95% intervals (``variance_components``'s), on a log scale; an estimate of 0 (a moment estimate
     clipped there) sits on the axis floor, half the smallest positive value, as a hollow triangle.
 
     Args:

@@ -72,8 +72,8 @@ FIGURE_CAPTIONS = {
                              "model trained with ε = 0 appears in every panel.",
     "depth_vs_criticality": "Criticality over relative depth per category (mean ± std over models).",
     "variance_components": "SD of criticality from the training method, the seed within a method, the reset and "
-                           "the image (one image under one reset), per stage and per layer, with 95% intervals by "
-                           "bootstrap over seeds (coarse with 3 seeds).",
+                           "the image (one image under one reset), per stage and per layer, with 95% intervals (the "
+                           "seed component's from the χ² distribution, the others' by bootstrap over seeds).",
 }
 
 
