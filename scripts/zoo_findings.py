@@ -40,7 +40,6 @@ from layercrit.measurement.estimate import layer_table
 from layercrit.zoo import fmnist
 
 STAGES = {"stem": "conv1", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "head": "fc"}
-EARLY, DEEP = ("conv1", "layer1"), ("layer3",)  # the depth shift's stages, for the seed effects
 IMAGES_PER_TRIAL = 32  # one block size for the zoo (Cochran's rule picks 18-39 per member; one size pairs them)
 
 
@@ -123,18 +122,8 @@ def report(rows: pd.DataFrame, target_ci: float) -> str:
 def seed_effects(rows: pd.DataFrame) -> list[str]:
     """Each method's effect against the baseline per stage, on the mean and on the depth shift, counting seed
     variance (points)."""
-    rows = rows.assign(criticality_pct=100 * rows.criticality)
-    stages = variance.model_units(rows, stage=module_stage)
-    stages = stages[stages.level == "stage"]
-    overall = variance.model_units(rows, stage=lambda layer: "mean")
-    by_stage = stages.set_index(["model_id", "unit"])
-    deep = by_stage.xs(DEEP[0], level="unit")
-    early = [by_stage.xs(stage, level="unit") for stage in EARLY]
-    shift_units = deep[["method", "seed"]].assign(
-        level="shift", unit="depth shift", mean=deep["mean"] - sum(e["mean"] for e in early) / len(early),
-        noise_var=deep["noise_var"] + sum(e["noise_var"] for e in early) / len(early) ** 2,
-        reset_var=float("nan"), image_var=float("nan"), trials=deep["trials"]).reset_index()
-    units = pd.concat([stages, overall[overall.level == "stage"], shift_units], ignore_index=True)
+    units = variance.model_units(rows.assign(criticality_pct=100 * rows.criticality), stage=module_stage)
+    units = units[units.level != "layer"].replace({"unit": {ALL_LAYERS: "mean"}})
     effects = variance.method_effects(units, "baseline")
     lines = ["Method effects against the baseline, counting seed variance (points; mean over seeds, 95% interval "
              "on the pooled variance of model means over seeds; Welch: the half-width from the two methods' own "

@@ -8,6 +8,8 @@ import pytest
 from scipy import stats
 
 from layercrit.analysis import variance
+from layercrit.analysis.contrasts import aggregate_table
+from layercrit.analysis.per_layer import stage_of
 from layercrit.errors import LayercritError
 from layercrit.seeds import method_and_seed
 
@@ -16,17 +18,22 @@ TRUE_SD = {"method": 4.0, "seed": 2.0, "reset": 3.0, "image": 20.0}  # points
 
 
 def simulate(rng: np.random.Generator, *, methods: int, seeds: int, trials: int, images: int,
-             effects: np.ndarray | None = None, sd: dict[str, float] = TRUE_SD) -> pd.DataFrame:
+             effects: np.ndarray | None = None, sd: dict[str, float] = TRUE_SD, shared: float = 0.0,
+             layers: tuple[str, ...] = LAYERS) -> pd.DataFrame:
     """Trial rows as the engine writes them: each trial's criticality is the mean over its own ``images`` images
-    (per-image SD ``sd["image"]``, reported as ``criticality_sd``) of a reset drawn around its seed's value."""
+    (per-image SD ``sd["image"]``, reported as ``criticality_sd``) of a reset drawn around its seed's value.
+    ``shared``: the SD of a part of each trial's measurement error that every model shares at that trial and layer
+    (paired measurement: the same images and reset draws for every model, as in the zoo's findings)."""
     effects = np.zeros(methods) if effects is None else effects
-    m, s, layer, t = (a.ravel() for a in np.meshgrid(np.arange(methods), np.arange(seeds), np.arange(len(LAYERS)),
+    m, s, layer, t = (a.ravel() for a in np.meshgrid(np.arange(methods), np.arange(seeds), np.arange(len(layers)),
                                                      np.arange(trials), indexing="ij"))
-    seed_effect = rng.normal(0.0, sd["seed"], (methods, seeds, len(LAYERS)))[m, s, layer]
+    seed_effect = rng.normal(0.0, sd["seed"], (methods, seeds, len(layers)))[m, s, layer]
     value = (30.0 + effects[m] + seed_effect + rng.normal(0.0, sd["reset"], len(m))
              + rng.normal(0.0, sd["image"] / np.sqrt(images), len(m)))
+    if shared:
+        value += rng.normal(0.0, shared, (len(layers), trials))[layer, t]
     return pd.DataFrame({"model_id": [f"m{a}" if b == 0 else f"m{a}@seed{b}" for a, b in zip(m, s, strict=True)],
-                         "layer": np.array(LAYERS)[layer], "trial": t, "criticality_pct": value,
+                         "layer": np.array(layers)[layer], "trial": t, "criticality_pct": value,
                          "criticality_sd": sd["image"] / 100.0, "n_images": images})
 
 
@@ -94,20 +101,55 @@ def test_the_seed_interval_with_three_seeds_reaches_well_above_its_estimate():
     assert (seed.sd_low_pct <= 0.8 * seed.sd_pct).all() and (seed.sd_low_pct > 0).all()
 
 
+def test_seeds_measured_on_the_same_images_and_draws_keep_their_seed_component():
+    # a shared measurement error (SD 6 per trial, 10 trials: variance 3.6 in every model's mean) moves all seeds
+    # together and adds nothing to their spread; subtracting each mean's full sampling variance would leave
+    # 4 - 3.6 of the seed variance 4
+    rows = simulate(np.random.default_rng(8), methods=20, seeds=20, trials=10, images=50, shared=6.0,
+                    effects=spread_effects(20, TRUE_SD["method"]))
+    units = variance.model_units(rows)
+    table = variance.variance_components(units, bootstrap=0)
+    seed = table[(table.level == "layer") & (table.component == "seed")]
+    assert np.allclose(seed.sd_pct, TRUE_SD["seed"], rtol=0.10), seed.sd_pct.tolist()
+    by_method = units[units.level == "layer"].groupby(["unit", "method"])
+    full = (by_method["mean"].var() - by_method["noise_var"].mean()).mean()  # each mean's full sampling variance
+    assert full < 0.25 * TRUE_SD["seed"] ** 2, "subtracting the shared part as well removes most of the seed part"
+
+
+def test_the_mean_over_layers_and_the_depth_shift_are_the_reported_aggregates():
+    layers = ("model.conv1", "model.layer1.0.conv1", "model.layer2.0.conv1", "model.fc")
+    rows = simulate(np.random.default_rng(4), methods=2, seeds=2, trials=5, images=50, layers=layers)
+    units = variance.model_units(rows).set_index(["level", "unit", "model_id"])
+    reported = aggregate_table(rows.assign(criticality=rows.criticality_pct / 100),
+                               {layer: stage_of(layer) for layer in layers}).set_index(["aggregate", "model_id"])
+    for aggregate in ("all layers", "depth shift"):
+        for model_id in rows.model_id.unique():
+            unit = units.loc[("aggregate", aggregate, model_id)]
+            assert unit["mean"] == pytest.approx(reported.loc[(aggregate, model_id), "criticality_pct"], rel=1e-12)
+            half = reported.loc[(aggregate, model_id), "criticality_ci_pct"]
+            df = len(rows.trial.unique()) - 1  # every layer has the same trials
+            assert np.sqrt(unit["noise_var"]) * stats.t.ppf(0.975, df) == pytest.approx(half, rel=1e-9)
+    shift = units.loc[("aggregate", "depth shift", "m0"), "mean"]
+    stage = units.xs("stage", level="level")["mean"]
+    assert shift == pytest.approx(stage[("layer2", "m0")] - (stage[("conv1", "m0")] + stage[("layer1", "m0")]) / 2)
+
+
 @pytest.mark.slow
-def test_the_seed_interval_covers_at_the_nominal_level_with_three_seeds():
+@pytest.mark.parametrize("shared", [0.0, 4.0], ids=["independent", "paired"])
+def test_the_seed_interval_covers_at_the_nominal_level_with_three_seeds(shared):
     rng = np.random.default_rng(5)
     effects = spread_effects(4, TRUE_SD["method"])
     low_misses = high_misses = total = 0
     for _ in range(300):
-        units = variance.model_units(simulate(rng, methods=4, seeds=3, trials=4, images=50, effects=effects))
+        units = variance.model_units(simulate(rng, methods=4, seeds=3, trials=4, images=50, effects=effects,
+                                              shared=shared))
         table = variance.variance_components(units, bootstrap=0)
         seed = table[(table.level == "layer") & (table.component == "seed")]
         low_misses += int((seed.sd_low_pct > TRUE_SD["seed"]).sum())
         high_misses += int((seed.sd_high_pct < TRUE_SD["seed"]).sum())
         total += len(seed)
     coverage = 1 - (low_misses + high_misses) / total
-    assert 0.93 <= coverage <= 0.97, coverage  # 900 intervals: 94.4% measured; +- 2.2 standard errors of 95%
+    assert 0.93 <= coverage <= 0.97, coverage  # 900 intervals: 94.3% measured (93.6% paired); +- 2.2 SE of 95%
     assert low_misses >= 0.01 * total and high_misses >= 0.01 * total, "misses on both sides, not one"
 
 
@@ -178,7 +220,8 @@ def test_a_deterministic_reset_counts_once_and_has_no_reset_variance():
     rows = pd.DataFrame({"model_id": ["a"] * 3 + ["a@seed1"] * 3, "layer": ["fc"] * 6, "trial": [0, 1, 2] * 2,
                          "computed_in_trial": [0, 0, 0] * 2, "criticality_pct": [10.0] * 3 + [14.0] * 3})
     units = variance.model_units(rows)
-    assert units.trials.tolist() == [1, 1, 1, 1]
+    assert units.trials.tolist() == [1] * 6  # fc as a layer, as a stage and as the mean of all layers, per model
+    assert (units.noise_var == 0).all() and (units.deviation_var == 0).all()
     table = variance.variance_components(units, bootstrap=0).set_index(["level", "component"])
     assert table.loc[("layer", "seed"), "variance_pct2"] == pytest.approx(8.0)  # var(10, 14) with ddof 1
 
@@ -208,7 +251,7 @@ def test_analyze_writes_the_seed_tables_and_figure_when_a_method_has_seeds(analy
     assert result["paths"]["variance_components"] == (out / "variance_components.png",)  # pdf=False: PNG only
     assert (out / "variance_components.png").is_file()
     assert set(components.component) == set(variance.COMPONENTS)
-    assert set(components.unit) == {*LAYERS, "layer1", "fc"}
+    assert set(components.unit) == {*LAYERS, "layer1", "fc", "all layers"}  # no depth shift: one numbered stage
     assert set(effects.method) == {"m1", "m2"} and (effects.seeds == 3).all()
     expected = variance.seed_analysis(rows, "m0")
     pd.testing.assert_frame_equal(result["method_effects"], expected["method_effects"])

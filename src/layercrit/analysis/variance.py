@@ -14,13 +14,19 @@ moments (one-way random-effects ANOVA, nested), from the trial rows:
 * **reset**: the variance of a model's trial means less the image part ``σ²_image / n_images`` (exact when every
   trial has its own images, as in the sequential design; when trials share images, as in the fixed design, it
   removes at most ``σ²_image / n_images`` too much, under 0.01% of σ²_image at 10,000 images).
-* **seed**: the variance of a method's model means over its seeds less their measurement variance
-  (``s² / trials`` of each model), pooled over the methods with two or more seeds.
+* **seed**: the variance of a method's model means over its seeds less the part their measurement errors add to
+  it, pooled over the methods with two or more seeds. That part is ``Σ_s Var(ē_s − ē) / (k − 1)`` over the
+  method's ``k`` seeds, the sampling variance of each seed's deviation from the method's mean over seeds, from
+  the trials (:func:`model_units`' ``deviation_var``): the mean of the seeds' ``s² / trials`` when they were
+  measured independently, less their covariances when they share images and reset draws (paired measurement,
+  as in the zoo's findings: subtracting the full ``s² / trials`` there removes the shared part too, which is not
+  in the spread; in the tests' simulation that left a tenth of the seed variance).
 * **method**: the variance of the method means less their expected seed-and-measurement part (``s²_p / seeds``,
   ``s²_p`` the pooled variance of model means over seeds).
 
-A stage's method and seed components are those of its stage mean; its reset and image components the mean of
-its layers' (the spread of one layer's draw). Negative moment estimates are reported as 0. Intervals: for the
+A stage's (and an aggregate's: the mean over all layers, the depth shift) method and seed components are those of
+its contrast of the layers' means; its reset and image components the mean of its layers' (the spread of one
+layer's draw). Negative moment estimates are reported as 0. Intervals: for the
 seed component, the χ² interval of the pooled variance of model means over seeds (degrees of freedom Σ(seeds − 1))
 less their measurement variance, which covers at its nominal level under normal seed effects (simulated in the
 tests); for the others, a percentile bootstrap over seeds (each method's seeds drawn with replacement,
@@ -48,10 +54,15 @@ import pandas as pd
 from scipy import stats
 
 from ..errors import LayercritError
+from ..measurement.aggregate import Trials, combine, mean_weights
 from ..measurement.estimate import ALPHA
 from ..seeds import method_and_seed
+from . import per_layer
+from .contrasts import ALL_LAYERS, DEPTH_SHIFT, aggregate_weights
 
 COMPONENTS = ("method", "seed", "reset", "image")
+LEVELS = ("layer", "stage", "aggregate")
+AGGREGATES = (ALL_LAYERS, DEPTH_SHIFT)
 BOOTSTRAP = 1000
 
 
@@ -69,50 +80,91 @@ def has_seeds(model_ids: Iterable[str]) -> bool:
 
 def model_units(rows: pd.DataFrame, *, value: str = "criticality_pct",
                 stage: Callable[[str], str] = stage_of) -> pd.DataFrame:
-    """Per (model, layer) and per (model, stage): what the decomposition reads.
+    """Per (model, layer), per (model, stage) and per (model, aggregate): what the decomposition reads.
+
+    A unit's ``mean`` and its sampling variance ``noise_var`` are those of the contrast of its layers
+    (:class:`layercrit.measurement.aggregate.Trials`, the estimator of every aggregate layercrit reports: the
+    sequential design's pilot left out, a mirrored pair one trial, covariances between layers and models taken from
+    the trials they share). ``deviation_var`` is the sampling variance of the model's deviation from its method's
+    mean over seeds: where seeds of a method were measured on the same images with the same reset draws (the zoo's
+    findings do this, so that their differences are paired), their measurement errors are correlated and move
+    together, and the spread of the seed means holds only the part that does not; subtracting each model's full
+    ``noise_var`` then removes too much.
 
     Args:
         rows: trial rows (``model_id, layer, trial`` and ``value``; ``criticality_sd`` (fraction) and ``n_images``
-            for the image component, ``computed_in_trial`` to count a deterministic reset once), ``original`` rows
-            left out.
+            for the image component, ``computed_in_trial`` to count a deterministic reset once, the key columns
+            of :data:`layercrit.measurement.aggregate.KEY_COLUMNS` to pair trials), ``original`` rows left out.
         value: the criticality column, in percent. stage: layer name -> stage name.
 
     Returns:
-        Columns ``level`` (``layer``/``stage``), ``unit``, ``model_id``, ``method``, ``seed``, ``mean`` (over the
-        model's reset draws), ``noise_var`` (its sampling variance, s²/trials), ``reset_var``, ``image_var``
-        (points²), ``trials``; layers and stages in network order.
+        Columns ``level`` (``layer``/``stage``/``aggregate``), ``unit``, ``model_id``, ``method``, ``seed``,
+        ``mean``, ``noise_var``, ``deviation_var``, ``reset_var``, ``image_var`` (points²), ``trials``; layers and
+        stages in network order, then the aggregates ``all layers`` and ``depth shift``
+        (:func:`layercrit.analysis.contrasts.aggregate_weights`: the last numbered stage minus the mean of the
+        stem and the first; only when the layers span two numbered stages). A stage's or aggregate's
+        ``reset_var`` and ``image_var`` are the mean of its layers' (the spread of one layer's draw), its
+        ``trials`` the fewest of its layers'.
     """
     missing = [c for c in ("model_id", "layer", "trial", value) if c not in rows]
     if missing:
         raise LayercritError(f"rows lack column(s) {', '.join(missing)} for the variance components")
     rows = rows[rows["layer"] != "original"]
+    if rows.empty:
+        raise LayercritError("no layer rows to decompose: measure some layers first")
+    spreads = {key: tuple(v) for key, v in _draw_spreads(rows, value).iterrows()}
+    trials = Trials(rows, ["model_id", "layer"], value=value, bounds=None)
+    layers: dict[str, list[str]] = {}
+    for model_id, layer in trials.units:
+        layers.setdefault(model_id, []).append(layer)
+    contrasts: dict[tuple[str, str], dict[str, dict[tuple[str, str], float]]] = {}  # (level, unit) -> model -> w
+    for model_id, names in layers.items():
+        stages: dict[str, list[str]] = {}
+        for name in names:
+            stages.setdefault(stage(name), []).append(name)
+        combined = aggregate_weights(names, {name: per_layer.stage_of(name) for name in names})
+        for level, unit, weights in [*(("layer", name, {name: 1.0}) for name in names),
+                                     *(("stage", name, mean_weights(members)) for name, members in stages.items()),
+                                     *(("aggregate", name, combined[name]) for name in AGGREGATES
+                                       if name in combined)]:
+            contrasts.setdefault((level, unit), {})[model_id] = {(model_id, layer): w for layer, w in weights.items()}
+    out = []
+    for (level, unit), by_model in sorted(contrasts.items(), key=lambda item: LEVELS.index(item[0][0])):
+        methods: dict[str, list[str]] = {}
+        for model_id in by_model:
+            methods.setdefault(method_and_seed(model_id)[0], []).append(model_id)
+        for method, members in methods.items():
+            centre = combine(*((-1.0 / len(members), by_model[m]) for m in members))
+            for model_id in members:
+                weights = by_model[model_id]
+                mean, noise = trials.moments(weights)
+                deviation = trials.moments(combine((1.0, weights), (1.0, centre)))[1] if len(members) > 1 else 0.0
+                spread = np.array([spreads[key] for key in weights])  # reset_var, image_var, trials per layer
+                out.append({"level": level, "unit": unit, "model_id": model_id, "method": method,
+                            "seed": method_and_seed(model_id)[1], "mean": mean, "noise_var": noise,
+                            "deviation_var": deviation,
+                            "reset_var": spread[:, 0].mean(), "image_var": spread[:, 1].mean(),
+                            "trials": int(spread[:, 2].min())})
+    return pd.DataFrame(out)
+
+
+def _draw_spreads(rows: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Per (model, layer): the variance of one reset draw less its image part (``reset_var``), the per-image variance
+    within a trial (``image_var``, from ``criticality_sd``), and the number of draws (``trials``; a deterministic
+    reset's copies count once and it has no spread)."""
     copies = rows.groupby(["model_id", "layer"], sort=False).size()
     if "computed_in_trial" in rows:  # a deterministic reset's later trials copy the first: one draw
         rows = rows[rows["computed_in_trial"].fillna(rows["trial"]) == rows["trial"]]
-    if rows.empty:
-        raise LayercritError("no layer rows to decompose: measure some layers first")
     with_images = "criticality_sd" in rows and rows["criticality_sd"].notna().all()
     drawn = rows.assign(_y=rows[value].astype(float),
                         _image=np.square(100.0 * rows["criticality_sd"].astype(float)) if with_images else np.nan,
                         _n=rows["n_images"].astype(float) if with_images and "n_images" in rows else np.inf)
-    layers = (drawn.groupby(["model_id", "layer"], sort=False)
-              .agg(mean=("_y", "mean"), between=("_y", "var"), trials=("_y", "size"), image_var=("_image", "mean"),
-                   images=("_n", "mean"))
-              .reset_index().rename(columns={"layer": "unit"}))
-    repeated = copies.reindex(pd.MultiIndex.from_frame(layers[["model_id", "unit"]])).to_numpy() > 1
-    deterministic = (layers["trials"] == 1) & repeated  # one computation, repeated: no spread
-    layers["between"] = layers["between"].mask(deterministic, 0.0)
-    layers["noise_var"] = layers["between"] / layers["trials"]
-    layers["reset_var"] = layers["between"] - (layers["image_var"] / layers["images"]).fillna(0.0)
-    identity = [method_and_seed(m) for m in layers["model_id"]]
-    layers = layers.assign(level="layer", method=[m for m, _ in identity], seed=[s for _, s in identity])[
-        ["level", "unit", "model_id", "method", "seed", "mean", "noise_var", "reset_var", "image_var", "trials"]]
-    staged = layers.assign(unit=layers["unit"].map(stage))
-    stages = (staged.groupby(["unit", "model_id", "method", "seed"], sort=False)
-              .agg(mean=("mean", "mean"), noise_var=("noise_var", lambda v: v.sum() / len(v) ** 2),
-                   reset_var=("reset_var", "mean"), image_var=("image_var", "mean"), trials=("trials", "min"))
-              .reset_index().assign(level="stage"))
-    return pd.concat([layers, stages[layers.columns]], ignore_index=True)
+    spreads = drawn.groupby(["model_id", "layer"], sort=False).agg(
+        between=("_y", "var"), trials=("_y", "size"), image_var=("_image", "mean"), images=("_n", "mean"))
+    deterministic = (spreads["trials"] == 1) & (copies.reindex(spreads.index) > 1)  # one computation, repeated
+    between = spreads["between"].mask(deterministic, 0.0)
+    spreads["reset_var"] = between - (spreads["image_var"] / spreads["images"]).fillna(0.0)
+    return spreads[["reset_var", "image_var", "trials"]]
 
 
 class _Arrays:
@@ -129,7 +181,7 @@ class _Arrays:
         def matrix(field: str) -> np.ndarray:
             return table[field].unstack("model_id").reindex(index=index, columns=self.models).to_numpy(float)
 
-        self.mean, self.noise = matrix("mean"), matrix("noise_var")
+        self.mean, self.deviation = matrix("mean"), matrix("deviation_var")
         self.reset, self.image = matrix("reset_var"), matrix("image_var")
         self.onehot = (models["method"].to_numpy()[:, None] == np.array(self.methods)[None, :]).astype(float)
 
@@ -142,7 +194,7 @@ class _Arrays:
         count = present.astype(float) @ onehot
         total = np.where(present, y, 0.0) @ onehot
         squares = np.where(present, y * y, 0.0) @ onehot
-        noise = np.where(present, self.noise[:, cols], 0.0) @ onehot
+        deviation = np.where(present, self.deviation[:, cols], 0.0) @ onehot
         with np.errstate(invalid="ignore", divide="ignore"):
             means = total / count
             spread = (squares - count * means**2) / (count - 1)
@@ -150,7 +202,7 @@ class _Arrays:
             weights = np.where(replicated, count - 1, 0.0)
             df = weights.sum(axis=1)
             pooled = np.where(replicated, weights * spread, 0.0).sum(axis=1) / df
-            seed = np.where(replicated, weights * (spread - noise / count), 0.0).sum(axis=1) / df
+            seed = np.where(replicated, weights * spread - deviation, 0.0).sum(axis=1) / df
             observed = count > 0
             methods = observed.sum(axis=1)
             grand = np.where(observed, means, 0.0).sum(axis=1) / methods

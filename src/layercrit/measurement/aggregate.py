@@ -120,6 +120,23 @@ class Trials:
 
     def estimate(self, weights: Mapping[Hashable, float], alpha: float = ALPHA) -> Estimate:
         """The contrast ``Σ weights[u] μ_u`` with its interval at level 1 − α (see the module docstring)."""
+        used, c = self._weights(weights)
+        return contrast(self.values[:, used], c, constant=self.constant[used],
+                        looks=max(int(self.looks[used].max()), 1), alpha=alpha, bounds=self.bounds)
+
+    def moments(self, weights: Mapping[Hashable, float]) -> tuple[float, float]:
+        """The contrast's estimate and its estimated sampling variance ``V̂`` (no interval: for estimators built
+        on many contrasts, such as the variance components of :mod:`layercrit.analysis.variance`)."""
+        used, c = self._weights(weights)
+        values = self.values[:, used]
+        present = ~np.isnan(values)
+        n = present.sum(0)
+        random = ~self.constant[used]
+        variance = _variance(values[:, random], present[:, random], c[random] / n[random])[0]
+        return float(np.sum(c * np.nansum(values, 0) / n)), variance
+
+    def _weights(self, weights: Mapping[Hashable, float]) -> tuple[np.ndarray, np.ndarray]:
+        """The columns a contrast uses and their weights."""
         c = np.zeros(len(self.units))
         for name, weight in weights.items():
             if name not in self._position:
@@ -128,8 +145,7 @@ class Trials:
         used = np.flatnonzero(c)
         if used.size == 0:
             raise LayercritError("an aggregate needs at least one unit with a nonzero weight")
-        return contrast(self.values[:, used], c[used], constant=self.constant[used],
-                        looks=max(int(self.looks[used].max()), 1), alpha=alpha, bounds=self.bounds)
+        return used, c[used]
 
 
 def contrast(values: np.ndarray, weights: np.ndarray, *, constant: np.ndarray | None = None, looks: int = 1,
