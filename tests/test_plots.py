@@ -310,3 +310,19 @@ def test_the_variance_figure_puts_a_zero_component_on_its_floor_not_below_the_ax
     assert list(method_line.get_ydata()) == [4.0, 0.5], "the zero estimate is drawn on the floor"
     triangles = [line for line in layers_ax.lines if line.get_marker() == "v"]
     assert [list(t.get_xdata()) for t in triangles] == [[1]]
+
+
+def test_the_variance_figure_shows_the_mean_and_the_depth_shift_after_the_stages():
+    rows = [{"level": level, "unit": unit, "component": component, "sd_pct": 2.0, "sd_low_pct": 1.0,
+             "sd_high_pct": 4.0}
+            for level, units in (("layer", ["conv1", "layer1.0.conv1", "layer2.0.conv1"]),
+                                 ("stage", ["conv1", "layer1", "layer2"]),
+                                 ("aggregate", ["all layers", "depth shift"]))
+            for unit in units for component in ("method", "seed", "reset", "image")]
+    stages_ax, layers_ax = plots.variance_plot(pd.DataFrame(rows)).axes[:2]
+    assert [t.get_text() for t in stages_ax.get_xticklabels()] == ["conv1", "layer1", "layer2", "all layers",
+                                                                   "depth shift"]
+    assert len(stages_ax.patches) == 5 * 4, "a bar per unit and component"
+    separators = [line for line in stages_ax.lines if line.get_linestyle() == "--"]
+    assert [list(line.get_xdata()) for line in separators] == [[2.5, 2.5]]
+    assert len(layers_ax.get_xticklabels()) == 3

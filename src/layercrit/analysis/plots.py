@@ -449,18 +449,20 @@ COMPONENT_COLORS = {"method": "tab:red", "seed": "tab:orange", "reset": "tab:blu
 
 
 def variance_plot(components: pd.DataFrame) -> Figure:
-    """The SD of each variance component (method, seed within method, reset, image) per stage (bars) and per layer
-    (lines), with their 95% intervals (``variance_components``'s), on a log scale; an estimate of 0 (a moment estimate
-    clipped there) sits on the axis floor, half the smallest positive value, as a hollow triangle.
+    """The SD of each variance component (method, seed within method, reset, image) per stage and for the mean over
+    all layers and the depth shift (bars) and per layer (lines), with their 95% intervals (``variance_components``'s),
+    on a log scale; an estimate of 0 (a moment estimate clipped there) sits on the axis floor, half the smallest
+    positive value, as a hollow triangle.
 
     Args:
         components: the table of :func:`layercrit.analysis.variance.variance_components`.
     """
     fig = Figure(figsize=(7.0, 2.8), layout="constrained")
     stages_ax, layers_ax = fig.subplots(1, 2, width_ratios=[1, 2])
-    stages = components[components["level"] == "stage"]
+    stages = components[components["level"].isin(["stage", "aggregate"])]
     layers = components[components["level"] == "layer"]
     names = list(dict.fromkeys(stages["unit"]))
+    aggregates = int((stages.drop_duplicates("unit")["level"] == "aggregate").sum())
     shown = components[["sd_pct", "sd_low_pct", "sd_high_pct"]].to_numpy(float)
     positive = shown[np.isfinite(shown) & (shown > 0)]
     floor = 0.5 * positive.min() if len(positive) else 0.1
@@ -481,11 +483,14 @@ def variance_plot(components: pd.DataFrame) -> Figure:
                            markerfacecolor="white", markeredgecolor=color)
         layers_ax.fill_between(position, np.clip(line["sd_low_pct"], floor, None), line["sd_high_pct"], color=color,
                                alpha=0.15, linewidth=0)
-    stages_ax.set_xticks(np.arange(len(names)), names, fontsize=SMALL, rotation=45)
+    stages_ax.set_xticks(np.arange(len(names)), names, fontsize=SMALL, rotation=45, ha="right",
+                         rotation_mode="anchor")
+    if 0 < aggregates < len(names):  # the stages, then the aggregates of all layers
+        stages_ax.axvline(len(names) - aggregates - 0.5, color="black", linewidth=0.6, linestyle="--")
     layer_names = list(dict.fromkeys(layers["unit"]))
     layers_ax.set_xticks(np.arange(len(layer_names)), [n.removeprefix("model.") for n in layer_names], fontsize=4,
                          rotation=90)
-    for ax, title in ((stages_ax, "per stage"), (layers_ax, "per layer")):
+    for ax, title in ((stages_ax, "per stage, and overall" if aggregates else "per stage"), (layers_ax, "per layer")):
         ax.set_yscale("log")
         ax.set_ylim(bottom=floor)
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
