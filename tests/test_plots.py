@@ -310,6 +310,11 @@ def test_the_variance_figure_puts_a_zero_component_on_its_floor_not_below_the_ax
     assert list(method_line.get_ydata()) == [4.0, 0.5], "the zero estimate is drawn on the floor"
     triangles = [line for line in layers_ax.lines if line.get_marker() == "v"]
     assert [list(t.get_xdata()) for t in triangles] == [[1]]
+    assert not [line for line in fig.axes[0].lines if line.get_marker() == "v"], "no stage bar is 0 here"
+    stage_rows = pd.DataFrame(rows).assign(sd_pct=lambda f: f.sd_pct.where(~((f.level == "stage")
+                                                                            & (f.component == "seed")), 0.0))
+    stage_triangles = [line for line in plots.variance_plot(stage_rows).axes[0].lines if line.get_marker() == "v"]
+    assert [list(t.get_ydata()) for t in stage_triangles] == [[0.5]], "a zero bar is marked on the floor"
 
 
 def test_the_variance_figure_shows_the_mean_and_the_depth_shift_after_the_stages():

@@ -473,6 +473,10 @@ def variance_plot(components: pd.DataFrame) -> Figure:
         error = np.vstack([rows["sd_pct"] - rows["sd_low_pct"], rows["sd_high_pct"] - rows["sd_pct"]])
         stages_ax.bar(x, rows["sd_pct"], width, color=color, label=component,
                       yerr=np.where(np.isfinite(error), np.clip(error, 0, None), 0), error_kw={"linewidth": 0.6})
+        flat = rows["sd_pct"].to_numpy(float) == 0  # a bar of height 0 does not show on a log scale
+        if flat.any():
+            stages_ax.plot(x[flat], np.full(flat.sum(), floor), linestyle="none", marker="v", markersize=4,
+                           markerfacecolor="white", markeredgecolor=color)
         line = layers[layers["component"] == component]
         position = np.arange(len(line))
         sd = line["sd_pct"].to_numpy(float)
