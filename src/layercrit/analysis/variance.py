@@ -202,6 +202,8 @@ class _Arrays:
             weights = np.where(replicated, count - 1, 0.0)
             df = weights.sum(axis=1)
             pooled = np.where(replicated, weights * spread, 0.0).sum(axis=1) / df
+            # (a bootstrap resample repeats seeds, which the deviations do not follow: the seed component's interval
+            # is the χ² one of the full data, never a resample's)
             seed = np.where(replicated, weights * spread - deviation, 0.0).sum(axis=1) / df
             observed = count > 0
             methods = observed.sum(axis=1)
