@@ -48,10 +48,16 @@ def wandb_records(folder) -> list:
 
 def wandb_records_when_flushed(folder, limit_s: float = 300.0) -> list:
     """The records once W&B's service has written the run's exit record: ``finish()`` may return before its
-    separate writer process has flushed the file, so wait for that event (bounded), never for a fixed time."""
+    separate writer process has flushed the file (a read can even catch a record half written), so wait for that
+    event (bounded), never for a fixed time."""
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + limit_s
     while True:
-        records = wandb_records(folder) if glob.glob(f"{folder}/**/run-*.wandb", recursive=True) else []
+        try:
+            records = wandb_records(folder) if glob.glob(f"{folder}/**/run-*.wandb", recursive=True) else []
+        except DecodeError:  # read while the writer was in the middle of a record: not flushed yet
+            records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.2)
