@@ -473,18 +473,12 @@ def variance_plot(components: pd.DataFrame) -> Figure:
         error = np.vstack([rows["sd_pct"] - rows["sd_low_pct"], rows["sd_high_pct"] - rows["sd_pct"]])
         stages_ax.bar(x, rows["sd_pct"], width, color=color, label=component,
                       yerr=np.where(np.isfinite(error), np.clip(error, 0, None), 0), error_kw={"linewidth": 0.6})
-        flat = rows["sd_pct"].to_numpy(float) == 0  # a bar of height 0 does not show on a log scale
-        if flat.any():
-            stages_ax.plot(x[flat], np.full(flat.sum(), floor), linestyle="none", marker="v", markersize=4,
-                           markerfacecolor="white", markeredgecolor=color)
+        _mark_zeros(stages_ax, x, rows["sd_pct"].to_numpy(float), floor, color)  # a 0 bar does not show on a log scale
         line = layers[layers["component"] == component]
         position = np.arange(len(line))
         sd = line["sd_pct"].to_numpy(float)
         layers_ax.plot(position, np.where(sd > 0, sd, floor), color=color, linewidth=1.2, marker="o", markersize=2)
-        zero = sd == 0
-        if zero.any():
-            layers_ax.plot(position[zero], np.full(zero.sum(), floor), linestyle="none", marker="v", markersize=4,
-                           markerfacecolor="white", markeredgecolor=color)
+        _mark_zeros(layers_ax, position, sd, floor, color)
         layers_ax.fill_between(position, np.clip(line["sd_low_pct"], floor, None), line["sd_high_pct"], color=color,
                                alpha=0.15, linewidth=0)
     stages_ax.set_xticks(np.arange(len(names)), names, fontsize=SMALL, rotation=45, ha="right",
@@ -506,3 +500,11 @@ def variance_plot(components: pd.DataFrame) -> Figure:
     fig.legend(*stages_ax.get_legend_handles_labels(), loc="outside right upper", fontsize=SMALL,
                title="Component", title_fontsize=SMALL, frameon=False)
     return fig
+
+
+def _mark_zeros(ax: Any, x: np.ndarray, sd: np.ndarray, floor: float, color: str) -> None:
+    """A hollow triangle on the axis floor at each ``x`` whose SD estimate is 0."""
+    zero = sd == 0
+    if zero.any():
+        ax.plot(x[zero], np.full(zero.sum(), floor), linestyle="none", marker="v", markersize=4,
+                markerfacecolor="white", markeredgecolor=color)

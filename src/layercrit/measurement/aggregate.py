@@ -128,12 +128,8 @@ class Trials:
         """The contrast's estimate and its estimated sampling variance ``V̂`` (no interval: for estimators built
         on many contrasts, such as the variance components of :mod:`layercrit.analysis.variance`)."""
         used, c = self._weights(weights)
-        values = self.values[:, used]
-        present = ~np.isnan(values)
-        n = present.sum(0)
-        random = ~self.constant[used]
-        variance = _variance(values[:, random], present[:, random], c[random] / n[random])[0]
-        return float(np.sum(c * np.nansum(values, 0) / n)), variance
+        value, variance, _, _ = _moments(self.values[:, used], c, self.constant[used])
+        return value, variance
 
     def _weights(self, weights: Mapping[Hashable, float]) -> tuple[np.ndarray, np.ndarray]:
         """The columns a contrast uses and their weights."""
@@ -160,19 +156,25 @@ def contrast(values: np.ndarray, weights: np.ndarray, *, constant: np.ndarray | 
         alpha: the error rate.
         bounds: the range of one unit's expectation, to clip the interval's ends to.
     """
-    present = ~np.isnan(values)
-    n = present.sum(0)
-    if (n == 0).any():
-        raise LayercritError("an aggregate's unit has no trials")
-    value = float(np.sum(weights * np.nansum(values, 0) / n))
-    random = np.ones(values.shape[1], bool) if constant is None else ~np.asarray(constant)
-    variance, df, paired = _variance(values[:, random], present[:, random], weights[random] / n[random])
+    value, variance, df, paired = _moments(values, weights, constant)
     width = 0.0 if variance == 0 else float(stats.t.ppf(1 - alpha / (2 * looks), df) * math.sqrt(variance))
     low, high = value - width, value + width
     if bounds is not None and not math.isnan(width):
         low = max(low, float(np.sum(np.where(weights > 0, bounds[0], bounds[1]) * weights)))
         high = min(high, float(np.sum(np.where(weights > 0, bounds[1], bounds[0]) * weights)))
     return Estimate(value, width, low, high, math.sqrt(variance), df, paired)
+
+
+def _moments(values: np.ndarray, weights: np.ndarray,
+             constant: np.ndarray | None) -> tuple[float, float, float, bool]:
+    """``(θ̂, V̂, ν, paired)`` of the contrast on a keys × units matrix (:func:`contrast`'s arguments)."""
+    present = ~np.isnan(values)
+    n = present.sum(0)
+    if (n == 0).any():
+        raise LayercritError("an aggregate's unit has no trials")
+    value = float(np.sum(weights * np.nansum(values, 0) / n))
+    random = np.ones(values.shape[1], bool) if constant is None else ~np.asarray(constant)
+    return value, *_variance(values[:, random], present[:, random], weights[random] / n[random])
 
 
 def _variance(x: np.ndarray, present: np.ndarray, a: np.ndarray) -> tuple[float, float, bool]:
